@@ -1,0 +1,164 @@
+"""Vaccine's settings as one dataclass, mixed into the Trainer's argument classes.
+
+Keeping every method setting in :class:`VaccineArguments` means ``HfArgumentParser`` and
+``TrlParser`` expose the same ``--rho``/``--vaccine_*`` flags (command line, JSON and YAML)
+for every trainer of the package, and the values are saved with the training arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers import TrainingArguments
+
+VACCINE_TARGETS = ("attention", "layer")
+VACCINE_NORMS = ("global", "layer")
+VACCINE_PERTURBATIONS = ("gradient", "gaussian")
+
+
+@dataclass
+class VaccineArguments:
+    """Settings of Vaccine's perturbation-aware alignment.
+
+    Parameters:
+        rho (`float`, defaults to `2.0`):
+            Perturbation intensity. For `"gradient"` it is the norm of the perturbation; for
+            `"gaussian"` the variance of the noise. `0` is plain training (one pass per step).
+        vaccine_target (`str`, defaults to `"attention"`):
+            Which hidden states are perturbed: `"attention"` (output of each decoder layer's
+            self-attention block, before the residual add, as in the paper's code) or `"layer"`
+            (output of each decoder layer).
+        vaccine_norm (`str`, defaults to `"global"`):
+            `"global"`: eps_l = rho * g_l / ||g|| with the norm over all perturbed layers together
+            (the paper); `"layer"`: every layer is normalised on its own, ||eps_l|| = rho.
+        vaccine_layers (`str` or `list[int]`, *optional*):
+            Subset of decoder-layer indices to perturb, e.g. `"16-29"`, `"0,2,4"`, `"-4--1"` or a
+            list of ints. Negative indices count from the last layer. Defaults to all layers.
+        vaccine_perturbation (`str`, defaults to `"gradient"`):
+            `"gradient"` (Vaccine) or `"gaussian"` (the paper's random-perturbation ablation:
+            Gaussian noise of variance rho, one pass per step).
+        vaccine_modules (`str` or `list[str]`, *optional*):
+            Modules to perturb, overriding automatic discovery: a list of exact module names, or
+            a regular expression that must match a full module name (as printed by
+            `model.named_modules()`). `vaccine_layers` and `vaccine_target` are then ignored.
+    """
+
+    rho: float = field(
+        default=2.0,
+        metadata={"help": "Perturbation intensity (>= 0). 0 means plain training with one pass per step."},
+    )
+    vaccine_target: str = field(
+        default="attention",
+        metadata={"help": "Hidden states to perturb.", "choices": list(VACCINE_TARGETS)},
+    )
+    vaccine_norm: str = field(
+        default="global",
+        metadata={"help": "Normalise the perturbation over all layers ('global') or per layer.",
+                  "choices": list(VACCINE_NORMS)},
+    )
+    vaccine_layers: str | None = field(
+        default=None,
+        metadata={"help": "Decoder layers to perturb, e.g. '16-29' or '0,2,4'. Default: all layers."},
+    )
+    vaccine_perturbation: str = field(
+        default="gradient",
+        metadata={"help": "'gradient' (Vaccine) or 'gaussian' (random-perturbation ablation).",
+                  "choices": list(VACCINE_PERTURBATIONS)},
+    )
+    vaccine_modules: str | None = field(
+        default=None,
+        metadata={"help": "Regex (full match) or list of module names to perturb, overriding discovery."},
+    )
+
+    def __post_init__(self) -> None:
+        self.validate_vaccine_arguments()
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+
+    def validate_vaccine_arguments(self) -> None:
+        """Reject bad settings at construction time, with what to do instead."""
+        try:
+            self.rho = float(self.rho)
+        except (TypeError, ValueError):
+            raise ValueError(f"rho must be a number >= 0, got {self.rho!r}.") from None
+        if not math.isfinite(self.rho) or self.rho < 0:
+            raise ValueError(
+                f"rho must be a finite number >= 0, got {self.rho}. The paper uses rho=2; "
+                "rho=0 trains without perturbation."
+            )
+        for name, allowed in (
+            ("vaccine_target", VACCINE_TARGETS),
+            ("vaccine_norm", VACCINE_NORMS),
+            ("vaccine_perturbation", VACCINE_PERTURBATIONS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+        if self.vaccine_layers is not None:
+            parse_layer_spec(self.vaccine_layers)  # syntax only; the range is checked against the model
+        if isinstance(self.vaccine_modules, str):
+            try:
+                re.compile(self.vaccine_modules)
+            except re.error as error:
+                raise ValueError(
+                    f"vaccine_modules {self.vaccine_modules!r} is not a valid regular expression: {error}. "
+                    "Pass a regex that fully matches module names, or a list of exact names."
+                ) from None
+        elif self.vaccine_modules is not None and not (
+            isinstance(self.vaccine_modules, (list, tuple)) and self.vaccine_modules
+        ):
+            raise ValueError("vaccine_modules must be a regex string or a non-empty list of module names.")
+
+    def vaccine_kwargs(self) -> dict[str, Any]:
+        """The Vaccine settings alone, e.g. to copy them onto another argument class."""
+        return {f.name: getattr(self, f.name) for f in fields(VaccineArguments)}
+
+
+def parse_layer_spec(spec: str | int | list[int] | tuple[int, ...], num_layers: int | None = None) -> list[int]:
+    """Turn '16-29', '0,2,4', '-4--1' or a list of ints into sorted layer indices.
+
+    With `num_layers`, negative indices are resolved and every index is checked to exist.
+    """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        items: list[int] = [spec]
+    elif isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            raise ValueError(f"vaccine_layers must be a non-empty list of ints, got {spec!r}.")
+        items = list(spec)
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.replace(" ", "").split(","):
+            match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+            if match is None:
+                raise ValueError(
+                    f"vaccine_layers {spec!r} is malformed at {part!r}: use indices and ranges such as "
+                    "'16-29', '0,2,4' or '-4--1' (negative counts from the last layer)."
+                )
+            start = int(match.group(1))
+            stop = int(match.group(2)) if match.group(2) is not None else start
+            if num_layers is not None:
+                start, stop = (i + num_layers if i < 0 else i for i in (start, stop))
+            if stop < start:
+                raise ValueError(f"vaccine_layers range {part!r} is empty (end before start).")
+            items.extend(range(start, stop + 1))
+    else:
+        raise ValueError(f"vaccine_layers must be a string like '16-29' or a list of ints, got {spec!r}.")
+    if num_layers is None:
+        return sorted(set(items))
+    resolved = sorted({i + num_layers if i < 0 else i for i in items})
+    bad = [i for i in resolved if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"vaccine_layers {spec!r} names layers {bad} but the model has {num_layers} layers "
+            f"(valid indices 0..{num_layers - 1}, or negative from the end)."
+        )
+    return resolved
+
+
+@dataclass
+class VaccineTrainingArguments(VaccineArguments, TrainingArguments):
+    """`TrainingArguments` plus Vaccine's settings (see [`VaccineArguments`])."""

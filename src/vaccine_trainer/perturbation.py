@@ -1,0 +1,268 @@
+"""The method itself, without any Trainer: capture hidden-state gradients, build eps, add eps.
+
+One set of forward hooks is registered on the perturbed modules and switched by state
+(off / capture / perturb) rather than added and removed every pass: `torch.compile` ignores hooks
+registered after its first call, so the hooks must exist before it and never change. Every hook
+counts its calls, so a pass in which a hook did not run is an error, never a silent plain step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Perturbation = list["torch.Tensor | None"]
+
+
+class HookNotCalledError(RuntimeError):
+    """A perturbed module's hook did not run (e.g. hooks added after `torch.compile`)."""
+
+
+@dataclass
+class PerturbationResult:
+    """What pass 1 produced: eps per module (None: leave the output alone) and its diagnostics."""
+
+    eps: Perturbation
+    grad_norm: float
+    skipped_reason: str | None = None
+
+
+def _hidden(output):
+    """The hidden-state tensor of a module output: the tensor itself or the first tuple item."""
+    hidden = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(
+            f"Vaccine can only perturb modules that return a tensor or a tuple starting with one, got "
+            f"{type(hidden).__name__}. Choose other modules with `vaccine_modules`."
+        )
+    return hidden
+
+
+def _replace_hidden(output, hidden: torch.Tensor):
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
+class HiddenStateHooks:
+    """Forward hooks on `modules` that capture (pass 1) or perturb (pass 2) their outputs."""
+
+    OFF, CAPTURE, PERTURB = "off", "capture", "perturb"
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        if not modules:
+            raise ValueError("Vaccine needs at least one module to perturb.")
+        self.modules = list(modules)
+        self.mode = self.OFF
+        self._handles: list = []
+        self.calls = [0] * len(self.modules)
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.gradients: list[torch.Tensor | None] = [None] * len(self.modules)
+        self._gradient_hooks = False
+        self._eps: Perturbation | Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self) -> None:
+        if not self._handles:
+            self._handles = [
+                module.register_forward_hook(functools.partial(self._hook, index))
+                for index, module in enumerate(self.modules)
+            ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._reset(self.OFF)
+
+    @contextlib.contextmanager
+    def installed_for(self) -> Iterator[None]:
+        """Install the hooks for the duration of the block unless they already are."""
+        if self.installed:
+            yield
+            return
+        self.install()
+        try:
+            yield
+        finally:
+            self.remove()
+
+    def _reset(self, mode: str) -> None:
+        self.mode = mode
+        self.calls = [0] * len(self.modules)
+        self.outputs = [None] * len(self.modules)
+        self.gradients = [None] * len(self.modules)
+        self._eps = None
+
+    @contextlib.contextmanager
+    def capturing(self, gradient_hooks: bool = False) -> Iterator[HiddenStateHooks]:
+        """Record each module's output; with `gradient_hooks`, also record its gradient in backward.
+
+        `gradient_hooks` is the path for reentrant checkpointing, where `torch.autograd.grad` is
+        refused and the gradients must be caught by tensor hooks during a full `backward()`.
+        """
+        self._reset(self.CAPTURE)
+        self._gradient_hooks = gradient_hooks
+        try:
+            yield self
+        finally:
+            self._reset(self.OFF)
+
+    @contextlib.contextmanager
+    def perturbing(self, eps: Perturbation | Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Add `eps[i]` (or `eps(hidden)` for a noise function) to each module's output.
+
+        Stays on until the block ends, so the recompute of checkpointed layers in backward sees the
+        same perturbation as the forward.
+        """
+        self._reset(self.PERTURB)
+        self._eps = eps
+        try:
+            yield
+        finally:
+            self._reset(self.OFF)
+
+    def check_called(self, expected: Sequence[bool] | None = None) -> None:
+        """Raise if a hook that should have run did not."""
+        expected = [True] * len(self.modules) if expected is None else expected
+        missing = [i for i, (want, n) in enumerate(zip(expected, self.calls)) if want and n == 0]
+        if missing:
+            raise HookNotCalledError(
+                f"Vaccine's hooks on {len(missing)} module(s) (indices {missing}) did not run in the "
+                f"{self.mode} pass, so the step would silently train without perturbation. This happens "
+                "when a model was compiled or wrapped before the hooks were added; pass the uncompiled "
+                "model to the trainer (use `torch_compile=True` in the arguments) or check `vaccine_modules`."
+            )
+
+    def _hook(self, index: int, module: nn.Module, args, output):
+        if self.mode == self.OFF:
+            return None
+        hidden = _hidden(output)
+        self.calls[index] += 1
+        if self.mode == self.CAPTURE:
+            self._capture(index, hidden)
+            return None
+        eps = self._eps(hidden) if callable(self._eps) else self._eps[index]
+        if eps is None:
+            return None
+        if eps.shape != hidden.shape:
+            raise RuntimeError(
+                f"Perturbation of shape {tuple(eps.shape)} does not fit the output of shape "
+                f"{tuple(hidden.shape)}: the batch changed between the two passes."
+            )
+        return _replace_hidden(output, hidden + eps)
+
+    def _capture(self, index: int, hidden: torch.Tensor) -> None:
+        # A second call is the recompute of a checkpointed layer: the first output is the one in the
+        # graph (non-reentrant), or the first call ran without grad (reentrant) and this one counts.
+        if self.outputs[index] is not None or not torch.is_grad_enabled():
+            return
+        if not hidden.requires_grad:
+            if hidden.grad_fn is not None:
+                return
+            hidden.requires_grad_(True)  # nothing below requires grad: make the output a leaf
+        self.outputs[index] = hidden
+        if self._gradient_hooks:
+            def store(grad: torch.Tensor, index: int = index) -> None:
+                self.gradients[index] = grad if self.gradients[index] is None else self.gradients[index] + grad
+
+            hidden.register_hook(store)
+
+
+def uses_reentrant_checkpointing(model: nn.Module) -> bool:
+    """True when a module of `model` is checkpointed with `use_reentrant=True` (or torch's default).
+
+    Reentrant checkpointing rejects `torch.autograd.grad`, so pass 1 must use a full backward.
+    """
+    for module in model.modules():
+        if not (getattr(module, "gradient_checkpointing", False) and module.training):
+            continue
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        keywords = getattr(func, "keywords", None) or {}
+        if keywords.get("use_reentrant") is not False:
+            return True
+    return False
+
+
+def hidden_state_gradients(
+    loss: torch.Tensor,
+    hooks: HiddenStateHooks,
+    trainable_parameters: Sequence[torch.Tensor] = (),
+) -> list[torch.Tensor | None]:
+    """dL/de_l for every captured output, without changing any parameter's `.grad`.
+
+    The normal path is `torch.autograd.grad`, which touches no `.grad` and prunes the graph below
+    the lowest captured output. With gradient hooks (reentrant checkpointing) a full `backward()`
+    runs instead; the parameters' `.grad` are stashed before and restored after.
+    """
+    if not hooks._gradient_hooks:
+        wanted = [i for i, out in enumerate(hooks.outputs) if out is not None]
+        if not wanted:
+            return [None] * len(hooks.modules)
+        grads = torch.autograd.grad(loss, [hooks.outputs[i] for i in wanted], allow_unused=True)
+        result: list[torch.Tensor | None] = [None] * len(hooks.modules)
+        for i, grad in zip(wanted, grads):
+            result[i] = grad
+        return result
+    stashed = [p.grad for p in trainable_parameters]
+    for p in trainable_parameters:
+        p.grad = None
+    try:
+        loss.backward()
+    finally:
+        for p, grad in zip(trainable_parameters, stashed):
+            p.grad = grad
+    return list(hooks.gradients)
+
+
+def build_perturbation(gradients: Sequence[torch.Tensor | None], rho: float, norm: str = "global") -> PerturbationResult:
+    """eps_l = rho * g_l / ||g|| (global norm over all layers) or rho * g_l / ||g_l|| (per layer).
+
+    Norms are taken in fp32 and eps is cast to each gradient's dtype. A non-finite or zero norm
+    gives no perturbation (`skipped_reason` says why): the step then trains on the clean loss.
+    """
+    present = [g for g in gradients if g is not None]
+    if not present:
+        return PerturbationResult([None] * len(gradients), 0.0, "no hidden-state gradient (outputs unused by the loss)")
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(present[0].device) for g in present])
+    global_norm = torch.linalg.vector_norm(norms).item()  # one host sync per step
+    if not math.isfinite(global_norm):
+        return PerturbationResult([None] * len(gradients), global_norm, "non-finite hidden-state gradient")
+    if global_norm == 0.0:
+        return PerturbationResult([None] * len(gradients), global_norm, "zero hidden-state gradient")
+    layer_norms = iter(norms)
+    eps: Perturbation = []
+    for grad in gradients:
+        if grad is None:
+            eps.append(None)
+            continue
+        layer_norm = next(layer_norms)
+        if norm == "layer" and layer_norm == 0:
+            eps.append(None)  # a layer the loss does not depend on stays unperturbed
+            continue
+        scale = rho / (global_norm if norm == "global" else layer_norm)
+        if grad.dtype == torch.float32:
+            eps.append(grad.mul_(scale))  # pass 1's gradient is ours to overwrite
+        else:
+            eps.append(grad.float().mul_(scale).to(grad.dtype))
+    return PerturbationResult(eps, global_norm)
+
+
+def gaussian_noise(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Noise function for the random-perturbation ablation: N(0, std^2) drawn in fp32."""
+
+    def noise(hidden: torch.Tensor) -> torch.Tensor:
+        return (torch.randn(hidden.shape, device=hidden.device, dtype=torch.float32) * std).to(hidden.dtype)
+
+    return noise

@@ -1,0 +1,206 @@
+"""The perturbation-aware training step, as a mixin over any `transformers.Trainer`.
+
+Pass 1 takes the gradient of the loss with respect to the hooked hidden states (no parameter
+`.grad`, no gradient communication); pass 2 is the parent class's own `training_step` with the
+perturbation added through the hooks, so loss scaling, autocast, gradient accumulation and
+distributed backward stay exactly the Trainer's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.utils import logging
+
+from .config import VaccineArguments
+from .layers import find_vaccine_modules, unwrap_model
+from .perturbation import (
+    HiddenStateHooks,
+    PerturbationResult,
+    build_perturbation,
+    gaussian_noise,
+    hidden_state_gradients,
+    uses_reentrant_checkpointing,
+)
+
+logger = logging.get_logger(__name__)
+
+_VACCINE_FIELDS = tuple(f.name for f in fields(VaccineArguments))
+
+
+class VaccineMixin:
+    """Adds Vaccine's two-pass step to a Trainer class: `class X(VaccineMixin, SomeTrainer)`.
+
+    Vaccine settings come from the training arguments when they carry them
+    (`VaccineTrainingArguments`, `VaccineSFTConfig`) and can be given or overridden as keyword
+    arguments (`rho=2.0`, `vaccine_target="layer"`, ...), so plain `TrainingArguments` work too.
+    """
+
+    def __init__(self, *args, **kwargs):
+        overrides = {name: kwargs.pop(name) for name in _VACCINE_FIELDS if name in kwargs}
+        super().__init__(*args, **kwargs)
+        from_args = {name: getattr(self.args, name) for name in _VACCINE_FIELDS if hasattr(self.args, name)}
+        self.vaccine_args = VaccineArguments(**{**from_args, **overrides})
+        for name, value in overrides.items():
+            if hasattr(self.args, name):
+                setattr(self.args, name, value)  # saved with the arguments, so the run can be reproduced
+        self._check_vaccine_supported()
+        self._vaccine_hooks: HiddenStateHooks | None = None
+        self.vaccine_modules: list[str] = []
+        if self.vaccine_args.rho > 0:
+            settings = self.vaccine_args
+            named = find_vaccine_modules(
+                self.model, settings.vaccine_target, settings.vaccine_layers, settings.vaccine_modules
+            )
+            self.vaccine_modules = [name for name, _ in named]
+            self._vaccine_hooks = HiddenStateHooks([module for _, module in named])
+            logger.info(
+                f"Vaccine ({settings.vaccine_perturbation}, rho={settings.rho}, norm={settings.vaccine_norm}) "
+                f"perturbs the outputs of {len(named)} modules: {_summarise(self.vaccine_modules)}"
+            )
+        self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0}
+        self.vaccine_skipped_steps = 0
+
+    def _check_vaccine_supported(self) -> None:
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"Vaccine does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): it "
+                "splits the batch differently in the two passes. Launch one process per GPU instead: "
+                "`accelerate launch --num_processes N your_script.py ...` (DDP)."
+            )
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if getattr(parallelism, "cp_enabled", False):
+            raise ValueError(
+                "Vaccine does not support context parallelism: it reshards the batch between the two passes. "
+                "Use data parallelism (DDP, FSDP or DeepSpeed) through `accelerate launch`."
+            )
+
+    def train(self, *args, **kwargs):
+        """Train with the hooks registered for the whole run, so `torch.compile` sees them."""
+        if self._vaccine_hooks is None:
+            return super().train(*args, **kwargs)
+        with self._vaccine_hooks.installed_for():
+            return super().train(*args, **kwargs)
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        hooks = self._vaccine_hooks
+        if hooks is None:  # rho == 0: exactly the parent's step
+            return super().training_step(model, inputs, num_items_in_batch)
+        with hooks.installed_for():
+            if self.vaccine_args.vaccine_perturbation == "gaussian":
+                with hooks.perturbing(gaussian_noise(math.sqrt(self.vaccine_args.rho))):
+                    loss = super().training_step(model, inputs, num_items_in_batch)
+                    hooks.check_called()
+                return loss
+            result = self._vaccine_pass_one(model, inputs, num_items_in_batch)
+            if result.skipped_reason is not None:
+                self.vaccine_skipped_steps += 1
+                logger.warning(
+                    f"Vaccine: {result.skipped_reason} in pass 1 (norm {result.grad_norm}); this micro-batch "
+                    f"trains without perturbation ({self.vaccine_skipped_steps} skipped so far)."
+                )
+                return super().training_step(model, inputs, num_items_in_batch)
+            with hooks.perturbing(result.eps):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                hooks.check_called([eps is not None for eps in result.eps])
+            return loss
+
+    def _vaccine_pass_one(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+    ) -> PerturbationResult:
+        """Forward and input-gradient backward on the clean batch; returns eps."""
+        model.train()
+        inputs = self._prepare_inputs(dict(inputs))  # a copy: compute_loss may pop keys
+        hooks = self._vaccine_hooks
+        reentrant = uses_reentrant_checkpointing(model)
+        trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
+        loss_scale = self._vaccine_loss_scale()
+        with (
+            self._vaccine_pass_one_context(),
+            self.accelerator.no_sync(model),
+            hooks.capturing(gradient_hooks=reentrant),
+        ):
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            hooks.check_called()
+            self._record_clean_loss(loss.detach(), num_items_in_batch)
+            gradients = hidden_state_gradients(loss * loss_scale, hooks, trainable)
+            del loss
+        result = build_perturbation(gradients, self.vaccine_args.rho, self.vaccine_args.vaccine_norm)
+        result.grad_norm /= loss_scale
+        if result.skipped_reason is None:
+            self._vaccine_log_sums["grad_norm"] += result.grad_norm
+        return result
+
+    def _vaccine_pass_one_context(self):
+        """Hook for subclasses to protect state that `compute_loss` changes (e.g. TRL's metrics)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _vaccine_loss_scale(self) -> float:
+        """fp16 gradients of hidden states underflow like weight gradients: reuse the AMP scale."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        return 1.0
+
+    def _record_clean_loss(self, loss: torch.Tensor, num_items_in_batch) -> None:
+        # The same normalisation as Trainer.training_step, so vaccine/clean_loss is comparable to loss.
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
+        sums = self._vaccine_log_sums
+        sums["clean_loss"] += loss.float().item() if loss.numel() == 1 else loss.float().mean().item()
+        sums["micro_batches"] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add vaccine/grad_norm, vaccine/clean_loss and vaccine/skipped_steps to training logs."""
+        sums = self._vaccine_log_sums
+        if "loss" in logs and self._vaccine_hooks is not None:
+            micro = sums["micro_batches"]
+            values = torch.tensor(
+                [sums["clean_loss"], sums["grad_norm"], float(micro), float(self.vaccine_skipped_steps)],
+                dtype=torch.float64, device=self.args.device,
+            )
+            if self.args.world_size > 1:
+                values = self.accelerator.reduce(values, reduction="mean")
+            clean_loss, grad_norm, micro_mean, skipped = values.tolist()
+            if micro_mean > 0:
+                steps = micro_mean / self.args.gradient_accumulation_steps
+                logs["vaccine/clean_loss"] = round(clean_loss / steps, 4)
+                if self.vaccine_args.vaccine_perturbation == "gradient":
+                    logs["vaccine/grad_norm"] = grad_norm / micro_mean
+            logs["vaccine/skipped_steps"] = skipped
+            self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0}
+        super().log(logs, start_time)
+
+
+def _summarise(names: list[str], keep: int = 3) -> str:
+    if len(names) <= 2 * keep:
+        return ", ".join(names)
+    return ", ".join(names[:keep]) + f", ... ({len(names) - 2 * keep} more), " + ", ".join(names[-keep:])
+
+
+class VaccineTrainer(VaccineMixin, Trainer):
+    """`transformers.Trainer` with Vaccine's perturbation-aware alignment step.
+
+    Accepts `VaccineTrainingArguments`, or plain `TrainingArguments` plus Vaccine keyword arguments:
+    `VaccineTrainer(model=model, args=args, train_dataset=ds, rho=2.0)`.
+    """
+
+
+__all__ = ["VaccineMixin", "VaccineTrainer"]

@@ -1,0 +1,134 @@
+"""Tiny models built from configs (no network) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOCAB = 64
+HIDDEN = 32
+
+# Every dropout off, so two passes over the same batch are deterministic.
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=None),
+    "gemma": lambda: transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=3, n_head=4, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=HIDDEN, dropout=0.0, attention_dropout=0.0,
+        layerdrop=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0),
+    "phi": lambda: transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attention_dropout=0.0),
+    "falcon": lambda: transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4,
+        hidden_dropout=0.0, attention_dropout=0.0, new_decoder_architecture=False, alibi=False),
+    "bloom": lambda: transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=3, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
+}
+
+# Where each architecture's attention block and decoder layers live, written out by hand so the
+# reference computation does not depend on the library's own discovery.
+LAYER_PATHS = {
+    "llama": ("model.layers", "self_attn"),
+    "qwen2": ("model.layers", "self_attn"),
+    "mistral": ("model.layers", "self_attn"),
+    "gemma": ("model.layers", "self_attn"),
+    "gpt2": ("transformer.h", "attn"),
+    "opt": ("model.decoder.layers", "self_attn"),
+    "gpt_neox": ("gpt_neox.layers", "attention"),
+    "phi": ("model.layers", "self_attn"),
+    "falcon": ("transformer.h", "self_attention"),
+    "bloom": ("transformer.h", "self_attention"),
+}
+
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    config.use_cache = False
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tiny_lora_model(arch: str = "llama", seed: int = 0, r: int = 4):
+    import peft
+
+    model = tiny_model(arch, seed)
+    lora = peft.LoraConfig(
+        r=r, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS.get(arch, DEFAULT_LORA_TARGETS),
+        task_type="CAUSAL_LM", init_lora_weights=False,  # nonzero B, so every LoRA weight gets a gradient
+    )
+    return peft.get_peft_model(model, lora)
+
+
+def token_rows(n: int = 4, length: int = 12, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Causal-LM rows of equal length (every label counts), as a list the Trainer can index."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": list(ids)})
+    return rows
+
+
+def training_args(output_dir, **overrides):
+    """Arguments for exact, deterministic one-step comparisons: SGD, constant lr, no clipping."""
+    settings = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=1, learning_rate=0.5,
+        optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return settings
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
