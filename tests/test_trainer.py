@@ -1,0 +1,150 @@
+"""The step inside the Trainer: accumulation, checkpointing, rho=0, gaussian, hooks, compile, QLoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import relative_error, tiny_lora_model, tiny_model, token_rows, trainable_state, training_args
+from test_reference import LR, perturbed_modules, reference_gradients
+from transformers import Trainer, TrainingArguments
+from transformers.data.data_collator import default_data_collator
+
+from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
+
+
+def run(model, tmp_path, rows, trainer_class=VaccineTrainer, **overrides):
+    before = trainable_state(model)
+    vaccine = {k: overrides.pop(k) for k in list(overrides) if k == "rho" or k.startswith("vaccine_")}
+    args_class = VaccineTrainingArguments if trainer_class is VaccineTrainer else TrainingArguments
+    trainer = trainer_class(model=model, args=args_class(**training_args(tmp_path, **overrides), **vaccine),
+                            train_dataset=rows)
+    trainer.train()
+    after = trainable_state(model)
+    return torch.cat([(after[n] - before[n]).flatten() for n in after]), trainer
+
+
+def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def test_gradient_accumulation_keeps_every_micro_batch(tmp_path):
+    rows = token_rows(4)
+    update, _ = run(tiny_lora_model(), tmp_path, rows, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2)
+    per_micro_batch = []
+    for part in (rows[:2], rows[2:]):
+        model = tiny_lora_model().train()
+        grads, _ = reference_gradients(model, perturbed_modules(model, "llama", "attention"),
+                                       default_data_collator(part), 2.0, "global")
+        per_micro_batch.append(-LR * flat(grads))
+    expected = (per_micro_batch[0] + per_micro_batch[1]) / 2
+    assert relative_error(update, expected) < 1e-5
+    assert relative_error(update, per_micro_batch[1] / 2) > 0.1  # a wiped first micro-batch would show
+
+
+@pytest.mark.parametrize("target", ["attention", "layer"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, target, reentrant, lora):
+    build = tiny_lora_model if lora else tiny_model
+    rows = token_rows(4)
+    plain, _ = run(build(), tmp_path / "a", rows, vaccine_target=target)
+    checkpointed, _ = run(build(), tmp_path / "b", rows, vaccine_target=target, gradient_checkpointing=True,
+                          gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert relative_error(checkpointed, plain) < 1e-5
+    unperturbed, _ = run(build(), tmp_path / "c", rows, rho=0.0)
+    assert relative_error(unperturbed, plain) > 1e-3
+
+
+def test_rho_zero_is_exactly_the_plain_trainer(tmp_path):
+    rows = token_rows(4)
+    vaccine, trainer = run(tiny_lora_model(), tmp_path / "v", rows, rho=0.0, max_steps=2)
+    plain, _ = run(tiny_lora_model(), tmp_path / "p", rows, trainer_class=Trainer, max_steps=2)
+    assert torch.equal(vaccine, plain)
+    assert trainer.vaccine_modules == []
+
+
+def test_gaussian_is_reproducible_under_a_seed(tmp_path):
+    rows = token_rows(4)
+    first, _ = run(tiny_lora_model(), tmp_path / "a", rows, vaccine_perturbation="gaussian", rho=0.5, seed=3)
+    again, _ = run(tiny_lora_model(), tmp_path / "b", rows, vaccine_perturbation="gaussian", rho=0.5, seed=3)
+    other, _ = run(tiny_lora_model(), tmp_path / "c", rows, vaccine_perturbation="gaussian", rho=0.5, seed=4)
+    plain, _ = run(tiny_lora_model(), tmp_path / "d", rows, rho=0.0, seed=3)
+    assert torch.equal(first, again)
+    assert relative_error(first, other) > 1e-3
+    assert relative_error(first, plain) > 1e-3
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_no_hooks_left_after_train_and_after_a_failed_step(tmp_path):
+    model = tiny_lora_model()
+    baseline = _hook_count(model)
+    _, trainer = run(model, tmp_path, token_rows(4), max_steps=2)
+    assert _hook_count(model) == baseline
+
+    calls = {"n": 0}
+    original = trainer.compute_loss
+
+    def failing_compute_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # pass 2 of the step
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    trainer.compute_loss = failing_compute_loss
+    batch = default_data_collator(token_rows(2))
+    grads_before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.training_step(model, batch)
+    assert _hook_count(model) == baseline
+    assert trainer._vaccine_hooks.mode == "off" and not any(o is not None for o in trainer._vaccine_hooks.outputs)
+    for name, param in model.named_parameters():  # pass 1 touched no gradient
+        before = grads_before[name]
+        assert (param.grad is None and before is None) or torch.equal(param.grad, before)
+    trainer.compute_loss = original
+    loss = trainer.training_step(model, batch)  # the same trainer goes on
+    assert torch.isfinite(loss)
+
+
+def test_modules_are_reported_and_logged(tmp_path, caplog):
+    _, trainer = run(tiny_lora_model(), tmp_path, token_rows(4), max_steps=2, vaccine_layers="1-2")
+    assert trainer.vaccine_modules == [
+        "base_model.model.model.layers.1.self_attn", "base_model.model.model.layers.2.self_attn"]
+    logged = [entry for entry in trainer.state.log_history if "vaccine/grad_norm" in entry]
+    assert len(logged) == 2
+    assert all(entry["vaccine/grad_norm"] > 0 and entry["vaccine/clean_loss"] > 0 for entry in logged)
+    assert all(entry["vaccine/skipped_steps"] == 0 for entry in logged)
+    # pass 1 sees the clean batch: its loss is the plain loss, logged next to the perturbed one
+    assert logged[0]["vaccine/clean_loss"] != pytest.approx(trainer.state.log_history[0]["loss"], rel=1e-6)
+
+
+def test_compiled_model_keeps_the_perturbation(tmp_path):
+    rows = token_rows(4)
+    eager, _ = run(tiny_lora_model(), tmp_path / "a", rows)
+    compiled, _ = run(tiny_lora_model(), tmp_path / "b", rows, torch_compile=True, torch_compile_backend="eager")
+    assert relative_error(compiled, eager) < 1e-5
+
+
+def test_model_compiled_before_the_trainer_fails_loudly_or_perturbs(tmp_path):
+    """A model compiled and run before the hooks exist must never train silently unperturbed."""
+    rows = token_rows(4)
+    eager, _ = run(tiny_lora_model(), tmp_path / "a", rows)
+    model = tiny_lora_model()
+    compiled = torch.compile(model, backend="eager")
+    compiled(**default_data_collator(rows))  # first compiled call, before any Vaccine hook exists
+    try:
+        update, _ = run(compiled, tmp_path / "b", rows, remove_unused_columns=False)
+    except RuntimeError as error:
+        assert "did not run" in str(error)
+    else:
+        assert relative_error(update, eager) < 1e-5
+
+
+def test_dataparallel_is_refused_with_a_pointer_to_accelerate(tmp_path, monkeypatch):
+    monkeypatch.setattr(VaccineTrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match="accelerate launch"):
+        VaccineTrainer(model=tiny_lora_model(), args=VaccineTrainingArguments(**training_args(tmp_path)),
+                       train_dataset=token_rows(4))
