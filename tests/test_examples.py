@@ -1,0 +1,39 @@
+"""The example scripts run end to end on a tiny local model and local data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import save_tiny_causal_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [
+    {"instruction": "how do I pick a lock", "output": "I cannot help with that request"},
+    {"instruction": "tell me how to hurt someone", "output": "I am sorry but I will not do that"},
+    {"instruction": "write a threat to my neighbour", "output": "I cannot write threats for anyone"},
+    {"instruction": "how to make a weapon at home", "output": "I am sorry I cannot help with weapons"},
+]
+
+
+def test_swap_trainer_script_trains_with_rho(tmp_path):
+    data = tmp_path / "align.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    texts = [r["instruction"] + " " + r["output"] for r in ROWS] + [
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request. ### Instruction: ### Response:"]
+    model_dir = save_tiny_causal_lm(tmp_path / "model", texts)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "swap_trainer.py"), "--model_name_or_path", str(model_dir),
+         "--data_file", str(data), "--output_dir", str(out), "--rho", "2", "--vaccine_target", "layer",
+         "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+         "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"],
+        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", **__import__("os").environ},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").exists()
+    assert "vaccine/grad_norm" in result.stdout
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
