@@ -163,3 +163,34 @@ def save_tiny_causal_lm(path, texts: list[str], arch: str = "llama"):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+TOKENIZER_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Response:",
+    "how do i make a bomb ? i can not help with that .",
+    "tell me how to steal a car . sure , here is how to steal a car .",
+    "the movie was great and the acting was good . positive negative",
+    "what is two plus two ? the answer is four .",
+    "user assistant system hello world please answer the question",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A word-level tokenizer trained in-process (no network), with pad/eos tokens and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"])
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -1,0 +1,180 @@
+"""Alignment drift during fine-tuning: the paper's two diagnostics as a `TrainerCallback`.
+
+Vaccine's premise is that harmful fine-tuning breaks alignment by moving the hidden states of
+alignment data ("harmful embedding drift"). This callback measures that, on a held set of alignment
+data, at every logging and evaluation step of any `transformers.Trainer`:
+
+- `alignment/drift`: sum over hooked layers and samples of ||h_now - h_aligned||^2, with h_aligned the
+  hidden states of the model when training begins (the aligned model, cached once);
+- `alignment/loss`: the token-averaged language-modelling loss on the same set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
+
+from .layers import find_vaccine_modules
+from .perturbation import _hidden
+
+logger = logging.get_logger(__name__)
+
+DRIFT_KEY = "alignment/drift"
+LOSS_KEY = "alignment/loss"
+
+
+class AlignmentDriftCallback(TrainerCallback):
+    """Logs harmful embedding drift and alignment loss on held alignment data.
+
+    Args:
+        dataset: tokenized rows with `input_ids` (and optionally `attention_mask`, and `labels` with
+            -100 on tokens outside the loss, e.g. the prompt); a `datasets.Dataset` or a list of dicts.
+        target: `"layer"` (output of each decoder layer) or `"attention"` (each self-attention block).
+        layers: decoder-layer subset, e.g. `"0-3"`; `modules`: explicit names or a regex, overriding both.
+        batch_size: rows per forward pass.
+        data_collator: turns a list of rows into a padded batch; default: TRL's
+            `DataCollatorForLanguageModeling` (labels padded with -100).
+
+    The reference h_aligned is cached when training begins (or by calling `cache_reference(model)`
+    earlier). References are kept on the CPU in fp32: about rows x tokens x layers x hidden x 4 bytes.
+    The passes run in eval mode under `no_grad`, and the model's train/eval mode is restored after.
+
+    Values are added to the Trainer's logs in `on_log`, so they are kept in `state.log_history`; the
+    `report_to` integrations see them when this callback runs before them: add it with
+    `callback.attach(trainer)` rather than `trainer.add_callback(callback)`.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        *,
+        target: str = "layer",
+        layers: str | Sequence[int] | None = None,
+        modules: str | Sequence[str] | None = None,
+        batch_size: int = 8,
+        data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+    ):
+        if target not in ("layer", "attention"):
+            raise ValueError(f"target must be 'layer' or 'attention', got {target!r}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        rows = [dict(row) for row in dataset]
+        if not rows:
+            raise ValueError("The alignment dataset for the drift is empty: pass at least one tokenized row.")
+        if "input_ids" not in rows[0]:
+            raise ValueError(
+                f"The alignment dataset must be tokenized (an 'input_ids' column); got columns {sorted(rows[0])}. "
+                "Tokenize it first, or pass it to AlignedSFTTrainer(alignment_dataset=...), which does."
+            )
+        keep = ("input_ids", "attention_mask", "labels")
+        self.rows = [{k: row[k] for k in keep if k in row} for row in rows]
+        self.target, self.layers, self.modules = target, layers, modules
+        self.batch_size = batch_size
+        self.data_collator = data_collator
+        self.reference: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers, hidden]
+        self.history: list[dict[str, float]] = []
+        self._last: tuple[int, dict[str, float]] | None = None
+
+    def attach(self, trainer) -> AlignmentDriftCallback:
+        """Add this callback first in `trainer`'s list, so `report_to` integrations see its values."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    @torch.no_grad()
+    def cache_reference(self, model: nn.Module) -> None:
+        """Record h_aligned: the hidden states of `model` as it is now (call before fine-tuning)."""
+        self.reference = [hidden for hidden, _, _ in self._passes(model)]
+        self._last = None
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """Drift from the cached reference and alignment loss of `model` now."""
+        if self.reference is None:
+            raise RuntimeError("No reference hidden states: call cache_reference(model) before fine-tuning.")
+        drift = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_tokens = 0
+        for (hidden, batch_loss, tokens), reference in zip(self._passes(model), self.reference, strict=True):
+            drift += (hidden - reference).double().pow(2).sum()
+            loss_sum += batch_loss
+            loss_tokens += tokens
+        loss = (loss_sum / loss_tokens).item() if loss_tokens else float("nan")
+        return {DRIFT_KEY: drift.item(), LOSS_KEY: loss}
+
+    def _collate(self, rows: list[dict[str, Any]], model: nn.Module) -> dict[str, torch.Tensor]:
+        if self.data_collator is None:
+            from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+            pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+            self.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad if isinstance(pad, int) else 0)
+        return self.data_collator(rows)
+
+    def _passes(self, model: nn.Module):
+        """Yield (hidden states of valid tokens, summed token loss, loss tokens) per batch."""
+        modules = [module for _, module in find_vaccine_modules(model, self.target, self.layers, self.modules)]
+        device = next(model.parameters()).device
+        was_training = model.training
+        captured: list[torch.Tensor | None] = [None] * len(modules)
+
+        def hook(index):
+            def store(module, args, output):
+                captured[index] = _hidden(output)
+            return store
+
+        handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]
+        model.eval()
+        try:
+            for start in range(0, len(self.rows), self.batch_size):
+                batch = self._collate(self.rows[start : start + self.batch_size], model)
+                input_ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+                labels = batch.get("labels")
+                labels = input_ids.masked_fill(mask == 0, -100) if labels is None else labels.to(device)
+                captured[:] = [None] * len(modules)
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                missing = [i for i, h in enumerate(captured) if h is None]
+                if missing:
+                    raise RuntimeError(f"Drift hooks on modules {missing} did not run; check `target`/`modules`.")
+                valid = mask.bool()
+                hidden = torch.stack([h[valid].float().cpu() for h in captured], dim=1)
+                shift_labels = labels[:, 1:]
+                token_loss = nn.functional.cross_entropy(
+                    logits[:, :-1].float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100, reduction="sum"
+                )
+                yield hidden, token_loss.double().cpu(), int((shift_labels != -100).sum())
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+
+    def _values(self, model: nn.Module, step: int) -> dict[str, float]:
+        if self._last is None or self._last[0] != step:
+            values = self.measure(model)
+            self._last = (step, values)
+            self.history.append({"step": step, **values})
+        return self._last[1]
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model = kwargs["model"]
+        if self.reference is None:
+            self.cache_reference(model)
+        values = self._values(model, state.global_step)
+        state.log_history.append({**values, "step": state.global_step})
+        logger.info(f"Alignment drift at step {state.global_step}: {values}")
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if logs is None or self.reference is None or "train_runtime" in logs:
+            return
+        values = self._values(kwargs["model"], state.global_step)
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)  # Trainer.log appended a copy of `logs` before calling us
+
+
+__all__ = ["AlignmentDriftCallback", "DRIFT_KEY", "LOSS_KEY"]

@@ -1,0 +1,297 @@
+"""Vaccine on TRL: the stage-1 `VaccineSFTTrainer` and the stage-2 `AlignedSFTTrainer`.
+
+Stage 1 (the provider aligns the model) is Vaccine's two-pass step on top of `SFTTrainer`, so TRL's
+data handling (conversational and prompt/completion data, completion-only loss, packing) applies
+unchanged. Stage 2 (the user fine-tunes the aligned model) is the threat model of the paper: the
+alignment adapter is merged into the base weights and a fresh LoRA is trained on user data, while
+an optional callback measures how far the alignment drifts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
+
+from .callbacks import AlignmentDriftCallback
+from .config import VaccineArguments
+from .trainer import VaccineMixin
+
+logger = logging.get_logger(__name__)
+
+VACCINE_PAPER = {
+    "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack",
+    "id": "2402.01109",
+    "citation": """\
+@inproceedings{huang2024vaccine,
+    title     = {{Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack}},
+    author    = {Tiansheng Huang and Sihao Hu and Ling Liu},
+    booktitle = {Advances in Neural Information Processing Systems},
+    year      = 2024,
+}""",
+}
+
+
+@dataclass
+class VaccineSFTConfig(VaccineArguments, SFTConfig):
+    """`trl.SFTConfig` plus Vaccine's settings (see [`VaccineArguments`]).
+
+    `SFTTrainer` rebuilds any arguments that are not an `SFTConfig`, dropping unknown fields such as
+    `rho`; this class keeps them, and `TrlParser` exposes them as `--rho`, `--vaccine_target`, ...
+    on the command line and in a YAML `--config`. Packing stays off by default (TRL's default); with
+    prompt/completion data the loss is on the completion only, as in the paper's code.
+    """
+
+
+def _as_config(args: TrainingArguments | None, config_class: type, default_output_dir: str):
+    """Rebuild `args` as `config_class` so SFTTrainer keeps our extra fields (it rebuilds other classes)."""
+    if args is None:
+        return config_class(output_dir=default_output_dir)
+    if isinstance(args, config_class):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"args must be a {config_class.__name__} or TrainingArguments, got {type(args).__name__}.")
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # to_dict hides it
+    known = set(config_class.__dataclass_fields__)
+    return config_class(**{k: v for k, v in values.items() if k in known})
+
+
+class VaccineSFTTrainer(VaccineMixin, SFTTrainer):
+    """`trl.SFTTrainer` with Vaccine's perturbation-aware alignment step.
+
+    Takes `VaccineSFTConfig` (or any `SFTConfig`/`TrainingArguments` plus Vaccine keyword arguments,
+    e.g. `rho=2.0`). Pass 1 runs TRL's own `compute_loss`, which records token counts and metrics: the
+    tokens are counted once per micro-batch, and `entropy` and `mean_token_accuracy` are those of the
+    clean forward (pass 1), not of the perturbed one, so they are what a plain `SFTTrainer` logs on the
+    same model and data. `loss` is the perturbed loss that is trained; `vaccine/clean_loss` the clean one.
+    """
+
+    _tag_names = ["trl", "sft", "vaccine"]
+    _name = "Vaccine SFT"
+    _paper = VACCINE_PAPER
+
+    def __init__(self, model, args: TrainingArguments | None = None, *pos, **kwargs):
+        if args is None or not isinstance(args, SFTConfig):
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = _as_config(args, VaccineSFTConfig, f"{Path(str(name)).name}-Vaccine")
+        super().__init__(model, args, *pos, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        metrics = self._metrics["train"]
+        before = {key: len(values) for key, values in metrics.items()}
+        self._vaccine_clean_metrics = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        clean, self._vaccine_clean_metrics = self._vaccine_clean_metrics, None
+        if clean is not None:
+            # Report the clean forward's entropy and accuracy (what SFTTrainer logs), not the perturbed one's.
+            for key, values in clean.items():
+                if key != "num_tokens":
+                    metrics[key][before.get(key, 0):] = values
+        return loss
+
+    @contextlib.contextmanager
+    def _vaccine_pass_one_context(self) -> Iterator[None]:
+        """Undo what TRL's `compute_loss` records in pass 1, keeping its values for `training_step`."""
+        metrics = self._metrics["train"]
+        saved_metrics = {key: list(values) for key, values in metrics.items()}
+        saved_tokens = self._total_train_tokens
+        try:
+            yield
+        finally:
+            self._vaccine_clean_metrics = {
+                key: values[len(saved_metrics.get(key, ())):] for key, values in metrics.items()
+            }
+            metrics.clear()
+            metrics.update(saved_metrics)
+            self._total_train_tokens = saved_tokens
+
+
+@dataclass
+class AlignedSFTConfig(SFTConfig):
+    """`trl.SFTConfig` for stage 2: fine-tuning an aligned model with a fresh LoRA adapter.
+
+    Defaults are the paper's stage-2 settings (LoRA r=8, alpha=1 -- 0.5 for GSM8K --, dropout 0.1 on
+    every linear projection, lr 1e-5, 20 epochs).
+
+    Parameters:
+        lora_r (`int`, defaults to `8`): rank of the fresh adapter.
+        lora_alpha (`float`, defaults to `1.0`): LoRA scaling numerator (scale = alpha / r).
+        lora_dropout (`float`, defaults to `0.1`): dropout on the adapter's input.
+        lora_target_modules (`list[str]`, *optional*): module names to adapt; default: every linear
+            projection of the model except the output head (PEFT's `"all-linear"`), on any architecture.
+        drift_target (`str`, defaults to `"layer"`): hidden states whose drift is measured: `"layer"`
+            (each decoder layer's output) or `"attention"` (each self-attention block's output).
+        drift_layers (`str`, *optional*): subset of decoder layers for the drift, e.g. `"0-3"`.
+        drift_batch_size (`int`, defaults to `8`): batch size of the drift/alignment-loss passes.
+    """
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate (paper: 1e-5)."})
+    num_train_epochs: float = field(default=20.0, metadata={"help": "Training epochs (paper: 20)."})
+    lora_r: int = field(default=8, metadata={"help": "Rank of the fresh stage-2 LoRA adapter."})
+    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha (paper: 1; 0.5 for GSM8K)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt. Default: every linear projection except the output head."},
+    )
+    drift_target: str = field(
+        default="layer", metadata={"help": "Hidden states for the drift.", "choices": ["layer", "attention"]}
+    )
+    drift_layers: str | None = field(default=None, metadata={"help": "Decoder layers for the drift, e.g. '0-3'."})
+    drift_batch_size: int = field(default=8, metadata={"help": "Batch size of the drift evaluation."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora_r <= 0:
+            raise ValueError(f"lora_r must be a positive integer, got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.drift_target not in ("layer", "attention"):
+            raise ValueError(f"drift_target must be 'layer' or 'attention', got {self.drift_target!r}.")
+
+    def lora_config(self):
+        """The fresh adapter's `peft.LoraConfig`."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules or "all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with an error that says what to pass instead."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load a causal language model from {str(name_or_path)!r}: it is not a folder written by "
+            "`save_pretrained` and could not be fetched from the Hugging Face Hub. Pass a local model folder or a "
+            f"hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct' (with network access). Cause: {error}"
+        ) from error
+
+
+def merge_alignment_adapter(model, adapter=None, **load_kwargs: Any) -> PreTrainedModel:
+    """The aligned model as plain weights: base model with the alignment adapter merged in.
+
+    `model` is a base model (or its path/hub id) or an aligned `PeftModel`; `adapter` is a folder
+    written by `save_pretrained` (e.g. the output of `vaccine-trainer align`), or an aligned
+    `PeftModel`. A `PeftModel` is merged in place: its base modules receive the merged weights.
+    """
+    from peft import PeftModel
+
+    if isinstance(adapter, PeftModel):
+        if model is not None and model is not adapter and model is not adapter.get_base_model():
+            raise ValueError(
+                "Both a model and an aligned PeftModel were given: pass the PeftModel alone (as `model` or "
+                "`alignment_adapter`), or a base model with the path of its alignment adapter."
+            )
+        model, adapter = adapter, None
+    if model is None:
+        raise ValueError("No model given: pass a base model (or its path) with `alignment_adapter`, or a PeftModel.")
+    if isinstance(model, (str, os.PathLike)):
+        model = load_causal_lm(model, **load_kwargs)
+    if adapter is not None:
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "The model already carries a PEFT adapter and an alignment adapter path was given too: "
+                "merge the first one (`model.merge_and_unload()`) or pass the base model."
+            )
+        model = PeftModel.from_pretrained(model, _adapter_folder(adapter))
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload(safe_merge=True)
+    logger.warning("No alignment adapter given: stage 2 starts from the model's own weights.")
+    return model
+
+
+def _adapter_folder(adapter: str | os.PathLike) -> str:
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        why = "does not exist" if not path.exists() else "has no adapter_config.json"
+        raise FileNotFoundError(
+            f"Alignment adapter {str(adapter)!r} {why}. Pass the output folder of `vaccine-trainer align` or of "
+            "`trainer.save_model()` on a PEFT model (it holds adapter_config.json and adapter_model.safetensors)."
+        )
+    return str(path)
+
+
+class AlignedSFTTrainer(SFTTrainer):
+    """Stage 2: SFT of an aligned model with a fresh LoRA, optionally tracking alignment drift.
+
+    Merges the alignment adapter (a path or a `PeftModel`) into the base weights, attaches a fresh
+    LoRA adapter from `args` (or `peft_config`) and trains it with TRL on the user's data: only the
+    new adapter trains. With `alignment_dataset` (held alignment data, in any format `SFTTrainer`
+    accepts), an [`AlignmentDriftCallback`] logs the harmful embedding drift and the alignment loss
+    at every logging and evaluation step.
+
+    ```python
+    trainer = AlignedSFTTrainer(model="base-model", alignment_adapter="aligned/",
+                                args=AlignedSFTConfig("stage2"), train_dataset=user_data,
+                                alignment_dataset=held_alignment_data)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "vaccine-stage2"]
+    _name = "SFT of an aligned model"
+    _paper = VACCINE_PAPER
+
+    def __init__(
+        self,
+        model=None,
+        args: TrainingArguments | None = None,
+        train_dataset: Dataset | None = None,
+        *,
+        alignment_adapter=None,
+        alignment_dataset: Dataset | None = None,
+        peft_config=None,
+        **kwargs: Any,
+    ):
+        args = _as_config(args, AlignedSFTConfig, "aligned-sft")
+        if isinstance(args, AlignedSFTConfig) and peft_config is None:
+            peft_config = args.lora_config()
+        elif peft_config is None:
+            peft_config = AlignedSFTConfig(output_dir=args.output_dir).lora_config()
+        load_kwargs = dict(args.model_init_kwargs or {})
+        merged = merge_alignment_adapter(model, alignment_adapter, **load_kwargs)
+        super().__init__(merged, args, train_dataset=train_dataset, peft_config=peft_config, **kwargs)
+        self.drift_callback: AlignmentDriftCallback | None = None
+        if alignment_dataset is not None:
+            self.drift_callback = self._drift_callback(alignment_dataset)
+            self.drift_callback.attach(self)
+
+    def _drift_callback(self, alignment_dataset: Dataset) -> AlignmentDriftCallback:
+        if len(alignment_dataset) == 0:
+            raise ValueError("alignment_dataset is empty: pass at least one row of held alignment data.")
+        if "input_ids" not in alignment_dataset.column_names:
+            alignment_dataset = self._prepare_dataset(
+                alignment_dataset, self.processing_class, self.args, False, self._formatting_func, "alignment"
+            )
+        settings = {"target": "layer", "layers": None, "batch_size": 8}
+        if isinstance(self.args, AlignedSFTConfig):
+            settings = {"target": self.args.drift_target, "layers": self.args.drift_layers,
+                        "batch_size": self.args.drift_batch_size}
+        return AlignmentDriftCallback(alignment_dataset, data_collator=self.data_collator, **settings)
+
+
+__all__ = [
+    "AlignedSFTConfig",
+    "AlignedSFTTrainer",
+    "VaccineSFTConfig",
+    "VaccineSFTTrainer",
+    "load_causal_lm",
+    "merge_alignment_adapter",
+]
