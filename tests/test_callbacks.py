@@ -1,0 +1,112 @@
+"""AlignmentDriftCallback on its own, with a plain transformers Trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import LAYER_PATHS, tiny_lora_model, tiny_model, token_rows, training_args
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.data.data_collator import default_data_collator
+
+from vaccine_trainer import AlignmentDriftCallback
+from vaccine_trainer.callbacks import DRIFT_KEY, LOSS_KEY
+
+
+def layer_outputs(model, rows, arch="llama", attention=False) -> list[torch.Tensor]:
+    """Hidden states of each decoder layer (or its attention block), by hand-written module paths."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path, attention_name = LAYER_PATHS[arch]
+    modules = [layer.get_submodule(attention_name) if attention else layer for layer in base.get_submodule(path)]
+    outputs = []
+    handles = [m.register_forward_hook(lambda mod, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+               for m in modules]
+    try:
+        with torch.no_grad():
+            model.eval()(**{k: v for k, v in default_data_collator(rows).items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+class Recorder(TrainerCallback):
+    """Stands in for a report_to integration: what does a logger placed after the callback see?"""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+@pytest.mark.parametrize("target", ["layer", "attention"])
+def test_drift_and_loss_match_an_independent_computation(tmp_path, target):
+    rows = token_rows(4)
+    model = tiny_lora_model()
+    aligned = copy.deepcopy(model)
+    recorder = Recorder()
+    args = TrainingArguments(**training_args(tmp_path, max_steps=3, per_device_train_batch_size=2,
+                                             optim="adamw_torch", learning_rate=1e-2))
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[recorder])
+    callback = AlignmentDriftCallback(rows[:3], target=target, batch_size=2).attach(trainer)
+    trainer.train()
+
+    logged = [log for log in trainer.state.log_history if DRIFT_KEY in log]
+    assert [log["step"] for log in logged] == [0, 1, 2, 3]
+    assert logged[0][DRIFT_KEY] == 0.0
+    attention = target == "attention"
+    expected_drift = sum(((now - then) ** 2).sum().item() for now, then in zip(
+        layer_outputs(model, rows[:3], attention=attention), layer_outputs(aligned, rows[:3], attention=attention)))
+    assert logged[-1][DRIFT_KEY] == pytest.approx(expected_drift, rel=1e-5)
+    assert logged[-1][DRIFT_KEY] > 0
+    with torch.no_grad():
+        expected_loss = model.eval()(**default_data_collator(rows[:3])).loss.item()  # equal lengths: token mean
+    assert logged[-1][LOSS_KEY] == pytest.approx(expected_loss, rel=1e-5)
+    # A logger that runs after the callback (as report_to integrations do) sees both values.
+    assert [log[DRIFT_KEY] for log in recorder.seen if "loss" in log] == [log[DRIFT_KEY] for log in logged[1:]]
+    assert callback.history[-1][DRIFT_KEY] == logged[-1][DRIFT_KEY]
+
+
+def test_measure_leaves_training_state_alone(tmp_path):
+    rows = token_rows(2)
+    model = tiny_lora_model().train()
+    callback = AlignmentDriftCallback(rows)
+    callback.cache_reference(model)
+    assert model.training  # train mode restored
+    assert all(p.grad is None for p in model.parameters())
+    assert callback.measure(model)[DRIFT_KEY] == 0.0
+    model.eval()
+    callback.measure(model)
+    assert not model.training  # eval mode restored too
+    assert not any(h for m in model.modules() for h in (m._forward_hooks,))  # hooks removed
+
+
+def test_drift_counts_only_real_tokens_and_uses_the_labels(tmp_path):
+    """Padding must not add drift; labels of -100 (e.g. the prompt) stay out of the loss."""
+    model = tiny_model()
+    short = {"input_ids": token_rows(1, length=5)[0]["input_ids"]}
+    long = {"input_ids": token_rows(1, length=9, seed=1)[0]["input_ids"], "labels": [-100] * 4 + list(range(5, 10))}
+    callback = AlignmentDriftCallback([short, long], batch_size=2)
+    callback.cache_reference(model)
+    assert callback.reference[0].shape == (5 + 9, 3, 32)  # valid tokens x layers x hidden
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([long["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(long["labels"][1:])
+        nll_long = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        logits = model(input_ids=torch.tensor([short["input_ids"]])).logits[0, :-1]
+        nll_short = torch.nn.functional.cross_entropy(logits, torch.tensor(short["input_ids"][1:]), reduction="sum")
+    expected = (nll_long + nll_short).item() / (5 + 4)
+    assert callback.measure(model)[LOSS_KEY] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        AlignmentDriftCallback([])
+    with pytest.raises(ValueError, match="must be tokenized"):
+        AlignmentDriftCallback([{"text": "hello"}])
+    with pytest.raises(ValueError, match="target"):
+        AlignmentDriftCallback(token_rows(1), target="mlp")
+    with pytest.raises(RuntimeError, match="cache_reference"):
+        AlignmentDriftCallback(token_rows(1)).measure(tiny_model())
