@@ -8,12 +8,16 @@ distributed backward stay exactly the Trainer's.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 from dataclasses import fields
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .config import VaccineArguments
@@ -30,6 +34,25 @@ from .perturbation import (
 logger = logging.get_logger(__name__)
 
 _VACCINE_FIELDS = tuple(f.name for f in fields(VaccineArguments))
+VACCINE_CONFIG_NAME = "vaccine_config.json"
+
+
+class VaccineStateCallback(TrainerCallback, ExportableState):
+    """Keeps the Vaccine settings and counters in `trainer_state.json` of every checkpoint.
+
+    On resume the Trainer restores `skipped_steps`, so the logged counter carries on.
+    """
+
+    def __init__(self, settings: dict | None = None, modules: list[str] | None = None, skipped_steps: int = 0):
+        self.settings = dict(settings or {})
+        self.modules = list(modules or [])
+        self.skipped_steps = skipped_steps
+
+    def state(self) -> dict:
+        return {
+            "args": {"settings": self.settings, "modules": self.modules},
+            "attributes": {"skipped_steps": self.skipped_steps},
+        }
 
 
 class VaccineMixin:
@@ -63,9 +86,21 @@ class VaccineMixin:
                 f"perturbs the outputs of {len(named)} modules: {_summarise(self.vaccine_modules)}"
             )
         self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0}
-        self.vaccine_skipped_steps = 0
+        self._vaccine_state = VaccineStateCallback(self.vaccine_args.vaccine_kwargs(), self.vaccine_modules)
+        self.add_callback(self._vaccine_state)
+
+    @property
+    def vaccine_skipped_steps(self) -> int:
+        """Micro-batches trained without perturbation because pass 1's gradient was non-finite or zero."""
+        return self._vaccine_state.skipped_steps
 
     def _check_vaccine_supported(self) -> None:
+        dataset = getattr(self, "train_dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(
+                "train_dataset is empty: Vaccine has nothing to align on. Check the data path and any "
+                "filtering (e.g. max_length or a template that drops rows)."
+            )
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"Vaccine does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): it "
@@ -97,22 +132,43 @@ class VaccineMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         with hooks.installed_for():
             if self.vaccine_args.vaccine_perturbation == "gaussian":
-                with hooks.perturbing(gaussian_noise(math.sqrt(self.vaccine_args.rho))):
-                    loss = super().training_step(model, inputs, num_items_in_batch)
-                    hooks.check_called()
-                return loss
+                return self._vaccine_pass_two(model, inputs, num_items_in_batch,
+                                              gaussian_noise(math.sqrt(self.vaccine_args.rho)))
             result = self._vaccine_pass_one(model, inputs, num_items_in_batch)
             if result.skipped_reason is not None:
-                self.vaccine_skipped_steps += 1
+                self._vaccine_state.skipped_steps += 1
                 logger.warning(
                     f"Vaccine: {result.skipped_reason} in pass 1 (norm {result.grad_norm}); this micro-batch "
                     f"trains without perturbation ({self.vaccine_skipped_steps} skipped so far)."
                 )
-                return super().training_step(model, inputs, num_items_in_batch)
-            with hooks.perturbing(result.eps):
+                return self._vaccine_pass_two(model, inputs, num_items_in_batch, None)
+            return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps)
+
+    def _vaccine_pass_two(self, model, inputs, num_items_in_batch, eps) -> torch.Tensor:
+        """The parent's step with `eps` applied; a failure drops this accumulation window's gradients.
+
+        A backward that raised half way leaves a partial sum in `.grad`; rather than step on it, the
+        window's gradients are cleared (set to None), so the next optimizer step starts clean.
+        """
+        hooks = self._vaccine_hooks
+        try:
+            with hooks.perturbing(eps) if eps is not None else contextlib.nullcontext():
                 loss = super().training_step(model, inputs, num_items_in_batch)
-                hooks.check_called([eps is not None for eps in result.eps])
+                if eps is not None:
+                    hooks.check_called(None if callable(eps) else [e is not None for e in eps])
             return loss
+        except BaseException:
+            cleared = 0
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad = None
+                    cleared += 1
+            if cleared:
+                logger.warning(
+                    f"Vaccine: the step failed in pass 2; cleared the gradients of {cleared} parameters "
+                    "accumulated in this optimizer step so that no partial sum is applied."
+                )
+            raise
 
     def _vaccine_pass_one(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
@@ -143,8 +199,6 @@ class VaccineMixin:
 
     def _vaccine_pass_one_context(self):
         """Hook for subclasses to protect state that `compute_loss` changes (e.g. TRL's metrics)."""
-        import contextlib
-
         return contextlib.nullcontext()
 
     def _vaccine_loss_scale(self) -> float:
@@ -162,7 +216,7 @@ class VaccineMixin:
                 self.compute_loss_func is not None
             )
         if not scaled:
-            loss = loss / self.current_gradient_accumulation_steps
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         sums = self._vaccine_log_sums
         sums["clean_loss"] += loss.float().item() if loss.numel() == 1 else loss.float().mean().item()
         sums["micro_batches"] += 1
@@ -187,6 +241,36 @@ class VaccineMixin:
             logs["vaccine/skipped_steps"] = skipped
             self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0}
         super().log(logs, start_time)
+
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save as the parent does, plus `vaccine_config.json` so the run can be reproduced."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            settings = {"settings": self.vaccine_args.vaccine_kwargs(), "modules": self.vaccine_modules}
+            with open(os.path.join(output_dir, VACCINE_CONFIG_NAME), "w") as handle:
+                json.dump(settings, handle, indent=2)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The parent's model card, tagged `vaccine`, with a section giving the Vaccine settings."""
+        from huggingface_hub import ModelCard
+
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        card = ModelCard.load(path)  # re-read: PEFT rewrites the card's metadata after the parent writes it
+        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), "vaccine", "safety-alignment"]))
+        rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in self.vaccine_args.vaccine_kwargs().items())
+        card.text += (
+            "\n## Vaccine alignment\n\nTrained with Vaccine (perturbation-aware alignment, Huang et al., "
+            "NeurIPS 2024, arXiv:2402.01109) using vaccine-trainer.\n\n"
+            f"| setting | value |\n|---|---|\n{rows}\n\nPerturbed modules: {len(self.vaccine_modules)} "
+            f"({_summarise(self.vaccine_modules)}).\nMicro-batches trained without perturbation "
+            f"(non-finite or zero pass-1 gradient): {self.vaccine_skipped_steps}.\n"
+        )
+        card.save(path)
 
 
 def _summarise(names: list[str], keep: int = 3) -> str:
