@@ -13,6 +13,8 @@ from transformers.data.data_collator import default_data_collator
 from vaccine_trainer import AlignmentDriftCallback
 from vaccine_trainer.callbacks import DRIFT_KEY, LOSS_KEY
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def layer_outputs(model, rows, arch="llama", attention=False) -> list[torch.Tensor]:
     """Hidden states of each decoder layer (or its attention block), by hand-written module paths."""

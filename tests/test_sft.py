@@ -17,6 +17,8 @@ from vaccine_trainer import (
 )
 from vaccine_trainer.callbacks import DRIFT_KEY, LOSS_KEY
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SFT_EXACT = dict(bf16=False, gradient_checkpointing=False)
 
 

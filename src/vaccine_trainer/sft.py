@@ -18,14 +18,11 @@ from typing import Any
 
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
-from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from .callbacks import AlignmentDriftCallback
 from .config import VaccineArguments
 from .trainer import VaccineMixin
-
-logger = logging.get_logger(__name__)
 
 VACCINE_PAPER = {
     "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack",
@@ -202,19 +199,19 @@ def merge_alignment_adapter(model, adapter=None, **load_kwargs: Any) -> PreTrain
         model, adapter = adapter, None
     if model is None:
         raise ValueError("No model given: pass a base model (or its path) with `alignment_adapter`, or a PeftModel.")
+    folder = _adapter_folder(adapter) if adapter is not None else None  # fail before loading the model
     if isinstance(model, (str, os.PathLike)):
         model = load_causal_lm(model, **load_kwargs)
-    if adapter is not None:
+    if folder is not None:
         if isinstance(model, PeftModel):
             raise ValueError(
                 "The model already carries a PEFT adapter and an alignment adapter path was given too: "
                 "merge the first one (`model.merge_and_unload()`) or pass the base model."
             )
-        model = PeftModel.from_pretrained(model, _adapter_folder(adapter))
+        model = PeftModel.from_pretrained(model, folder)
     if isinstance(model, PeftModel):
         return model.merge_and_unload(safe_merge=True)
-    logger.warning("No alignment adapter given: stage 2 starts from the model's own weights.")
-    return model
+    return model  # no adapter: the model's own weights are the aligned ones
 
 
 def _adapter_folder(adapter: str | os.PathLike) -> str:
