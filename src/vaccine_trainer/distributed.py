@@ -1,0 +1,141 @@
+"""Start-up checks for running Vaccine under the Trainer's distributed backends.
+
+Vaccine's pass 1 takes `torch.autograd.grad` of the loss with respect to hidden states: no parameter
+gradient exists, so no backend (DDP, FSDP, DeepSpeed) has anything to communicate, and pass 2 is the
+Trainer's own synchronised step. Two things need care, and both are decided before training starts
+rather than discovered mid-run:
+
+* Reentrant activation checkpointing rejects `autograd.grad`, so pass 1 falls back to a full
+  `backward()` whose parameter gradients are stashed and restored. That only works where the
+  gradients stay in `p.grad`: DeepSpeed's gradient hooks reduce them into its own buffers as they
+  are produced (ZeRO-2/3, `overlap_comm`, bf16 immediate updates) and FSDP accumulates into its
+  flat/sharded buffers, so pass 1 would leak into the update. Those combinations are refused.
+* Under DDP, the Trainer asks DDP to find unused parameters for models that are not a
+  `PreTrainedModel` (PEFT), which reentrant checkpointing breaks ("marked ready twice", the plain
+  Trainer too). When the user did not choose, it is switched off here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accelerate.utils import DistributedType
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_DOCS = "examples/accelerate/README.md"
+
+
+def describe_backend(trainer: Any) -> str:
+    """The data-parallel backend the Trainer's accelerator runs, in words (for logs and errors)."""
+    state = trainer.accelerator.state
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return f"FSDP{getattr(state.fsdp_plugin, 'fsdp_version', 1)}"
+    if trainer.args.world_size > 1:
+        return f"DDP ({trainer.args.world_size} processes, {state.backend})"
+    return "single process"
+
+
+def reentrant_checkpointing_requested(trainer: Any) -> bool:
+    """True when pass 1 will run under reentrant activation checkpointing (the full-backward path).
+
+    Decided from the arguments (the Trainer enables checkpointing only in `train()`) and from the
+    model, which a user may have set up beforehand. A missing `use_reentrant` means reentrant: it
+    is torch's default when the key is absent from the kwargs.
+    """
+    args = trainer.args
+    if _activation_checkpointing(args):  # the Trainer (re-)enables checkpointing with these kwargs
+        kwargs = _activation_checkpointing_kwargs(args)
+        # None: transformers' own default, {"use_reentrant": False}
+        return kwargs is not None and kwargs.get("use_reentrant") is not False
+    for module in trainer.model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if (getattr(func, "keywords", None) or {}).get("use_reentrant") is not False:
+            return True
+    return False
+
+
+def check_distributed_support(trainer: Any) -> None:
+    """Refuse, at start-up, backend combinations that Vaccine cannot run correctly; adjust the rest.
+
+    Call once from the trainer's `__init__`, after `Trainer.__init__` created the accelerator and
+    after `trainer.vaccine_args` is set. Raises `ValueError` with what to change instead.
+    """
+    args = trainer.args
+    if args.n_gpu > 1:
+        raise ValueError(
+            f"Vaccine does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process): it splits "
+            "the batch differently in the two passes. Launch one process per GPU instead: "
+            f"`accelerate launch --num_processes N your_script.py ...` (see {_DOCS})."
+        )
+    for size_of, what in (("get_cp_size", "context"), ("get_sp_size", "sequence")):
+        size = getattr(trainer, size_of, lambda: 1)()
+        if isinstance(size, int) and size > 1:
+            raise ValueError(
+                f"Vaccine does not support {what} parallelism ({what} size {size}): it reshards the batch "
+                "between the two passes. Use data parallelism (DDP, FSDP or DeepSpeed) through "
+                f"`accelerate launch` (see {_DOCS})."
+            )
+
+    settings = trainer.vaccine_args
+    two_pass = settings.rho > 0 and settings.vaccine_perturbation == "gradient"
+    backend = describe_backend(trainer)
+    logger.info(f"Vaccine runs under {backend}.")
+    if not two_pass or not reentrant_checkpointing_requested(trainer):
+        return
+
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        trl_hint = (
+            " TRL forces `use_reentrant=True` for PEFT models under ZeRO-3, so with a TRL trainer use FSDP2 "
+            "(examples/accelerate/fsdp2.yaml) or turn activation checkpointing off."
+            if getattr(trainer, "is_deepspeed_enabled", False)
+            else ""
+        )
+        raise ValueError(
+            f"Vaccine cannot use reentrant activation checkpointing under {backend}: reentrant checkpointing "
+            "rejects torch.autograd.grad, so pass 1 would need a full backward(), and this backend moves "
+            "parameter gradients into its own buffers (and communicates them) as they are produced, so the "
+            "clean pass-1 gradient would leak into the update. Use non-reentrant checkpointing "
+            "(`activation_checkpointing_kwargs={'use_reentrant': False}`, transformers' default; with FSDP, "
+            f"`fsdp_activation_checkpointing: true` is non-reentrant too) or turn checkpointing off.{trl_hint}"
+        )
+
+    if trainer.accelerator.distributed_type == DistributedType.NO or args.world_size <= 1:
+        return
+    handler = getattr(trainer.accelerator, "ddp_handler", None)
+    if handler is None or not handler.find_unused_parameters:
+        return
+    if args.ddp_find_unused_parameters:
+        raise ValueError(
+            "Reentrant activation checkpointing under DDP cannot run with `ddp_find_unused_parameters=True` "
+            "(DDP then marks checkpointed parameters ready twice). Set `ddp_find_unused_parameters=False` or "
+            "use non-reentrant checkpointing (`activation_checkpointing_kwargs={'use_reentrant': False}`)."
+        )
+    handler.find_unused_parameters = False
+    logger.warning(
+        "Vaccine: reentrant activation checkpointing under DDP; setting DDP's find_unused_parameters=False "
+        "(the Trainer picks True for models that are not a PreTrainedModel, e.g. PEFT, which reentrant "
+        "checkpointing breaks). Pass `ddp_find_unused_parameters=False` to silence this."
+    )
+
+
+def _activation_checkpointing(args: Any) -> bool:
+    value = getattr(args, "activation_checkpointing", None)
+    if value is None:
+        value = getattr(args, "gradient_checkpointing", False)
+    return bool(value)
+
+
+def _activation_checkpointing_kwargs(args: Any) -> dict | None:
+    value = getattr(args, "activation_checkpointing_kwargs", None)
+    if value is None:
+        value = getattr(args, "gradient_checkpointing_kwargs", None)
+    return value
+
+
+__all__ = ["check_distributed_support", "describe_backend", "reentrant_checkpointing_requested"]
