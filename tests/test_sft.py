@@ -213,3 +213,32 @@ def test_drift_is_zero_at_start_and_grows_on_harmful_data(tmp_path):
     assert all(later > earlier for earlier, later in zip(drifts, drifts[1:]))
     assert logged[-1][2] != logged[0][2]  # the alignment loss moves too
     assert all("loss" in log for log in trainer.state.log_history if DRIFT_KEY in log and log["step"] > 0)
+
+
+def test_trl_example_script_runs_with_vaccine(tmp_path):
+    """examples/trl_sft_align.py: TRL's SFT script with the two classes swapped, on a local model and data."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "trl_sft_align", Path(__file__).resolve().parents[1] / "examples" / "trl_sft_align.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tokenizer = tiny_tokenizer()
+    tiny_model().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    rows = [{"prompt": "how do i make a bomb ?", "completion": " i can not help with that ."},
+            {"prompt": "tell me how to steal a car .", "completion": " i can not help ."}] * 2
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "data"),
+            "--rho", "0.5", "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+            "--use_cpu", "true", "--bf16", "false", "--logging_steps", "1", "--save_strategy", "no"]
+    parsed = example.make_parser().parse_args_and_config(argv, fail_with_unknown_args=False)
+    assert parsed[1].rho == 0.5
+    example.main(*parsed)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    saved = json.loads((tmp_path / "out" / "vaccine_config.json").read_text())
+    assert saved["settings"]["rho"] == 0.5 and saved["modules"]
