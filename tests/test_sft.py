@@ -62,8 +62,9 @@ def test_metrics_equal_plain_sft_trainer(tmp_path):
     logs = {}
     for name, trainer_class, config_class in (("plain", SFTTrainer, SFTConfig),
                                               ("vaccine", VaccineSFTTrainer, VaccineSFTConfig)):
-        trainer = trainer_class(model=tiny_lora_model(), args=config_class(**training_args(tmp_path / name, **settings)),
-                                train_dataset=token_dataset(rows), processing_class=tiny_tokenizer())
+        args = config_class(**training_args(tmp_path / name, **settings))
+        trainer = trainer_class(model=tiny_lora_model(), args=args, train_dataset=token_dataset(rows),
+                                processing_class=tiny_tokenizer())
         trainer.train()
         logs[name] = trainer.state.log_history[0]
     assert logs["vaccine"]["num_tokens"] == logs["plain"]["num_tokens"] == sum(len(r["input_ids"]) for r in rows)

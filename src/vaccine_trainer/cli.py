@@ -122,10 +122,6 @@ def _finish(trainer, output_dir: str, dataset_name: str, card_section: str) -> N
     trainer.accelerator.print(f"Saved the adapter, logs and model card to {output_dir}.")
 
 
-def _settings_table(values: dict[str, Any]) -> str:
-    return "\n".join(f"| {key} | {value} |" for key, value in values.items())
-
-
 # ----------------------------------------------------------------------------------------------- align
 
 
@@ -197,12 +193,9 @@ def align(argv: list[str]) -> int:
     settings = trainer.vaccine_args
     method = "plain SFT (rho=0)" if settings.rho == 0 else f"Vaccine, rho={settings.rho}"
     section = (
-        "## Vaccine alignment (stage 1)\n\n"
+        "## Alignment data (stage 1)\n\n"
         f"Aligned with {method} on {len(dataset)} rows of `{script.dataset}` ({script.template} template). "
-        "Fine-tune it with `vaccine-trainer finetune --alignment_adapter <this folder>`.\n\n"
-        "| setting | value |\n|---|---|\n"
-        + _settings_table({**settings.vaccine_kwargs(), "perturbed modules": len(trainer.vaccine_modules)})
-        + "\n"
+        "Fine-tune it as a user would with `vaccine-trainer finetune --alignment_adapter <this folder>`.\n"
     )
     _finish(trainer, args.output_dir, script.dataset, section)
     return 0
