@@ -112,3 +112,16 @@ def test_bad_input_is_refused():
         AlignmentDriftCallback(token_rows(1), target="mlp")
     with pytest.raises(RuntimeError, match="cache_reference"):
         AlignmentDriftCallback(token_rows(1)).measure(tiny_model())
+
+
+def test_logged_at_evaluation_steps_too(tmp_path):
+    rows = token_rows(4)
+    args = TrainingArguments(**training_args(tmp_path, max_steps=4, per_device_train_batch_size=2, logging_steps=100,
+                                             eval_strategy="steps", eval_steps=2, optim="adamw_torch",
+                                             learning_rate=1e-2))
+    trainer = Trainer(model=tiny_lora_model(), args=args, train_dataset=rows, eval_dataset=rows[:2])
+    AlignmentDriftCallback(rows[:2]).attach(trainer)
+    trainer.train()
+    evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert [log["step"] for log in evaluations] == [2, 4]
+    assert all(log[DRIFT_KEY] > 0 and LOSS_KEY in log for log in evaluations)
