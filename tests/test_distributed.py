@@ -143,16 +143,21 @@ def test_leaky_pass_one_is_counted(ddp_runs):
 
 
 def fake_trainer(*, deepspeed_stage=None, fsdp_version=None, world_size=1, reentrant=None,
-                 find_unused=None, explicit_find_unused=None, rho=2.0, perturbation="gradient", n_gpu=1):
+                 find_unused=None, explicit_find_unused=None, rho=2.0, perturbation="gradient", n_gpu=1,
+                 deepspeed_plugin=None, fsdp_plugin=None):
     """A stand-in with the attributes a Trainer has after `Trainer.__init__`, for a given backend."""
     model = tiny_lora_model("llama")
     state = SimpleNamespace(backend="nccl", deepspeed_plugin=None, fsdp_plugin=None)
     distributed_type = DistributedType.MULTI_GPU if world_size > 1 else DistributedType.NO
     if deepspeed_stage is not None:
-        state.deepspeed_plugin = DeepSpeedPlugin(zero_stage=deepspeed_stage)
+        deepspeed_plugin = DeepSpeedPlugin(zero_stage=deepspeed_stage)
+    if deepspeed_plugin is not None:
+        state.deepspeed_plugin, deepspeed_stage = deepspeed_plugin, deepspeed_plugin.zero_stage
         distributed_type = DistributedType.DEEPSPEED
     if fsdp_version is not None:
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version)
+        fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version)
+    if fsdp_plugin is not None:
+        state.fsdp_plugin, fsdp_version = fsdp_plugin, fsdp_plugin.fsdp_version
         distributed_type = DistributedType.FSDP
     handler = DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))
     args = SimpleNamespace(
@@ -223,6 +228,50 @@ def test_dataparallel_and_context_parallel_refused():
     trainer.get_cp_size = lambda: 2
     with pytest.raises(ValueError, match="context parallelism"):
         check_distributed_support(trainer)
+
+
+EXAMPLES = TESTS.parent / "examples" / "accelerate"
+
+
+def launch_environment(config: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file config` gives each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return prepare_deepspeed_cmd_env(args)[1]
+    assert args.multi_gpu or args.use_fsdp, f"{config.name} does not launch several processes"
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [("ddp.yaml", "DDP (8 processes, nccl)"), ("fsdp2.yaml", "FSDP2"),
+     ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2"), ("deepspeed_zero3.yaml", "DeepSpeed ZeRO-3")],
+)
+def test_example_configs_select_the_backend(monkeypatch, config, expected):
+    """Each shipped config makes accelerate's plugins (read from the launch environment) pick its backend."""
+    env = launch_environment(EXAMPLES / config)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert env.get("ACCELERATE_MIXED_PRECISION") == "bf16"
+    plugins = {}
+    if env.get("ACCELERATE_USE_FSDP") == "true":
+        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin()
+        assert plugins["fsdp_plugin"].activation_checkpointing is False
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        plugins["deepspeed_plugin"] = DeepSpeedPlugin()
+    trainer = fake_trainer(world_size=int(env.get("WORLD_SIZE", 8)), **plugins)
+    assert describe_backend(trainer) == expected
+    check_distributed_support(trainer)
+    if plugins:  # reentrant checkpointing is refused on the sharded backends, with the fix in the message
+        trainer.args.activation_checkpointing_kwargs = {"use_reentrant": True}
+        trainer.args.activation_checkpointing = True
+        with pytest.raises(ValueError, match="non-reentrant"):
+            check_distributed_support(trainer)
 
 
 # --- FSDP2's no_sync inside the step (run on one process with accelerate's FSDP2 branch of no_sync) ---
