@@ -134,26 +134,9 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def tiny_tokenizer(texts: list[str]):
-    """A word-level tokenizer trained in memory on `texts` (no network), with pad/eos and a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
-                                      eos_token="</s>")
-    wrapped.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}</s>{% endif %}\n"
-        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
-    )
-    return wrapped
-
-
 def save_tiny_causal_lm(path, texts: list[str], arch: str = "llama"):
     """A tiny model and a matching tokenizer saved as a normal local checkpoint folder."""
-    tokenizer = tiny_tokenizer(texts)
+    tokenizer = tiny_tokenizer(vocab_size=1000, extra_texts=texts)
     config = TINY_CONFIGS[arch]()
     config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
@@ -180,15 +163,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = VOCAB):
-    """A word-level tokenizer trained in-process (no network), with pad/eos tokens and a chat template."""
+def tiny_tokenizer(vocab_size: int = VOCAB, extra_texts: list[str] = ()):
+    """A word-level tokenizer trained in-process (no network), with pad/eos tokens and a chat template.
+
+    `extra_texts` add words to the corpus (with a larger `vocab_size` to keep them all).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"])
-    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    tokenizer.train_from_iterator([*TOKENIZER_CORPUS, *extra_texts], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
     )

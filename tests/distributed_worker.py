@@ -21,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
-from vaccine_trainer.distributed import check_distributed_support
 from vaccine_trainer.perturbation import uses_reentrant_checkpointing
 
 RHO = 2.0
@@ -98,7 +97,6 @@ class RecordingTrainer(VaccineTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_distributed_support(self)  # idempotent; until VaccineMixin._check_vaccine_supported calls it
         self.phase = "outside"
         self.micro_batches: list[dict[str, torch.Tensor]] = []
         self.reentrant_seen: list[bool] = []

@@ -318,11 +318,5 @@ def test_fsdp2_sync_flag_plain_trainer(tmp_path):
     assert sync_flags_during_backward(tmp_path, rho=0.0) == [(False, False), (True, True)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.py: pass 1's accelerator.no_sync(model) re-enables FSDP2 gradient sync on exit, so pass 2 of "
-           "every non-last micro-batch reduce-scatters (correct sums, GA-times the communication). Fix: skip "
-           "no_sync in _vaccine_pass_one when self.accelerator.is_fsdp2 (autograd.grad makes no parameter grads).",
-)
 def test_fsdp2_sync_flag_vaccine(tmp_path):
     assert sync_flags_during_backward(tmp_path, rho=2.0) == [(False, False), (True, True)]

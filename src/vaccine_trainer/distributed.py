@@ -22,6 +22,8 @@ from typing import Any
 from accelerate.utils import DistributedType
 from transformers.utils import logging
 
+from .perturbation import uses_reentrant_checkpointing
+
 logger = logging.get_logger(__name__)
 
 _DOCS = "examples/accelerate/README.md"
@@ -51,13 +53,7 @@ def reentrant_checkpointing_requested(trainer: Any) -> bool:
         kwargs = _activation_checkpointing_kwargs(args)
         # None: transformers' own default, {"use_reentrant": False}
         return kwargs is not None and kwargs.get("use_reentrant") is not False
-    for module in trainer.model.modules():
-        if not getattr(module, "gradient_checkpointing", False):
-            continue
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if (getattr(func, "keywords", None) or {}).get("use_reentrant") is not False:
-            return True
-    return False
+    return uses_reentrant_checkpointing(trainer.model, training_only=False)
 
 
 def check_distributed_support(trainer: Any) -> None:

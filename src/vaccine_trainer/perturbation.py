@@ -180,13 +180,14 @@ class HiddenStateHooks:
             hidden.register_hook(store)
 
 
-def uses_reentrant_checkpointing(model: nn.Module) -> bool:
+def uses_reentrant_checkpointing(model: nn.Module, training_only: bool = True) -> bool:
     """True when a module of `model` is checkpointed with `use_reentrant=True` (or torch's default).
 
     Reentrant checkpointing rejects `torch.autograd.grad`, so pass 1 must use a full backward.
+    Checkpointing acts in training mode only; `training_only=False` asks about the set-up instead.
     """
     for module in model.modules():
-        if not (getattr(module, "gradient_checkpointing", False) and module.training):
+        if not getattr(module, "gradient_checkpointing", False) or (training_only and not module.training):
             continue
         func = getattr(module, "_gradient_checkpointing_func", None)
         keywords = getattr(func, "keywords", None) or {}

@@ -21,7 +21,8 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .config import VaccineArguments
-from .layers import find_vaccine_modules, unwrap_model
+from .distributed import check_distributed_support
+from .layers import find_vaccine_modules
 from .perturbation import (
     HiddenStateHooks,
     PerturbationResult,
@@ -101,18 +102,7 @@ class VaccineMixin:
                 "train_dataset is empty: Vaccine has nothing to align on. Check the data path and any "
                 "filtering (e.g. max_length or a template that drops rows)."
             )
-        if self.args.n_gpu > 1:
-            raise ValueError(
-                f"Vaccine does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): it "
-                "splits the batch differently in the two passes. Launch one process per GPU instead: "
-                "`accelerate launch --num_processes N your_script.py ...` (DDP)."
-            )
-        parallelism = getattr(self.accelerator, "parallelism_config", None)
-        if getattr(parallelism, "cp_enabled", False):
-            raise ValueError(
-                "Vaccine does not support context parallelism: it reshards the batch between the two passes. "
-                "Use data parallelism (DDP, FSDP or DeepSpeed) through `accelerate launch`."
-            )
+        check_distributed_support(self)
 
     def train(self, *args, **kwargs):
         """Train with the hooks registered for the whole run, so `torch.compile` sees them."""
@@ -180,11 +170,11 @@ class VaccineMixin:
         reentrant = uses_reentrant_checkpointing(model)
         trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
         loss_scale = self._vaccine_loss_scale()
-        with (
-            self._vaccine_pass_one_context(),
-            self.accelerator.no_sync(model),
-            hooks.capturing(gradient_hooks=reentrant),
-        ):
+        # No gradient sync in pass 1. Under FSDP2, accelerate's no_sync re-enables sync on exit instead of
+        # restoring it, which would sync every micro-batch of an accumulation window; autograd.grad makes
+        # no parameter gradient there (and reentrant checkpointing is refused under FSDP), so skip it.
+        no_sync = contextlib.nullcontext() if self.accelerator.is_fsdp2 else self.accelerator.no_sync(model)
+        with self._vaccine_pass_one_context(), no_sync, hooks.capturing(gradient_hooks=reentrant):
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             hooks.check_called()
