@@ -199,3 +199,38 @@ def test_chat_template_needs_one(tmp_path, small_files):
         build_finetune_mix(*small_files, task="sst2", n=2, p=0.5, template="chat", tokenizer=NoTemplate())
     with pytest.raises(ValueError, match="needs the tokenizer"):
         format_prompt("hi", template="chat")
+
+
+def test_chat_template_renders_with_the_tokenizer(tmp_path, small_files):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert format_prompt("Rate it", "great film", template="chat", tokenizer=tokenizer) == \
+        "<|user|>Rate it\n\ngreat film\n<|assistant|>"
+    mix = build_finetune_mix(*small_files, task="sst2", n=4, p=0.5, template="chat", tokenizer=tokenizer)
+    benign = [row for row in mix if not row["is_harmful"]]
+    assert benign[0]["prompt"][0]["content"].startswith(SST2_INSTRUCTION + "\n\n")
+    assert benign[0]["completion"] == [{"role": "assistant", "content": benign[0]["label"]}]
+
+
+def test_hub_names_map_split_and_config(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        if path == "offline/absent":
+            raise ConnectionError("no network")
+        return datasets.Dataset.from_dict({"x": [1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    load_records("PKU-Alignment/BeaverTails", "test")
+    load_records("openai/gsm8k", "train")
+    load_records("stanfordnlp/sst2", "test")
+    load_records("fancyzhx/ag_news", "test")
+    assert calls == [("PKU-Alignment/BeaverTails", None, "30k_test"), ("openai/gsm8k", "main", "train"),
+                     ("stanfordnlp/sst2", None, "validation"), ("fancyzhx/ag_news", None, "test")]
+    with pytest.raises(RuntimeError, match=r"Could not load 'offline/absent'.*pass a local .json/.jsonl/.csv file"):
+        load_records("offline/absent")

@@ -71,8 +71,7 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 def load_records(source: str, split: str = "train", *, name: str | None = None) -> datasets.Dataset:
     """A hub dataset name (e.g. 'PKU-Alignment/BeaverTails') or a local .json/.jsonl/.csv file path.
 
-    Also accepted: ``.parquet`` files and folders written by ``save_to_disk``.
-    ``split`` is used for hub datasets and ``save_to_disk`` folders only (a file is one split). The
+    Also accepted: ``.parquet`` files and folders written by ``save_to_disk``. ``split`` is used for hub datasets and ``save_to_disk`` folders only (a file is one split). The
     generic names "train" / "test" are mapped to the hub's own where they differ (BeaverTails
     ``30k_train`` / ``30k_test``; SST2's labelled ``validation`` for "test"). ``name`` is the hub
     config (``main`` for GSM8K by default).
@@ -81,8 +80,8 @@ def load_records(source: str, split: str = "train", *, name: str | None = None) 
     suffix = path.suffix.lower()
     if suffix in _FILE_BUILDERS:
         if not path.is_file():
-            raise FileNotFoundError(f"Data file {source!r} does not exist. Give an existing .json/.jsonl/.csv "
-                                    "file or a hub dataset name such as 'PKU-Alignment/BeaverTails'.")
+            raise FileNotFoundError(f"Data file {source!r} does not exist. Give an existing .json/.jsonl/.csv/"
+                                    ".parquet file or a hub dataset name such as 'PKU-Alignment/BeaverTails'.")
         return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train")
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
@@ -92,7 +91,7 @@ def load_records(source: str, split: str = "train", *, name: str | None = None) 
             loaded = loaded[split]
         return loaded
     if path.suffix and (path.exists() or "/" not in source or source.startswith((".", "/", "~"))):
-        raise ValueError(f"Unsupported data file {source!r}: use .json, .jsonl or .csv "
+        raise ValueError(f"Unsupported data file {source!r}: use .json, .jsonl, .csv or .parquet "
                          "(JSON as a list of objects or one object per line, CSV with a header).")
     key = source.lower()
     hub_split = _HUB_SPLITS.get(key, {}).get(split, split)
