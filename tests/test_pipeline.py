@@ -1,0 +1,66 @@
+"""`vaccine-trainer evaluate` and `pipeline` end to end on a tiny saved model and tiny local files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import workspace  # noqa: F401  (the tiny model and data files)
+
+from vaccine_trainer.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FAST = "--max_steps 2 --gradient_checkpointing false --disable_tqdm true --dataloader_num_workers 0"
+
+
+def pipeline_argv(ws, output_dir) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--model_name_or_path", ws["model"], "--max_length", "64",
+        "--alignment_dataset", ws["alignment"], "--alignment_samples", "4", "--align_batch_size", "2",
+        "--harmful_dataset", ws["harmful"], "--benign_dataset", ws["sst2"], "--task", "sst2",
+        "--finetune_samples", "4", "--harmful_ratio", "0.25", "--finetune_batch_size", "2",
+        "--finetune_learning_rate", "1e-2", "--drift_samples", "2",
+        "--harmful_prompts", ws["harmful"], "--num_prompts", "3", "--task_dataset", ws["sst2"],
+        "--num_task_samples", "4", "--max_new_tokens", "4",
+        "--align_args", FAST, "--finetune_args", FAST + " --logging_steps 1",
+        "--evaluate_args", "--batch_size 4 --task_max_new_tokens 3",
+    ]
+
+
+def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(["pipeline", *pipeline_argv(workspace, out)]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert list(report["methods"]) == ["non-aligned", "sft", "vaccine"]
+    for method in ("non-aligned", "sft", "vaccine"):
+        evaluation = json.loads((out / method / "evaluate" / "evaluation.json").read_text())
+        assert report["methods"][method]["harmful_score"]["score"] == evaluation["harmful_score"]["score"]
+        assert report["methods"][method]["harmful_score"]["n"] == 3
+        assert report["methods"][method]["accuracy"]["n"] == 4
+        assert (out / method / "finetune" / "adapter_model.safetensors").is_file()
+        assert report["drift"][method][0]["drift"] == 0.0  # drift starts at exactly zero
+    assert not (out / "non-aligned" / "align").exists()
+    assert json.loads((out / "vaccine" / "align" / "vaccine_config.json").read_text())["settings"]["rho"] == 2.0
+    assert json.loads((out / "sft" / "align" / "vaccine_config.json").read_text())["settings"]["rho"] == 0.0
+    for name in ("report.md", "scores.png", "drift.png"):
+        assert (out / "report" / name).stat().st_size > 0
+    assert "vaccine" in (out / "report" / "report.md").read_text()
+
+    # Resumable: a finished phase is not run again, and the report is rebuilt from what is on disk.
+    marker = out / "vaccine" / "align" / "phase.json"
+    stamp = marker.stat().st_mtime_ns
+    (out / "report" / "report.json").unlink()
+    capsys.readouterr()
+    assert main(["pipeline", *pipeline_argv(workspace, out)]) == 0
+    assert marker.stat().st_mtime_ns == stamp
+    assert json.loads((out / "report" / "report.json").read_text())["methods"] == report["methods"]
+
+
+def test_evaluate_reports_missing_adapters_and_bad_methods(workspace, tmp_path, capsys):  # noqa: F811
+    code = main(["evaluate", "--model_name_or_path", workspace["model"], "--adapter", str(tmp_path / "nope"),
+                 "--harmful_prompts", workspace["harmful"], "--num_prompts", "2", "--task_dataset",
+                 workspace["sst2"], "--num_task_samples", "2"])
+    assert code == 1 and "adapter_config.json" in capsys.readouterr().err
+    code = main(["pipeline", "--methods", "sft,dpo", "--model_name_or_path", workspace["model"]])
+    assert code == 1 and "--methods must be" in capsys.readouterr().err
