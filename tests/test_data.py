@@ -64,7 +64,9 @@ def test_mix_is_reproducible_under_a_seed_and_differs_across_seeds(shared_data):
     assert first.to_list() == again.to_list()
     assert first.to_list() != other.to_list()
     # Another seed draws other rows, not only another order.
-    harmful = lambda d: {r["completion"] for r in d if r["is_harmful"]}  # noqa: E731
+    def harmful(rows):
+        return {row["completion"] for row in rows if row["is_harmful"]}
+
     assert harmful(first) != harmful(other)
     assert first["is_harmful"] != other["is_harmful"]  # harmful rows sit elsewhere in the shuffle
 
@@ -188,7 +190,8 @@ def test_input_field_and_csv(tmp_path):
     rows = build_finetune_mix(str(path), str(path), task="instruction", n=2, p=0.0, seed=0)
     by_answer = {row["completion"]: row["prompt"] for row in rows}
     assert by_answer["hi"] == format_prompt("Greet")  # the empty CSV cell is no input, not "nan"
-    assert by_answer["hello"] == format_prompt("Translate", "bonjour") and "### Input:\nbonjour\n\n" in by_answer["hello"]
+    assert by_answer["hello"] == format_prompt("Translate", "bonjour")
+    assert "### Input:\nbonjour\n\n" in by_answer["hello"]
 
 
 def test_chat_template_needs_one(tmp_path, small_files):

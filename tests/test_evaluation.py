@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import tiny_model
 from vaccine_trainer.data import AGNEWS_LABELS, GSM8K_ANSWER_PROMPT, SST2_LABELS, load_task_eval
 from vaccine_trainer.evaluation import (
     Accuracy,

@@ -71,7 +71,8 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 def load_records(source: str, split: str = "train", *, name: str | None = None) -> datasets.Dataset:
     """A hub dataset name (e.g. 'PKU-Alignment/BeaverTails') or a local .json/.jsonl/.csv file path.
 
-    Also accepted: ``.parquet`` files and folders written by ``save_to_disk``. ``split`` is used for hub datasets and ``save_to_disk`` folders only (a file is one split). The
+    Also accepted: ``.parquet`` files and folders written by ``save_to_disk``. ``split`` is used for
+    hub datasets and ``save_to_disk`` folders only (a file is one split). The
     generic names "train" / "test" are mapped to the hub's own where they differ (BeaverTails
     ``30k_train`` / ``30k_test``; SST2's labelled ``validation`` for "test"). ``name`` is the hub
     config (``main`` for GSM8K by default).
@@ -196,7 +197,8 @@ def load_task_rows(task: str, source: str, *, split: str = "train") -> datasets.
         return dataset.map(gsm8k, remove_columns=dataset.column_names)
 
     names = TASK_LABELS[task]
-    if task == "agnews" and "text" not in dataset.column_names and {"title", "description"} <= set(dataset.column_names):
+    columns = set(dataset.column_names)
+    if task == "agnews" and "text" not in columns and {"title", "description"} <= columns:
         text = None  # the original AG News CSV: the text is title + " " + description, as on the hub
     else:
         text = _field(dataset, ("sentence", "text") if task == "sst2" else ("text",), "text", source)

@@ -475,16 +475,18 @@ def _markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# {report['title']}", ""]
     if report["settings"]:
         lines += ["## Settings", ""] + [f"- **{k}**: {v}" for k, v in report["settings"].items()] + [""]
-    lines += ["## Results", "", "| Method | Harmful score (%) ↓ | Judged | Fine-tune accuracy (%) ↑ | Task | Rows |",
+    lines += ["## Results", "",
+              "| Method | Harmful score (%) ↓ | Judge | Fine-tune accuracy (%) ↑ | Task | Rows |",
               "|---|---:|---|---:|---|---:|"]
     for method, figures in methods.items():
         harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
         lines.append(f"| {method} | {_fmt(harm.get('score'))} | {(harm.get('settings') or {}).get('judge', '–')} "
                      f"| {_fmt(acc.get('accuracy'))} | {acc.get('task', '–')} | "
                      f"{harm.get('n', '–')} / {acc.get('n', '–')} |")
-    lines += ["", "Rows: harmful prompts / benign test rows. Harmful score: % of greedy answers to harmful "
-              "prompts the judge flags. Fine-tune accuracy: % of benign test rows answered correctly.", ""]
-    categories = sorted({c for f in methods.values() for c in ((f.get("harmful_score") or {}).get("per_category") or {})})
+    lines += ["", ("Rows: harmful prompts / benign test rows. Harmful score: % of greedy answers to harmful "
+                   "prompts the judge flags. Fine-tune accuracy: % of benign test rows answered correctly."), ""]
+    per_category = {m: (f.get("harmful_score") or {}).get("per_category") or {} for m, f in methods.items()}
+    categories = sorted({category for entries in per_category.values() for category in entries})
     if categories:
         names = list(methods)
         lines += ["## Harmful score per category (%)", "", "| Category | " + " | ".join(names) + " |",
@@ -492,7 +494,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
         for category in categories:
             cells = []
             for method in names:
-                entry = ((methods[method].get("harmful_score") or {}).get("per_category") or {}).get(category)
+                entry = per_category[method].get(category)
                 cells.append(f"{entry['score']:.1f} (n={entry['n']})" if entry else "–")
             lines.append(f"| {category} | " + " | ".join(cells) + " |")
         lines.append("")
