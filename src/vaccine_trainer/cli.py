@@ -296,5 +296,7 @@ def finetune(argv: list[str]) -> int:
 
 from . import pipeline as _pipeline  # noqa: E402,F401  registers `evaluate` and `pipeline`
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m vaccine_trainer.cli`: use the imported module, whose registry is complete
+    from vaccine_trainer.cli import main as _main
+
+    raise SystemExit(_main())
