@@ -86,7 +86,7 @@ class VaccineMixin:
                 f"Vaccine ({settings.vaccine_perturbation}, rho={settings.rho}, norm={settings.vaccine_norm}) "
                 f"perturbs the outputs of {len(named)} modules: {_summarise(self.vaccine_modules)}"
             )
-        self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0}
+        self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0}
         self._vaccine_state = VaccineStateCallback(self.vaccine_args.vaccine_kwargs(), self.vaccine_modules)
         self.add_callback(self._vaccine_state)
 
@@ -185,6 +185,7 @@ class VaccineMixin:
         result.grad_norm /= loss_scale
         if result.skipped_reason is None:
             self._vaccine_log_sums["grad_norm"] += result.grad_norm
+            self._vaccine_log_sums["perturbed"] += 1
         return result
 
     def _vaccine_pass_one_context(self):
@@ -215,23 +216,23 @@ class VaccineMixin:
         """Add vaccine/grad_norm, vaccine/clean_loss and vaccine/skipped_steps to training logs."""
         sums = self._vaccine_log_sums
         if "loss" in logs and self._vaccine_hooks is not None:
-            micro = sums["micro_batches"]
+            # Summed over processes: the clean loss is then averaged like the Trainer's loss, the norm over
+            # the micro-batches that were perturbed, and skipped micro-batches are counted on every rank.
             values = torch.tensor(
-                [sums["clean_loss"], sums["grad_norm"], float(micro), float(self.vaccine_skipped_steps)],
+                [sums["clean_loss"], sums["grad_norm"], sums["micro_batches"], sums["perturbed"],
+                 self.vaccine_skipped_steps],
                 dtype=torch.float64, device=self.args.device,
             )
             if self.args.world_size > 1:
-                values = self.accelerator.reduce(values, reduction="mean")
-            clean_loss, grad_norm, micro_mean, skipped = values.tolist()
-            if micro_mean > 0:
-                steps = micro_mean / self.args.gradient_accumulation_steps
-                logs["vaccine/clean_loss"] = round(clean_loss / steps, 4)
-                if self.vaccine_args.vaccine_perturbation == "gradient":
-                    logs["vaccine/grad_norm"] = grad_norm / micro_mean
-            logs["vaccine/skipped_steps"] = skipped
-            self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0}
+                values = self.accelerator.reduce(values, reduction="sum")
+            clean_loss, grad_norm, micro_batches, perturbed, skipped = values.tolist()
+            if micro_batches > 0:
+                logs["vaccine/clean_loss"] = clean_loss * self.args.gradient_accumulation_steps / micro_batches
+            if perturbed > 0:
+                logs["vaccine/grad_norm"] = grad_norm / perturbed
+            logs["vaccine/skipped_steps"] = int(skipped)
+            self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0}
         super().log(logs, start_time)
-
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Save as the parent does, plus `vaccine_config.json` so the run can be reproduced."""
