@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,9 @@ GROUPS = (
         Variant("lora128-attn-all", "vaccine"),
         Variant("lora128-attn-top-half", "vaccine", layers=HALF),
         Variant("noop-hooks", "noop-hooks"),
+    )),
+    Group("lora-128-all", "lora", 128, (  # the target closest to its bound, alone, for more rounds
+        Variant("lora128-attn-all", "vaccine"),
     )),
     Group("lora-128-sweep", "lora", 128, (
         Variant("lora128-layer-all", "vaccine", "layer"),
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         memory = measure_memory(memory_cases, args.memory_steps, args.threads, args.weights, args.output_dir, log)
     print(table(timing, memory))
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python " + shlex.join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.time() - started, "machine": info, "weights": args.weights, "batch": BATCH,
         "rounds": args.rounds, "warmup": args.warmup, "timing": timing, "memory": memory,
