@@ -336,6 +336,7 @@ def machine() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": __import__("peft").__version__, "platform": platform.platform(),
         "load_average_at_start": os.getloadavg(),
+        "allocator_env": {k: os.environ[k] for k in sorted(os.environ) if k == "LD_PRELOAD" or k.startswith("MALLOC_")},
     }
 
 
