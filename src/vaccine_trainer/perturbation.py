@@ -237,19 +237,20 @@ def build_perturbation(gradients: Sequence[torch.Tensor | None], rho: float, nor
     if not present:
         return PerturbationResult([None] * len(gradients), 0.0, "no hidden-state gradient (outputs unused by the loss)")
     norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(present[0].device) for g in present])
-    global_norm = torch.linalg.vector_norm(norms).item()  # one host sync per step
+    layer_norms = norms.tolist()  # the one host sync of the step
+    global_norm = math.sqrt(sum(n * n for n in layer_norms))
     if not math.isfinite(global_norm):
         return PerturbationResult([None] * len(gradients), global_norm, "non-finite hidden-state gradient")
     if global_norm == 0.0:
         return PerturbationResult([None] * len(gradients), global_norm, "zero hidden-state gradient")
-    layer_norms = iter(norms)
+    remaining = iter(layer_norms)
     eps: Perturbation = []
     for grad in gradients:
         if grad is None:
             eps.append(None)
             continue
-        layer_norm = next(layer_norms)
-        if norm == "layer" and layer_norm == 0:
+        layer_norm = next(remaining)
+        if norm == "layer" and layer_norm == 0.0:
             eps.append(None)  # a layer the loss does not depend on stays unperturbed
             continue
         scale = rho / (global_norm if norm == "global" else layer_norm)

@@ -209,7 +209,7 @@ class VaccineMixin:
         if not scaled:
             loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         sums = self._vaccine_log_sums
-        sums["clean_loss"] += loss.float().item() if loss.numel() == 1 else loss.float().mean().item()
+        sums["clean_loss"] += loss.float().mean()  # a tensor: read back only when logging, not every step
         sums["micro_batches"] += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -219,7 +219,7 @@ class VaccineMixin:
             # Summed over processes: the clean loss is then averaged like the Trainer's loss, the norm over
             # the micro-batches that were perturbed, and skipped micro-batches are counted on every rank.
             values = torch.tensor(
-                [sums["clean_loss"], sums["grad_norm"], sums["micro_batches"], sums["perturbed"],
+                [float(sums["clean_loss"]), sums["grad_norm"], sums["micro_batches"], sums["perturbed"],
                  self.vaccine_skipped_steps],
                 dtype=torch.float64, device=self.args.device,
             )
