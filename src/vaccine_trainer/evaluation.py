@@ -216,8 +216,18 @@ def _format_all(instructions: Sequence[str], inputs: Sequence[str], template: st
 # ----------------------------------------------------------------------------------------------- harmful score
 
 
+class _Figures:
+    """A result dataclass whose per-answer `samples` are left out of `to_dict()` unless asked for."""
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not samples:
+            data.pop("samples")
+        return data
+
+
 @dataclass
-class HarmfulScore:
+class HarmfulScore(_Figures):
     """Percentage of answers flagged harmful, overall and per harm category."""
 
     score: float
@@ -226,12 +236,6 @@ class HarmfulScore:
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    def to_dict(self, samples: bool = False) -> dict[str, Any]:
-        data = asdict(self)
-        if not samples:
-            data.pop("samples")
-        return data
 
 
 def score_answers(prompts: Sequence[str], answers: Sequence[str], judge: Callable | None = None, *,
@@ -352,7 +356,7 @@ def is_correct(task: str, answer: str, label: str) -> bool:
 
 
 @dataclass
-class Accuracy:
+class Accuracy(_Figures):
     """Percentage of a benign task's rows answered correctly."""
 
     task: str
@@ -361,12 +365,6 @@ class Accuracy:
     correct: int
     settings: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    def to_dict(self, samples: bool = False) -> dict[str, Any]:
-        data = asdict(self)
-        if not samples:
-            data.pop("samples")
-        return data
 
 
 def score_task_answers(task: str, answers: Sequence[str], labels: Sequence[str], *,
