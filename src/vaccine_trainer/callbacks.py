@@ -20,7 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import logging
 
 from .layers import find_vaccine_modules
-from .perturbation import _hidden
+from .perturbation import hidden_output
 
 logger = logging.get_logger(__name__)
 
@@ -123,7 +123,7 @@ class AlignmentDriftCallback(TrainerCallback):
 
         def hook(index):
             def store(module, args, output):
-                captured[index] = _hidden(output)
+                captured[index] = hidden_output(output)
             return store
 
         handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]

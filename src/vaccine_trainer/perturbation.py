@@ -33,7 +33,7 @@ class PerturbationResult:
     skipped_reason: str | None = None
 
 
-def _hidden(output):
+def hidden_output(output) -> torch.Tensor:
     """The hidden-state tensor of a module output: the tensor itself or the first tuple item."""
     hidden = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(hidden, torch.Tensor):
@@ -148,7 +148,7 @@ class HiddenStateHooks:
     def _hook(self, index: int, module: nn.Module, args, output):
         if self.mode == self.OFF:
             return None
-        hidden = _hidden(output)
+        hidden = hidden_output(output)
         self.calls[index] += 1
         if self.mode == self.CAPTURE:
             self._capture(index, hidden)
