@@ -257,11 +257,9 @@ class AlignedSFTTrainer(SFTTrainer):
         peft_config=None,
         **kwargs: Any,
     ):
-        args = _as_config(args, AlignedSFTConfig, "aligned-sft")
-        if isinstance(args, AlignedSFTConfig) and peft_config is None:
+        args = _as_config(args, AlignedSFTConfig, "aligned-sft")  # always an AlignedSFTConfig from here
+        if peft_config is None:
             peft_config = args.lora_config()
-        elif peft_config is None:
-            peft_config = AlignedSFTConfig(output_dir=args.output_dir).lora_config()
         load_kwargs = dict(args.model_init_kwargs or {})
         merged = merge_alignment_adapter(model, alignment_adapter, **load_kwargs)
         super().__init__(merged, args, train_dataset=train_dataset, peft_config=peft_config, **kwargs)
@@ -277,11 +275,9 @@ class AlignedSFTTrainer(SFTTrainer):
             alignment_dataset = self._prepare_dataset(
                 alignment_dataset, self.processing_class, self.args, False, self._formatting_func, "alignment"
             )
-        settings = {"target": "layer", "layers": None, "batch_size": 8}
-        if isinstance(self.args, AlignedSFTConfig):
-            settings = {"target": self.args.drift_target, "layers": self.args.drift_layers,
-                        "batch_size": self.args.drift_batch_size}
-        return AlignmentDriftCallback(alignment_dataset, data_collator=self.data_collator, **settings)
+        return AlignmentDriftCallback(alignment_dataset, data_collator=self.data_collator,
+                                      target=self.args.drift_target, layers=self.args.drift_layers,
+                                      batch_size=self.args.drift_batch_size)
 
 
 __all__ = [
