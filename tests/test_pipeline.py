@@ -33,22 +33,22 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
     assert main(["pipeline", *pipeline_argv(workspace, out)]) == 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["non-aligned", "sft", "vaccine"]
-    for method in ("non-aligned", "sft", "vaccine"):
-        evaluation = json.loads((out / method / "evaluate" / "evaluation.json").read_text())
+    for method, folder in (("non-aligned", "non-aligned"), ("sft", "sft"), ("vaccine", "vaccine-rho2")):
+        evaluation = json.loads((out / folder / "evaluate" / "evaluation.json").read_text())
         assert report["methods"][method]["harmful_score"]["score"] == evaluation["harmful_score"]["score"]
         assert report["methods"][method]["harmful_score"]["n"] == 3
         assert report["methods"][method]["accuracy"]["n"] == 4
-        assert (out / method / "finetune" / "adapter_model.safetensors").is_file()
+        assert (out / folder / "finetune" / "adapter_model.safetensors").is_file()
         assert report["drift"][method][0]["drift"] == 0.0  # drift starts at exactly zero
     assert not (out / "non-aligned" / "align").exists()
-    assert json.loads((out / "vaccine" / "align" / "vaccine_config.json").read_text())["settings"]["rho"] == 2.0
+    assert json.loads((out / "vaccine-rho2" / "align" / "vaccine_config.json").read_text())["settings"]["rho"] == 2.0
     assert json.loads((out / "sft" / "align" / "vaccine_config.json").read_text())["settings"]["rho"] == 0.0
     for name in ("report.md", "scores.png", "drift.png"):
         assert (out / "report" / name).stat().st_size > 0
     assert "vaccine" in (out / "report" / "report.md").read_text()
 
     # Resumable: a finished phase is not run again, and the report is rebuilt from what is on disk.
-    marker = out / "vaccine" / "align" / "phase.json"
+    marker = out / "vaccine-rho2" / "align" / "phase.json"
     stamp = marker.stat().st_mtime_ns
     (out / "report" / "report.json").unlink()
     capsys.readouterr()
@@ -64,3 +64,29 @@ def test_evaluate_reports_missing_adapters_and_bad_methods(workspace, tmp_path, 
     assert code == 1 and "adapter_config.json" in capsys.readouterr().err
     code = main(["pipeline", "--methods", "sft,dpo", "--model_name_or_path", workspace["model"]])
     assert code == 1 and "--methods must be" in capsys.readouterr().err
+
+
+def test_a_finished_phase_with_other_settings_is_refused_not_reused(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    argv = [*pipeline_argv(workspace, out), "--methods", "sft"]
+    assert main(["pipeline", *argv]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", *argv, "--align_learning_rate", "0.5"]) == 1
+    error = capsys.readouterr().err
+    assert "holds a finished run with other settings" in error and "--learning_rate 0.5" in error
+
+
+def test_a_rho_sweep_runs_one_vaccine_arm_per_rho(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "vaccine", "--rho", "0.5,3"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert list(report["methods"]) == ["vaccine rho=0.5", "vaccine rho=3"]
+    for rho in (0.5, 3.0):
+        config = json.loads((out / f"vaccine-rho{rho:g}" / "align" / "vaccine_config.json").read_text())
+        assert config["settings"]["rho"] == rho
+
+
+@pytest.mark.parametrize("rho", ["0", "2,2", "-1", "two"])
+def test_bad_rho_lists_are_refused(workspace, rho, capsys):  # noqa: F811
+    assert main(["pipeline", "--model_name_or_path", workspace["model"], "--rho", rho]) == 1
+    assert "--rho must be" in capsys.readouterr().err

