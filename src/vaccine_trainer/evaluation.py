@@ -502,7 +502,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _figure(width: float, height: float):
+def agg_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -515,7 +515,7 @@ def _plot_scores(methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     names = list(methods)
     panels = [("harmful_score", "score", "Harmful score (%) ↓", "tab:red"),
               ("accuracy", "accuracy", "Fine-tune accuracy (%) ↑", "tab:blue")]
-    figure = _figure(4 + 1.2 * len(names), 3.6)
+    figure = agg_figure(4 + 1.2 * len(names), 3.6)
     for index, (kind, key, label, color) in enumerate(panels):
         axis = figure.add_subplot(1, 2, index + 1)
         values = [(methods[m].get(kind) or {}).get(key) for m in names]
@@ -531,7 +531,7 @@ def _plot_scores(methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
 
 
 def _plot_drift(drift: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> None:
-    figure = _figure(5.5, 3.6)
+    figure = agg_figure(5.5, 3.6)
     axis = figure.add_subplot(1, 1, 1)
     for method, points in drift.items():
         axis.plot([s for s, _ in points], [d for _, d in points], marker="o", markersize=3, label=method)

@@ -1,0 +1,211 @@
+"""`vaccine-trainer grid`: the pipeline over seeds and harmful ratios, and one table across them.
+
+Each cell (seed, p) is a plain `vaccine-trainer pipeline` run in `output_dir/seed<S>/p<P>`; the cells of
+a seed share their stage-1 adapters (`--alignment_dir output_dir/seed<S>`), so each alignment runs once
+and only stage 2 and the evaluation repeat for every p. Cells resume like the pipeline does, so several
+processes may each run some seeds (`--seeds 42` and `--seeds 43`), and a last call with every seed
+finds all cells done and only writes the summary: mean and spread over seeds per method and p.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+from .cli import PROG, command
+from .evaluation import agg_figure, drift_series
+from .pipeline import PipelineArguments, resolve_model, run_pipeline
+
+logger = logging.get_logger(__name__)
+
+SUMMARY_DIR = "summary"
+
+
+@dataclass
+class GridArguments:
+    """The axes of the grid; every other setting is the pipeline's (`PipelineArguments`).
+
+    Parameters:
+        seeds (`str`, defaults to `"42"`): comma-separated seeds (data samples and training).
+        harmful_ratios (`str`, defaults to `"0,0.1,0.2"`): comma-separated harmful fractions p of stage 2.
+    """
+
+    seeds: str = field(default="42", metadata={"help": "Comma-separated seeds, e.g. 42,43."})
+    harmful_ratios: str = field(default="0,0.1,0.2", metadata={"help": "Comma-separated harmful ratios p."})
+
+    def seed_list(self) -> list[int]:
+        return _parse_list(self.seeds, int, "seeds", "42,43", lambda s: True)
+
+    def ratio_list(self) -> list[float]:
+        return _parse_list(self.harmful_ratios, float, "harmful_ratios", "0,0.1,0.2", lambda p: 0 <= p <= 1)
+
+
+def _parse_list(text: Any, kind: type, flag: str, example: str, valid) -> list:
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or len(set(values)) != len(values) or not all(valid(v) for v in values):
+        raise ValueError(f"--{flag} must be distinct comma-separated values, e.g. --{flag} {example}; got {text!r}.")
+    return values
+
+
+def cell_dir(root: Path, seed: int, ratio: float) -> Path:
+    return root / f"seed{seed}" / f"p{ratio:g}"
+
+
+def run_grid(args: PipelineArguments, grid: GridArguments) -> dict[str, Path]:
+    """Run every (seed, p) cell through the pipeline, then write the summary; returns its files."""
+    seeds, ratios = grid.seed_list(), grid.ratio_list()
+    args.arms()  # bad methods or rho fail here, before anything runs
+    root = Path(args.output_dir)
+    model = resolve_model(args)
+    started = time.time()
+    for seed in seeds:
+        for ratio in ratios:
+            logger.warning(f"grid: seed {seed}, harmful ratio {ratio:g}")
+            run_pipeline(replace(args, output_dir=str(cell_dir(root, seed, ratio)), seed=seed, harmful_ratio=ratio,
+                                 alignment_dir=str(root / f"seed{seed}"), model_name_or_path=model))
+    rows = collect_rows(root, seeds, ratios)
+    settings = {**asdict(args), **asdict(grid), "model": model, "wall_time_s_this_run": round(time.time() - started, 1)}
+    paths = write_summary(root / SUMMARY_DIR, rows, settings=settings)
+    print(f"{PROG} grid: summary in {paths['markdown']}")
+    return paths
+
+
+def collect_rows(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> list[dict[str, Any]]:
+    """One row per (seed, p, method) from the cells' reports and stage-2 logs."""
+    rows = []
+    for seed in seeds:
+        for ratio in ratios:
+            cell = cell_dir(root, seed, ratio)
+            report = json.loads((cell / "report" / "report.json").read_text())
+            walls = report["settings"].get("phase_wall_time_s", {})
+            for method, figures in report["methods"].items():
+                harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
+                drift = [d["drift"] for d in report.get("drift", {}).get(method, [])]
+                rows.append({"seed": seed, "harmful_ratio": ratio, "method": method,
+                             "harmful_score": harm.get("score"), "num_prompts": harm.get("n"),
+                             "accuracy": acc.get("accuracy"), "num_task_samples": acc.get("n"),
+                             "final_drift": drift[-1] if drift else None,
+                             "drift": report.get("drift", {}).get(method, []),
+                             "wall_time_s": walls.get(method, {})})
+    return rows
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of each figure, per (method, p), in first-seen order."""
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["harmful_ratio"]), []).append(row)
+    summary = []
+    for (method, ratio), members in groups.items():
+        entry: dict[str, Any] = {"method": method, "harmful_ratio": ratio, "seeds": [m["seed"] for m in members],
+                                 "num_prompts": members[0]["num_prompts"],
+                                 "num_task_samples": members[0]["num_task_samples"]}
+        for key in ("harmful_score", "accuracy", "final_drift"):
+            values = [m[key] for m in members if m[key] is not None]
+            entry[key] = statistics.fmean(values) if values else None
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        summary.append(entry)
+    return summary
+
+
+def _cell(mean: float | None, std: float | None, digits: int = 1) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
+                  settings: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    paths = {"json": output_dir / "summary.json", "markdown": output_dir / "summary.md",
+             "scores_plot": output_dir / "scores_vs_ratio.png", "drift_plot": output_dir / "drift.png"}
+    _plot_against_ratio(summary, paths["scores_plot"])
+    _plot_drift(rows, paths["drift_plot"])
+    paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "rows": rows},
+                                        indent=1, default=str) + "\n")
+    seeds = sorted({row["seed"] for row in rows})
+    lines = ["# Vaccine: harmful fine-tuning over seeds and harmful ratios", "",
+             f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", "",
+             "| Method | p | Harmful score (%) ↓ | Fine-tune accuracy (%) ↑ | Drift at the last step ↓ | Prompts / rows |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for entry in summary:
+        lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
+                     f"| {_cell(entry['harmful_score'], entry['harmful_score_std'])} "
+                     f"| {_cell(entry['accuracy'], entry['accuracy_std'])} "
+                     f"| {_cell(entry['final_drift'], entry['final_drift_std'], 0)} "
+                     f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
+    lines += ["", "Per seed:", "", "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
+              "|---:|---|---:|---:|---:|---:|---|"]
+    for row in rows:
+        walls = ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())
+        lines.append(f"| {row['seed']} | {row['method']} | {row['harmful_ratio']:g} | {_cell(row['harmful_score'], None)}"
+                     f" | {_cell(row['accuracy'], None)} | {_cell(row['final_drift'], None, 0)} | {walls} |")
+    lines += ["", f"![Harmful score and accuracy against p]({paths['scores_plot'].name})", "",
+              f"![Drift during stage 2]({paths['drift_plot'].name})", ""]
+    if settings:
+        lines += ["## Settings", "", "```json", json.dumps(dict(settings), indent=1, default=str), "```", ""]
+    paths["markdown"].write_text("\n".join(lines))
+    return paths
+
+
+def _plot_against_ratio(summary: Sequence[Mapping[str, Any]], path: Path) -> None:
+    figure = agg_figure(9, 3.6)
+    methods = list(dict.fromkeys(entry["method"] for entry in summary))
+    for index, (key, label) in enumerate((("harmful_score", "Harmful score (%) ↓"),
+                                          ("accuracy", "Fine-tune accuracy (%) ↑"))):
+        axis = figure.add_subplot(1, 2, index + 1)
+        for method in methods:
+            points = sorted((e["harmful_ratio"], e[key], e[f"{key}_std"] or 0.0) for e in summary
+                            if e["method"] == method and e[key] is not None)
+            if points:
+                axis.errorbar([p for p, _, _ in points], [m for _, m, _ in points], yerr=[s for _, _, s in points],
+                              marker="o", capsize=3, label=method)
+        axis.set_xlabel("harmful ratio p")
+        axis.set_title(label, fontsize=10)
+        axis.set_ylim(0, 105)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _plot_drift(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Drift curves averaged over seeds; one panel per p."""
+    ratios = sorted({row["harmful_ratio"] for row in rows})
+    figure = agg_figure(4 * len(ratios), 3.6)
+    for index, ratio in enumerate(ratios):
+        axis = figure.add_subplot(1, len(ratios), index + 1)
+        curves: dict[str, dict[int, list[float]]] = {}
+        for row in rows:
+            if row["harmful_ratio"] == ratio:
+                for step, value in drift_series(row["drift"]):
+                    curves.setdefault(row["method"], {}).setdefault(step, []).append(value)
+        for method, points in curves.items():
+            steps = sorted(points)
+            axis.plot(steps, [statistics.fmean(points[s]) for s in steps], marker="o", markersize=3, label=method)
+        axis.set_title(f"drift, p = {ratio:g}", fontsize=10)
+        axis.set_xlabel("fine-tuning step")
+        if curves:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+@command("grid", "The pipeline over seeds and harmful ratios (alignment shared across p), with a summary table.")
+def grid(argv: list[str]) -> int:
+    from trl import TrlParser
+
+    args, grid_args = TrlParser((PipelineArguments, GridArguments), prog=f"{PROG} grid").parse_args_and_config(argv)
+    run_grid(args, grid_args)
+    return 0

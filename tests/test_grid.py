@@ -1,0 +1,65 @@
+"""`vaccine-trainer grid` on a tiny model: cells share their alignment, resume, and are summarised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import workspace  # noqa: F401  (the tiny model and data files)
+from test_pipeline import pipeline_argv
+
+from vaccine_trainer.cli import main
+from vaccine_trainer.grid import summarise
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "grid"
+    argv = [*pipeline_argv(workspace, out), "--methods", "non-aligned,sft", "--seeds", "1,2",
+            "--harmful_ratios", "0,0.5"]
+    assert main(["grid", *argv]) == 0
+    for seed in (1, 2):
+        assert (out / f"seed{seed}" / "sft" / "align" / "adapter_config.json").is_file()
+        for ratio in ("0", "0.5"):
+            cell = out / f"seed{seed}" / f"p{ratio}"
+            assert not (cell / "sft" / "align").exists()  # aligned once per seed, beside the cells
+            finetune = json.loads((cell / "sft" / "finetune" / "phase.json").read_text())["argv"]
+            assert float(finetune[finetune.index("--harmful_ratio") + 1]) == float(ratio)
+            assert finetune[finetune.index("--alignment_adapter") + 1] == str(out / f"seed{seed}" / "sft" / "align")
+            assert finetune[finetune.index("--seed") + 1] == str(seed)
+    # Stage-1 data and training depend on the seed: the two seeds' adapters differ.
+    assert ((out / "seed1" / "sft" / "align" / "adapter_model.safetensors").read_bytes()
+            != (out / "seed2" / "sft" / "align" / "adapter_model.safetensors").read_bytes())
+
+    summary = json.loads((out / "summary" / "summary.json").read_text())
+    assert len(summary["rows"]) == 2 * 2 * 2
+    for entry in summary["summary"]:
+        rows = [r for r in summary["rows"] if (r["method"], r["harmful_ratio"]) == (entry["method"],
+                                                                                   entry["harmful_ratio"])]
+        assert entry["seeds"] == [1, 2]
+        assert entry["harmful_score"] == pytest.approx(sum(r["harmful_score"] for r in rows) / 2)
+        assert entry["num_prompts"] == 3
+    for name in ("summary.md", "scores_vs_ratio.png", "drift.png"):
+        assert (out / "summary" / name).stat().st_size > 0
+
+    # A second call finds every phase done and only rewrites the summary.
+    marker = out / "seed2" / "p0.5" / "sft" / "evaluate" / "phase.json"
+    stamp = marker.stat().st_mtime_ns
+    assert main(["grid", *argv]) == 0
+    assert marker.stat().st_mtime_ns == stamp
+
+
+def test_summary_is_the_mean_and_spread_over_seeds():
+    rows = [{"seed": s, "harmful_ratio": 0.1, "method": "sft", "harmful_score": h, "accuracy": a,
+             "final_drift": None, "num_prompts": 4, "num_task_samples": 2} for s, h, a in ((1, 50.0, 90.0),
+                                                                                          (2, 70.0, 80.0))]
+    (entry,) = summarise(rows)
+    assert entry["harmful_score"] == 60.0 and entry["harmful_score_std"] == pytest.approx(14.1421356)
+    assert entry["accuracy"] == 85.0 and entry["final_drift"] is None
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", "1,1"), ("--harmful_ratios", "0.1,1.5"), ("--seeds", "x")])
+def test_bad_grid_axes_are_refused(workspace, flag, value, capsys):  # noqa: F811
+    assert main(["grid", "--model_name_or_path", workspace["model"], flag, value]) == 1
+    assert f"{flag} must be" in capsys.readouterr().err
