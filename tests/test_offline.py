@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,30 @@ def test_missing_gguf_file_in_package(monkeypatch, tmp_path):
     monkeypatch.setattr(offline.importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(FileNotFoundError, match=rf"{offline.GGUF_FILE} is not installed \(looked in"):
         offline.offline_model_file()
+
+
+def test_a_copy_finished_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two `grid` workers started together: the one that renames second keeps the first one's copy."""
+    target = tmp_path / offline.MODEL_NAME
+
+    def save_while_another_process_finishes(folder, dtype):
+        (Path(folder) / "config.json").write_text("{}")
+        target.mkdir()
+        (target / "config.json").write_text('{"first": true}')
+        (target / "model.safetensors").write_text("weights")
+
+    monkeypatch.setattr(offline, "save_offline_model", save_while_another_process_finishes)
+    assert offline.offline_model_path(tmp_path) == target
+    assert (target / "config.json").read_text() == '{"first": true}'
+    assert [p.name for p in tmp_path.iterdir()] == [offline.MODEL_NAME]  # no staging folder left
+
+
+def test_a_failed_rename_without_a_finished_copy_is_raised(tmp_path, monkeypatch):
+    def save_then_block_the_target(folder, dtype):
+        (Path(folder) / "config.json").write_text("{}")
+        (tmp_path / offline.MODEL_NAME).mkdir()
+        (tmp_path / offline.MODEL_NAME / "partial").write_text("")
+
+    monkeypatch.setattr(offline, "save_offline_model", save_then_block_the_target)
+    with pytest.raises(OSError):
+        offline.offline_model_path(tmp_path)

@@ -100,7 +100,7 @@ def offline_model_path(cache_dir: str | Path, dtype: torch.dtype = torch.float32
     """A plain checkpoint of the offline model under ``cache_dir`` (written once, then reused).
 
     Only ``cache_dir`` is written to; the checkpoint is saved to a temporary sibling first and
-    renamed, so an interrupted save never looks complete.
+    renamed, so an interrupted save never looks complete, and processes started together agree on it.
     """
     cache_dir = Path(cache_dir)
     target = cache_dir / MODEL_NAME
@@ -110,7 +110,11 @@ def offline_model_path(cache_dir: str | Path, dtype: torch.dtype = torch.float32
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=cache_dir))
     try:
         save_offline_model(staging, dtype)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:  # another process (e.g. a second `grid` worker) finished first: use its copy
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Saved {MODEL_NAME} to {target}")
