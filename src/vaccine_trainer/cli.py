@@ -294,8 +294,7 @@ def finetune(argv: list[str]) -> int:
     return 0
 
 
-from . import pipeline as _pipeline  # noqa: E402,F401  registers `evaluate` and `pipeline`
-from . import grid as _grid  # noqa: E402,F401  registers `grid`
+from . import pipeline as _pipeline  # noqa: E402,F401  registers `evaluate`, `pipeline` (and `grid`)
 
 if __name__ == "__main__":  # `python -m vaccine_trainer.cli`: use the imported module, whose registry is complete
     from vaccine_trainer.cli import main as _main

@@ -350,3 +350,6 @@ def pipeline(argv: list[str]) -> int:
     (args,) = TrlParser((PipelineArguments,), prog=f"{PROG} pipeline").parse_args_and_config(argv)
     run_pipeline(args)
     return 0
+
+
+from . import grid as _grid  # noqa: E402,F401  registers `grid`, which builds on this module
