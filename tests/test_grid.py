@@ -63,3 +63,16 @@ def test_summary_is_the_mean_and_spread_over_seeds():
 def test_bad_grid_axes_are_refused(workspace, flag, value, capsys):  # noqa: F811
     assert main(["grid", "--model_name_or_path", workspace["model"], flag, value]) == 1
     assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_summary_only_runs_nothing_and_lists_unfinished_cells(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "grid"
+    argv = [*pipeline_argv(workspace, out), "--methods", "non-aligned", "--harmful_ratios", "0"]
+    assert main(["grid", *argv, "--summary_only", "true", "--seeds", "1"]) == 1
+    assert "No finished cell" in capsys.readouterr().err
+    assert main(["grid", *argv, "--seeds", "1"]) == 0
+    assert main(["grid", *argv, "--seeds", "1,2", "--summary_only", "true"]) == 0
+    assert not (out / "seed2").exists()
+    summary = json.loads((out / "summary" / "summary.json").read_text())
+    assert summary["missing_cells"] == ["seed 2, p = 0"] and [r["seed"] for r in summary["rows"]] == [1]
+    assert "Not finished, left out:** seed 2, p = 0" in (out / "summary" / "summary.md").read_text()

@@ -35,10 +35,15 @@ class GridArguments:
     Parameters:
         seeds (`str`, defaults to `"42"`): comma-separated seeds (data samples and training).
         harmful_ratios (`str`, defaults to `"0,0.1,0.2"`): comma-separated harmful fractions p of stage 2.
+        summary_only (`bool`, defaults to `False`): write the summary of the finished cells and run nothing.
     """
 
     seeds: str = field(default="42", metadata={"help": "Comma-separated seeds, e.g. 42,43."})
     harmful_ratios: str = field(default="0,0.1,0.2", metadata={"help": "Comma-separated harmful ratios p."})
+    summary_only: bool = field(
+        default=False,
+        metadata={"help": "Run nothing: summarise the cells finished so far (e.g. while workers still run)."},
+    )
 
     def seed_list(self) -> list[int]:
         return _parse_list(self.seeds, int, "seeds", "42,43", lambda s: True)
@@ -68,24 +73,31 @@ def run_grid(args: PipelineArguments, grid: GridArguments) -> dict[str, Path]:
     root = Path(args.output_dir)
     model = resolve_model(args)
     started = time.time()
-    for seed in seeds:
+    for seed in seeds if not grid.summary_only else ():
         for ratio in ratios:
             logger.warning(f"grid: seed {seed}, harmful ratio {ratio:g}")
             run_pipeline(replace(args, output_dir=str(cell_dir(root, seed, ratio)), seed=seed, harmful_ratio=ratio,
                                  alignment_dir=str(root / f"seed{seed}"), model_name_or_path=model))
-    rows = collect_rows(root, seeds, ratios)
+    rows, missing = collect_rows(root, seeds, ratios)
+    if not rows:
+        raise ValueError(f"No finished cell under {root} to summarise: run the grid first.")
     settings = {**asdict(args), **asdict(grid), "model": model, "wall_time_s_this_run": round(time.time() - started, 1)}
-    paths = write_summary(root / SUMMARY_DIR, rows, settings=settings)
+    paths = write_summary(root / SUMMARY_DIR, rows, settings=settings, missing=missing)
     print(f"{PROG} grid: summary in {paths['markdown']}")
     return paths
 
 
-def collect_rows(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> list[dict[str, Any]]:
-    """One row per (seed, p, method) from the cells' reports and stage-2 logs."""
-    rows = []
+def collect_rows(root: Path, seeds: Sequence[int],
+                 ratios: Sequence[float]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per (seed, p, method) from the finished cells' reports, and the cells not finished yet."""
+    rows, missing = [], []
     for seed in seeds:
         for ratio in ratios:
             cell = cell_dir(root, seed, ratio)
+            if not (cell / "report" / "report.json").is_file():
+                logger.warning(f"grid: {cell} has no report yet, left out of the summary.")
+                missing.append(f"seed {seed}, p = {ratio:g}")
+                continue
             report = json.loads((cell / "report" / "report.json").read_text())
             walls = report["settings"].get("phase_wall_time_s", {})
             for method, figures in report["methods"].items():
@@ -97,7 +109,7 @@ def collect_rows(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> l
                              "final_drift": drift[-1] if drift else None,
                              "drift": report.get("drift", {}).get(method, []),
                              "wall_time_s": walls.get(method, {})})
-    return rows
+    return rows, missing
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -125,7 +137,7 @@ def _cell(mean: float | None, std: float | None, digits: int = 1) -> str:
 
 
 def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
-                  settings: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                  settings: Mapping[str, Any] | None = None, missing: Sequence[str] = ()) -> dict[str, Path]:
     """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2."""
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
@@ -133,13 +145,15 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
              "scores_plot": output_dir / "scores_vs_ratio.png", "drift_plot": output_dir / "drift.png"}
     _plot_against_ratio(summary, paths["scores_plot"])
     _plot_drift(rows, paths["drift_plot"])
-    paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "rows": rows},
-                                        indent=1, default=str) + "\n")
+    paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "rows": rows,
+                                         "missing_cells": list(missing)}, indent=1, default=str) + "\n")
     seeds = sorted({row["seed"] for row in rows})
     lines = ["# Vaccine: harmful fine-tuning over seeds and harmful ratios", "",
-             f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", "",
-             "| Method | p | Harmful score (%) ↓ | Fine-tune accuracy (%) ↑ | Drift at the last step ↓ | Prompts / rows |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", ""]
+    if missing:
+        lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
+    header = "| Method | p | Harmful score (%) ↓ | Fine-tune accuracy (%) ↑ | Drift at the last step ↓ | Prompts / rows |"
+    lines += [header, "|---|---:|---:|---:|---:|---:|"]
     for entry in summary:
         lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
                      f"| {_cell(entry['harmful_score'], entry['harmful_score_std'])} "
