@@ -186,6 +186,7 @@ def _plot_against_ratio(summary: Sequence[Mapping[str, Any]], path: Path) -> Non
             if points:
                 axis.errorbar([p for p, _, _ in points], [m for _, m, _ in points], yerr=[s for _, _, s in points],
                               marker="o", capsize=3, label=method)
+        axis.set_xticks(sorted({e["harmful_ratio"] for e in summary}))
         axis.set_xlabel("harmful ratio p")
         axis.set_title(label, fontsize=10)
         axis.set_ylim(0, 105)
