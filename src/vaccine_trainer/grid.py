@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .cli import PROG, command
 from .evaluation import agg_figure, drift_series
-from .pipeline import PipelineArguments, resolve_model, run_pipeline
+from .pipeline import REPORT_DIR, PipelineArguments, resolve_model, run_pipeline
 
 logger = logging.get_logger(__name__)
 
@@ -94,20 +94,20 @@ def collect_rows(root: Path, seeds: Sequence[int],
     for seed in seeds:
         for ratio in ratios:
             cell = cell_dir(root, seed, ratio)
-            if not (cell / "report" / "report.json").is_file():
+            report_file = cell / REPORT_DIR / "report.json"
+            if not report_file.is_file():
                 logger.warning(f"grid: {cell} has no report yet, left out of the summary.")
                 missing.append(f"seed {seed}, p = {ratio:g}")
                 continue
-            report = json.loads((cell / "report" / "report.json").read_text())
+            report = json.loads(report_file.read_text())
             walls = report["settings"].get("phase_wall_time_s", {})
             for method, figures in report["methods"].items():
                 harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
-                drift = [d["drift"] for d in report.get("drift", {}).get(method, [])]
+                drift = report.get("drift", {}).get(method, [])
                 rows.append({"seed": seed, "harmful_ratio": ratio, "method": method,
                              "harmful_score": harm.get("score"), "num_prompts": harm.get("n"),
                              "accuracy": acc.get("accuracy"), "num_task_samples": acc.get("n"),
-                             "final_drift": drift[-1] if drift else None,
-                             "drift": report.get("drift", {}).get(method, []),
+                             "final_drift": drift[-1]["drift"] if drift else None, "drift": drift,
                              "wall_time_s": walls.get(method, {})})
     return rows, missing
 
@@ -152,7 +152,8 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
              f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", ""]
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
-    header = "| Method | p | Harmful score (%) ↓ | Fine-tune accuracy (%) ↑ | Drift at the last step ↓ | Prompts / rows |"
+    header = ("| Method | p | Harmful score (%) ↓ | Fine-tune accuracy (%) ↑ | Drift at the last step ↓ "
+              "| Prompts / rows |")
     lines += [header, "|---|---:|---:|---:|---:|---:|"]
     for entry in summary:
         lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
@@ -164,8 +165,9 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
               "|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:
         walls = ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())
-        lines.append(f"| {row['seed']} | {row['method']} | {row['harmful_ratio']:g} | {_cell(row['harmful_score'], None)}"
-                     f" | {_cell(row['accuracy'], None)} | {_cell(row['final_drift'], None, 0)} | {walls} |")
+        lines.append(f"| {row['seed']} | {row['method']} | {row['harmful_ratio']:g} "
+                     f"| {_cell(row['harmful_score'], None)} | {_cell(row['accuracy'], None)} "
+                     f"| {_cell(row['final_drift'], None, 0)} | {walls} |")
     lines += ["", f"![Harmful score and accuracy against p]({paths['scores_plot'].name})", "",
               f"![Drift during stage 2]({paths['drift_plot'].name})", ""]
     if settings:

@@ -25,6 +25,7 @@ logger = logging.get_logger(__name__)
 METHODS = ("non-aligned", "sft", "vaccine")
 PHASE_MARKER = "phase.json"
 EVALUATION_FILE = "evaluation.json"
+REPORT_DIR = "report"
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -337,7 +338,7 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
                 "wall_time_s_this_run": round(time.time() - started, 1),
                 "wall_time_s_all_phases": round(sum(sum(w.values()) for w in walls.values()), 1),
                 "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
-    paths = write_report(root / "report", results, settings=settings, log_histories=histories,
+    paths = write_report(root / REPORT_DIR, results, settings=settings, log_histories=histories,
                          title="Vaccine: harmful fine-tuning experiment")
     print(f"{PROG} pipeline: report in {paths['markdown']}")
     return paths
