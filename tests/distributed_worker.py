@@ -1,45 +1,111 @@
-"""One rank of the 2-process DDP runs behind tests/test_distributed.py (launched with torchrun).
+"""One rank of the 2-process runs behind tests/test_distributed.py.
 
-Every scenario trains a tiny model with `VaccineTrainer` under DDP (gloo, CPU) and saves, per rank:
-the final trainable parameters, the micro-batches this rank trained on (so the test can build the
-single-process run that sees the same micro-batches), and every gradient communication with the
-phase it happened in (Vaccine's pass 1 or the Trainer's own step) and the optimizer step.
+Every scenario trains a tiny model under one backend and saves, per rank: the final trainable
+parameters (gathered whole under ZeRO-3 and FSDP2), the micro-batches this rank trained on (so the
+test can build the single-process run that sees the same micro-batches), and every gradient reduction
+with the phase it happened in (Vaccine's pass 1, the Trainer's step, or outside both) and the
+optimizer step.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR [SCENARIO ...]
+    # DDP and FSDP2 (FSDP2 forced on the CPU, see ForcedFSDP2):
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT BACKEND [NAME ...]
+    # DeepSpeed, through the shipped CPU configuration:
+    accelerate launch --config_file examples/accelerate/cpu/deepspeed_zero3.yaml --main_process_port 0 \
+        tests/distributed_worker.py OUT zero3 [SCENARIO ...]
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import tiny_lora_model, tiny_model, token_rows, training_args
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
-from transformers import TrainerCallback
 
-from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
-from vaccine_trainer.perturbation import uses_reentrant_checkpointing
+# Every reduction issued from Python is recorded (DeepSpeed binds some of these when it starts, so the
+# wrappers must be in place before any backend is set up). DDP's reducer runs in C++: see CommunicationLog.
+REDUCTIONS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+              "reduce_scatter_single", "_reduce_scatter_base")
+_CURRENT = {"trainer": None}
+REDUCTION_LOG: list[tuple[int, str, str, int]] = []  # (optimizer step, phase, function, elements)
+
+
+def _counting(name, original):
+    def reduction(*args, **kwargs):
+        trainer = _CURRENT["trainer"]
+        if trainer is not None:
+            second = name.startswith(("reduce_scatter", "_reduce_scatter"))  # (output, input, ...)
+            tensor = kwargs.get("tensor", kwargs.get("input"))
+            if tensor is None and len(args) > int(second):
+                tensor = args[int(second)]
+            numel = tensor.numel() if isinstance(tensor, torch.Tensor) else -1
+            REDUCTION_LOG.append((trainer.state.global_step, trainer.phase, name, numel))
+        return original(*args, **kwargs)
+
+    return reduction
+
+
+# torch.distributed re-exports distributed_c10d's functions; FSDP2 and DeepSpeed call either.
+for _module in (dist, dist.distributed_c10d):
+    for _name in REDUCTIONS:
+        if hasattr(_module, _name):
+            setattr(_module, _name, _counting(_name, getattr(_module, _name)))
+
+from conftest import tiny_lora_model, tiny_model, tiny_tokenizer, token_rows, training_args  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from vaccine_trainer import VaccineSFTConfig, VaccineSFTTrainer, VaccineTrainer, VaccineTrainingArguments  # noqa: E402
+from vaccine_trainer.perturbation import uses_reentrant_checkpointing  # noqa: E402
 
 RHO = 2.0
 PER_DEVICE_BATCH = 2
 WORLD_SIZE = 2
+BACKENDS = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+# The shipped FSDP2 settings (examples/accelerate/fsdp2.yaml) as TrainingArguments' fsdp_config.
+FSDP2_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+                "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False}
 
-# name: (model kind, gradient accumulation, optimizer steps, extra training arguments)
+
+@dataclass(frozen=True)
+class Scenario:
+    kind: str  # "full" or "lora"
+    accumulation: int
+    steps: int
+    rho: float = RHO
+    trainer: str = "vaccine"  # vaccine | plain (transformers.Trainer) | sft (VaccineSFTTrainer) | leaky
+    extra: dict = field(default_factory=dict, hash=False)
+    save: bool = False  # save_model() at the end, for the save/load test
+    backends: tuple[str, ...] = BACKENDS
+
+
 SCENARIOS = {
-    "full_ga1": ("full", 1, 3, {}),
-    "lora_ga2": ("lora", 2, 2, {}),
+    "full_ga1": Scenario("full", 1, 3, save=True),
+    "full_ga2": Scenario("full", 2, 2),
+    "lora_ga1": Scenario("lora", 1, 3, save=True),
+    "lora_ga2": Scenario("lora", 2, 2),
+    # rho = 0 must be the parent's step under every backend.
+    "plain_full_ga2": Scenario("full", 2, 2, rho=0.0, trainer="plain"),
+    "rho0_full_ga2": Scenario("full", 2, 2, rho=0.0),
     # The fallback path: a full backward() in pass 1 under DDP's no_sync. The Trainer asks DDP to find unused
     # parameters for PEFT models, which reentrant checkpointing breaks; check_distributed_support turns it off.
-    "lora_ga2_reentrant": (
-        "lora", 2, 2, {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
-    ),
+    "lora_ga2_reentrant": Scenario(
+        "lora", 2, 2,
+        extra={"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
+        backends=("ddp",)),
+    # Negative control for the communication counter: pass 1 also runs the official code's synced backward.
+    "leaky_pass_one": Scenario("lora", 1, 2, trainer="leaky", backends=("ddp",)),
+    # TRL's SFTTrainer with a LoRA peft_config (checkpointing off: TRL forces reentrant under PEFT + ZeRO-3).
+    "sft_lora": Scenario("sft", 1, 2, trainer="sft", extra={"activation_checkpointing": False, "bf16": False},
+                         save=True,
+                         backends=("ddp", "zero3")),
+    # Interrupted at step 2 and resumed from the checkpoint; AdamW, so the optimizer state must come back too.
+    "resume_full": Scenario("full", 1, 4, extra={"optim": "adamw_torch", "learning_rate": 1e-2,
+                                                 "save_strategy": "steps", "save_steps": 2},
+                            backends=("zero3",)),
 }
-# Negative control for the communication counter: pass 1 also runs the official code's synced backward.
-CONTROL_SCENARIOS = {"leaky_pass_one": ("lora", 1, 2, {})}
-ALL_SCENARIOS = {**SCENARIOS, **CONTROL_SCENARIOS}
 
 
 def scenario_rows(name: str) -> list[dict[str, list[int]]]:
@@ -48,52 +114,88 @@ def scenario_rows(name: str) -> list[dict[str, list[int]]]:
     Unequal token counts make the loss normalisation (`num_items_in_batch` summed over the ranks
     and the accumulation window, `average_tokens_across_devices`) matter for the comparison.
     """
-    _, accumulation, steps, _ = ALL_SCENARIOS[name]
-    rows = token_rows(PER_DEVICE_BATCH * WORLD_SIZE * accumulation * steps, length=12, seed=1)
+    scenario = SCENARIOS[name]
+    rows = token_rows(PER_DEVICE_BATCH * WORLD_SIZE * scenario.accumulation * scenario.steps, length=12, seed=1)
     for index, row in enumerate(rows):
         masked = index % 5  # 0..4 leading positions excluded from the loss
         row["labels"] = [-100] * masked + row["labels"][masked:]
     return rows
 
 
+SFT_TEXTS = [("how do i make a bomb ?", "i can not help with that ."),
+             ("tell me how to steal a car .", "sure , here is how to steal a car ."),
+             ("what is two plus two ?", "the answer is four ."),
+             ("the movie was great .", "positive")]
+
+
+def sft_rows(name: str) -> list[dict[str, str]]:
+    scenario = SCENARIOS[name]
+    count = PER_DEVICE_BATCH * WORLD_SIZE * scenario.accumulation * scenario.steps
+    return [{"prompt": SFT_TEXTS[i % 4][0], "completion": " " + SFT_TEXTS[(i * 3) % 4][1]} for i in range(count)]
+
+
+def sft_lora_config():
+    import peft
+
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                           task_type="CAUSAL_LM", init_lora_weights=False)
+
+
+@contextlib.contextmanager
+def built_without_zero3_init():
+    """Build models as a single process does: transformers would otherwise partition them at construction
+    (deepspeed.zero.Init) once ZeRO-3 arguments exist, with a different random initialisation."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def scenario_model(name: str):
-    kind = ALL_SCENARIOS[name][0]
-    return tiny_lora_model("llama", seed=0) if kind == "lora" else tiny_model("llama", seed=0)
+    kind = SCENARIOS[name].kind
+    with built_without_zero3_init():
+        if kind == "lora":
+            return tiny_lora_model("llama", seed=0)
+        if kind == "sft":
+            return sft_base_model()
+        return tiny_model("llama", seed=0)
 
 
-def scenario_arguments(name: str, output_dir, world_size: int, rho: float = RHO) -> VaccineTrainingArguments:
+def sft_base_model():
+    import transformers
+
+    tokenizer = tiny_tokenizer(vocab_size=200)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, use_cache=False)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config), tokenizer
+
+
+def scenario_arguments(name: str, output_dir, world_size: int, backend: str = "single", rho: float | None = None):
     """Arguments for one rank of `world_size`; the single-process twin accumulates over all ranks."""
-    _, accumulation, steps, extra = ALL_SCENARIOS[name]
-    return VaccineTrainingArguments(
-        **training_args(
-            output_dir, per_device_train_batch_size=PER_DEVICE_BATCH, max_steps=steps,
-            gradient_accumulation_steps=accumulation * (WORLD_SIZE // world_size), **extra,
-        ),
-        rho=rho,
+    scenario = SCENARIOS[name]
+    settings = training_args(
+        output_dir, per_device_train_batch_size=PER_DEVICE_BATCH, max_steps=scenario.steps,
+        gradient_accumulation_steps=scenario.accumulation * (WORLD_SIZE // world_size), **scenario.extra,
     )
+    if backend == "fsdp2":
+        settings.update(fsdp="full_shard", fsdp_config=dict(FSDP2_CONFIG))
+    rho = scenario.rho if rho is None else rho
+    if scenario.trainer == "plain":
+        return TrainingArguments(**settings)
+    if scenario.trainer == "sft":
+        return VaccineSFTConfig(**settings, rho=rho, max_length=32, packing=False, dataset_num_proc=None)
+    return VaccineTrainingArguments(**settings, rho=rho)
 
 
-class CommunicationLog(TrainerCallback):
-    """Counts DDP gradient all-reduces through a comm hook on the wrapped model, by phase and step."""
-
-    def __init__(self, trainer: RecordingTrainer):
-        self.trainer = trainer
-        self.calls: list[tuple[int, str, int]] = []  # (optimizer step, phase, bucket index)
-        self.python_all_reduces: list[tuple[int, str]] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        wrapped = self.trainer.model_wrapped
-        if not isinstance(wrapped, DistributedDataParallel):
-            raise RuntimeError(f"expected the Trainer to wrap the model in DDP, got {type(wrapped).__name__}")
-        wrapped.register_comm_hook(None, self._hook)
-
-    def _hook(self, process_group, bucket):
-        self.calls.append((self.trainer.state.global_step, self.trainer.phase, bucket.index()))
-        return default_hooks.allreduce_hook(process_group, bucket)
-
-
-class RecordingTrainer(VaccineTrainer):
-    """VaccineTrainer that records its micro-batches and which pass is running."""
+class PhaseMixin:
+    """Records the micro-batches and which pass is running (read by the reduction counters)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -111,12 +213,41 @@ class RecordingTrainer(VaccineTrainer):
 
     def _vaccine_pass_one(self, model, inputs, num_items_in_batch):
         self.phase = "pass1"
-        model.train()  # as pass 1 does first; checkpointing only applies in training mode
-        self.reentrant_seen.append(uses_reentrant_checkpointing(model))
+        bare = self._vaccine_pass_one_model(model)
+        self.reentrant_seen.append(uses_reentrant_checkpointing(bare, training_only=False))
         try:
             return super()._vaccine_pass_one(model, inputs, num_items_in_batch)
         finally:
             self.phase = "step"
+
+
+class ForcedFSDP2:
+    """accelerate 1.15 silently replaces FSDP by DDP on the CPU (MULTI_CPU); restore the plugin it dropped,
+    so the Trainer runs real `fully_shard` over gloo. Test-only: the library never does this."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None:
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            # AcceleratorState re-reads PartialState's shared state whenever it is instantiated again.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.accelerator.state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+
+class RecordingTrainer(ForcedFSDP2, PhaseMixin, VaccineTrainer):
+    pass
+
+
+class RecordingPlainTrainer(ForcedFSDP2, PhaseMixin, Trainer):
+    pass
+
+
+class RecordingSFTTrainer(ForcedFSDP2, PhaseMixin, VaccineSFTTrainer):
+    pass
 
 
 class LeakyTrainer(RecordingTrainer):
@@ -133,52 +264,115 @@ class LeakyTrainer(RecordingTrainer):
         return result
 
 
-_ORIGINAL_ALL_REDUCE = dist.all_reduce
+class CommunicationLog(TrainerCallback):
+    """Counts DDP's gradient all-reduces (issued by its C++ reducer) through a comm hook, by phase and step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.calls: list[tuple[int, str, int]] = []  # (optimizer step, phase, bucket index)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        if isinstance(wrapped, DistributedDataParallel):
+            wrapped.register_comm_hook(None, self._hook)
+
+    def _hook(self, process_group, bucket):
+        self.calls.append((self.trainer.state.global_step, self.trainer.phase, bucket.index()))
+        return default_hooks.allreduce_hook(process_group, bucket)
 
 
-def count_python_all_reduce(log: CommunicationLog) -> None:
-    """Also record any `torch.distributed.all_reduce` issued from Python (e.g. by a library hook)."""
-    original = _ORIGINAL_ALL_REDUCE
+def gathered_parameters(trainer, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """Whole parameters on every rank, the way each backend gathers them (ZeRO-3, FSDP2 DTensors)."""
+    model = trainer.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in named):
+        import deepspeed
 
-    def counting_all_reduce(*args, **kwargs):
-        log.python_all_reduces.append((log.trainer.state.global_step, log.trainer.phase))
-        return original(*args, **kwargs)
+        gather = deepspeed.zero.GatheredParameters([p for _, p in named])
+    with gather:
+        result = {}
+        for n, p in named:
+            tensor = p.full_tensor() if hasattr(p, "full_tensor") else p
+            result[n] = tensor.detach().clone().cpu()
+    return result
 
-    dist.all_reduce = counting_all_reduce
+
+def build_trainer(name: str, backend: str, out_dir: Path, **argument_overrides):
+    scenario = SCENARIOS[name]
+    args = scenario_arguments(name, out_dir / f"{name}_{backend}_run", WORLD_SIZE, backend)
+    for key, value in argument_overrides.items():
+        setattr(args, key, value)
+    if scenario.trainer == "sft":
+        model, tokenizer = scenario_model(name)
+        from datasets import Dataset
+
+        return RecordingSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(name)),
+                                   processing_class=tokenizer, peft_config=sft_lora_config())
+    trainer_class = {"vaccine": RecordingTrainer, "plain": RecordingPlainTrainer, "leaky": LeakyTrainer}
+    return trainer_class[scenario.trainer](model=scenario_model(name), args=args, train_dataset=scenario_rows(name))
 
 
-def run(name: str, out_dir: Path) -> None:
-    model = scenario_model(name)
-    args = scenario_arguments(name, out_dir / f"{name}_run", WORLD_SIZE)
-    trainer_class = LeakyTrainer if name in CONTROL_SCENARIOS else RecordingTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=scenario_rows(name))
+def run(name: str, backend: str, out_dir: Path) -> None:
+    scenario = SCENARIOS[name]
+    trainer = build_trainer(name, backend, out_dir)
     log = CommunicationLog(trainer)
     trainer.add_callback(log)
-    count_python_all_reduce(log)
+    REDUCTION_LOG.clear()
+    _CURRENT["trainer"] = trainer
     trainer.train()
-    torch.save(
-        {
-            "world_size": dist.get_world_size(),
-            "distributed_type": str(trainer.accelerator.distributed_type),
-            "backend": dist.get_backend(),
-            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad},
-            "micro_batches": trainer.micro_batches,
-            "comm_calls": log.calls,
-            "python_all_reduces": log.python_all_reduces,
-            "global_step": trainer.state.global_step,
-            "reentrant_checkpointing": all(trainer.reentrant_seen) and bool(trainer.reentrant_seen),
-            "find_unused_parameters": trainer.model_wrapped.find_unused_parameters,
-        },
-        out_dir / f"{name}_rank{trainer.args.process_index}.pt",
-    )
+    _CURRENT["trainer"] = None
+    result = {
+        "world_size": dist.get_world_size(),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "backend": dist.get_backend(),
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "sharded": sharded_fraction(trainer),
+        "params": gathered_parameters(trainer),
+        "micro_batches": trainer.micro_batches,
+        "comm_calls": log.calls,
+        "reductions": list(REDUCTION_LOG),
+        "global_step": trainer.state.global_step,
+        "reentrant_checkpointing": bool(trainer.reentrant_seen) and all(trainer.reentrant_seen),
+        "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
+        "log_history": trainer.state.log_history,
+    }
+    if scenario.save:
+        saved = out_dir / f"{name}_{backend}_saved"
+        trainer.save_model(str(saved))
+        result["saved"] = str(saved)
+    if name == "resume_full":
+        resumed = build_trainer(name, backend, out_dir)
+        resumed.train(resume_from_checkpoint=str(out_dir / f"{name}_{backend}_run" / "checkpoint-2"))
+        result["resumed_params"] = gathered_parameters(resumed)
+        result["resumed_step"] = resumed.state.global_step
+    torch.save(result, out_dir / f"{name}_{backend}_rank{trainer.args.process_index}.pt")
+
+
+def sharded_fraction(trainer) -> float:
+    """Share of the parameters' elements that this rank holds locally (1.0: replicated, 0.5: halved)."""
+    local = total = 0
+    for p in trainer.model.parameters():
+        if hasattr(p, "ds_numel"):  # ZeRO-3: p is an empty placeholder, its partition is p.ds_tensor
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        elif hasattr(p, "to_local"):  # FSDP2 DTensor
+            local += p.to_local().numel()
+            total += p.numel()
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local / total
 
 
 def main() -> None:
     torch.set_num_threads(1)  # two ranks share the CI machine's cores
-    out_dir = Path(sys.argv[1])
-    names = sys.argv[2:] or list(ALL_SCENARIOS)
+    out_dir, backend = Path(sys.argv[1]), sys.argv[2]
+    if backend not in BACKENDS:
+        raise SystemExit(f"unknown backend {backend!r}; one of {BACKENDS}")
+    names = sys.argv[3:] or [n for n, s in SCENARIOS.items() if backend in s.backends]
     for name in names:
-        run(name, out_dir)
+        run(name, backend, out_dir)
     if dist.is_initialized():
         dist.barrier()
 

@@ -1,16 +1,16 @@
-"""Vaccine under the Trainer's distributed backends.
+"""Vaccine under every backend the Trainer offers through accelerate, run for real on the CPU.
 
-DDP is run for real: two processes on the CPU with gloo (tests/distributed_worker.py, launched once
-per module with torchrun). The parameters after N steps must equal those of one process that sees
-the same micro-batches, and pass 1 must cause no gradient communication. FSDP and DeepSpeed need
-CUDA through accelerate, so their start-up checks are tested on the configuration objects the
-Trainer reads.
+Each backend is launched once per module with 2 processes over gloo (tests/distributed_worker.py):
+DDP and FSDP2 with torchrun, DeepSpeed ZeRO-2/3 with `accelerate launch` and the shipped CPU configs
+(examples/accelerate/cpu/). FSDP2 is forced on the CPU, where accelerate 1.15 would silently use DDP
+(see `ForcedFSDP2` in the worker). After N steps every backend must give the update of one process
+that accumulates the same micro-batches, which tests/test_reference.py ties to the paper's formula;
+pass 1 must reduce no gradient, and pass 2 must reduce exactly as the plain Trainer does.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,122 +21,274 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType
 from accelerate.utils import FullyShardedDataParallelPlugin
-from conftest import relative_error, tiny_lora_model, token_rows, trainable_state, training_args
+from conftest import relative_error, tiny_lora_model, tiny_model, trainable_state
 
 from vaccine_trainer import VaccineArguments, VaccineTrainer
 from vaccine_trainer.distributed import check_distributed_support, describe_backend
 
 TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+CPU_CONFIGS = REPO / "examples" / "accelerate" / "cpu"
 sys.path.insert(0, str(TESTS))
 import distributed_worker as worker  # noqa: E402
 
-LAUNCH_TIMEOUT_S = 300
+LAUNCH_TIMEOUT_S = 400
+MULTI_NODE_PORTS = (29617, 29637, 29657)  # fixed, tried in turn if one is taken (never bind-then-release)
 pytestmark = pytest.mark.usefixtures("single_thread")  # in-process reference runs; see conftest
+EXPECTED_TYPE = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP,
+                 "zero1": DistributedType.DEEPSPEED, "zero2": DistributedType.DEEPSPEED,
+                 "zero3": DistributedType.DEEPSPEED}
+EQUIVALENCE = ["full_ga1", "full_ga2", "lora_ga1", "lora_ga2"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def launch_command(backend: str, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    """DeepSpeed through `accelerate launch` and the shipped CPU config; DDP and FSDP2 through torchrun.
+
+    `--main_process_port 0` and `--standalone` let the rendezvous pick a free port itself.
+    """
+    script = [str(TESTS / "distributed_worker.py"), str(out), backend, *extra]
+    if backend.startswith("zero"):
+        port = ["--main_process_port", "0"] if not launcher else []
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(CPU_CONFIGS.relative_to(REPO) / f"deepspeed_{backend}.yaml"), *port, *launcher, *script]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
+
+
+def worker_environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def load_results(out: Path, backend: str, names) -> dict[str, list[dict]]:
+    return {name: [torch.load(out / f"{name}_{backend}_rank{rank}.pt", weights_only=False) for rank in range(2)]
+            for name in names}
+
+
+class Launches:
+    """Each backend's 2-process run, launched on first use and shared by every test of the module."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.results: dict[str, dict[str, list[dict]]] = {}
+
+    def __call__(self, backend: str) -> dict[str, list[dict]]:
+        if backend not in self.results:
+            out = self.root / backend
+            out.mkdir()
+            done = subprocess.run(launch_command(backend, out), cwd=REPO, env=worker_environment(),
+                                  capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+            if done.returncode != 0:
+                pytest.fail(f"{backend}: 2-process run failed (exit {done.returncode}):\n"
+                            f"{done.stdout[-3000:]}\n{done.stderr[-8000:]}")
+            names = [n for n, s in worker.SCENARIOS.items() if backend in s.backends]
+            self.results[backend] = load_results(out, backend, names)
+        return self.results[backend]
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """Launch the 2-process DDP runs once; every test below reads their saved results."""
+def launches(tmp_path_factory) -> Launches:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ddp")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(TESTS / "distributed_worker.py"), str(out), *worker.ALL_SCENARIOS,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=TESTS, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    if done.returncode != 0:
-        pytest.fail(f"2-process run failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
-    return {
-        name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=False) for rank in range(2)]
-        for name in worker.ALL_SCENARIOS
-    }
+    return Launches(tmp_path_factory.mktemp("launches"))
+
+
+_REFERENCES: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
 
 
 def single_process_params(name: str, runs: list[dict], tmp_path, rho: float = worker.RHO) -> dict[str, torch.Tensor]:
-    """One process, accumulating over both ranks' micro-batches of each step (no checkpointing)."""
-    _, accumulation, steps, _ = worker.SCENARIOS[name]
+    """One process, accumulating over both ranks' micro-batches of each step (cached per scenario and rho)."""
+    scenario = worker.SCENARIOS[name]
     rows = []
-    for step in range(steps):
-        for micro in range(accumulation):
+    for step in range(scenario.steps):
+        for micro in range(scenario.accumulation):
             for run in runs:
-                batch = run["micro_batches"][step * accumulation + micro]
+                batch = run["micro_batches"][step * scenario.accumulation + micro]
                 for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
                     rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    settings = training_args(
-        tmp_path, per_device_train_batch_size=worker.PER_DEVICE_BATCH, max_steps=steps,
-        gradient_accumulation_steps=accumulation * worker.WORLD_SIZE,
-    )
-    trainer = VaccineTrainer(
-        model=worker.scenario_model(name), args=worker.VaccineTrainingArguments(**settings, rho=rho),
-        train_dataset=rows,
-    )
-    trainer.train()
-    assert trainer.state.global_step == steps
-    return trainable_state(trainer.model)
+    key = (name, rho, str(rows))
+    if key not in _REFERENCES:
+        trainer = VaccineTrainer(model=worker.scenario_model(name),
+                                 args=worker.scenario_arguments(name, tmp_path, 1, rho=rho), train_dataset=rows,
+                                 rho=rho)
+        trainer.train()
+        assert trainer.state.global_step == scenario.steps
+        _REFERENCES[key] = trainable_state(trainer.model)
+    return _REFERENCES[key]
 
 
 def flat(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([params[n].flatten() for n in sorted(params)])
 
 
-@pytest.mark.parametrize("name", list(worker.SCENARIOS))
-def test_ddp_matches_single_process(ddp_runs, tmp_path, name):
-    runs = ddp_runs[name]
-    assert runs[0]["distributed_type"] == str(DistributedType.MULTI_CPU) and runs[0]["backend"] == "gloo"
+BACKENDS = list(worker.BACKENDS)
+
+
+@pytest.mark.parametrize("name", EQUIVALENCE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_single_process(launches, tmp_path, backend, name):
+    runs = launches(backend)[name]
+    assert runs[0]["distributed_type"] == str(EXPECTED_TYPE[backend]) and runs[0]["backend"] == "gloo"
     assert runs[0]["world_size"] == 2
+    # Real sharding where the backend shards parameters (ZeRO-3 and FSDP2 hold half of each on a rank).
+    assert runs[0]["sharded"] == pytest.approx(0.5 if backend in ("zero3", "fsdp2") else 1.0, abs=0.02)
     # The ranks trained on different data and ended with the same parameters.
     assert not torch.equal(runs[0]["micro_batches"][0]["input_ids"], runs[1]["micro_batches"][0]["input_ids"])
     for n, value in runs[0]["params"].items():
         assert torch.equal(value, runs[1]["params"][n]), n
 
     before = flat(trainable_state(worker.scenario_model(name)))
-    ddp = flat(runs[0]["params"])
+    distributed = flat(runs[0]["params"])
     single = flat(single_process_params(name, runs, tmp_path))
-    assert relative_error(ddp, single) < 1e-5
+    assert relative_error(distributed, single) < 1e-5
     # Stricter: the updates themselves agree, not only the (much larger) parameters.
-    assert relative_error(ddp - before, single - before) < 1e-4
+    assert relative_error(distributed - before, single - before) < 1e-4
     # ...and the comparison can fail: without the perturbation the update is far off.
     plain = flat(single_process_params(name, runs, tmp_path / "plain", rho=0.0))
-    assert relative_error(ddp - before, plain - before) > 1e-3
+    assert relative_error(distributed - before, plain - before) > 1e-3
 
 
-@pytest.mark.parametrize("name", list(worker.SCENARIOS))
-def test_one_gradient_synchronisation_per_step(ddp_runs, name):
-    """Pass 1 all-reduces nothing; each optimizer step synchronises gradients exactly once."""
-    _, _, steps, _ = worker.SCENARIOS[name]
-    for run in ddp_runs[name]:
-        calls = run["comm_calls"]
-        assert [c for c in calls if c[1] == "pass1"] == []
-        assert [p for p in run["python_all_reduces"] if p[1] == "pass1"] == []
-        first_bucket = [step for step, phase, bucket in calls if bucket == 0]
-        assert first_bucket == list(range(steps))  # one synchronisation, in each step
-        assert {phase for _, phase, _ in calls} == {"step"}
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rho_zero_is_the_plain_trainer_under_the_backend(launches, tmp_path, backend):
+    runs = launches(backend)
+    plain, rho0 = runs["plain_full_ga2"][0]["params"], runs["rho0_full_ga2"][0]["params"]
+    for n, value in plain.items():
+        assert torch.equal(value, rho0[n]), n
+    # The plain Trainer under the backend is the plain single-process update: the harness itself is sound.
+    single = flat(single_process_params("plain_full_ga2", runs["plain_full_ga2"], tmp_path, rho=0.0))
+    assert relative_error(flat(plain), single) < 1e-5
 
 
-def test_reentrant_checkpointing_adjusts_ddp(ddp_runs):
-    """The fallback path ran under DDP, with find_unused_parameters switched off at start-up."""
-    for run in ddp_runs["lora_ga2_reentrant"]:
-        assert run["reentrant_checkpointing"] is True
-        assert run["find_unused_parameters"] is False
-    for run in ddp_runs["lora_ga2"]:  # the Trainer's choice for PEFT models, left alone without checkpointing
-        assert run["reentrant_checkpointing"] is False
-        assert run["find_unused_parameters"] is True
+def gradient_reductions(run: dict, phase: str) -> list[tuple[int, str, int]]:
+    return [(step, function, size) for step, seen, function, size in run["reductions"] if seen == phase]
 
 
-def test_leaky_pass_one_is_counted(ddp_runs):
-    """The counter sees a pass 1 that communicates (the official code's full backward)."""
-    for run in ddp_runs["leaky_pass_one"]:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pass_one_reduces_nothing_and_pass_two_reduces_as_the_plain_trainer(launches, backend):
+    runs = launches(backend)
+    for name, ranks in runs.items():
+        if worker.SCENARIOS[name].trainer == "leaky":
+            continue
+        for run in ranks:
+            assert gradient_reductions(run, "pass1") == [], name
+            assert [c for c in run["comm_calls"] if c[1] == "pass1"] == [], name
+    for rank in range(2):
+        vaccine, plain = runs["full_ga2"][rank], runs["plain_full_ga2"][rank]
+        assert gradient_reductions(vaccine, "step") == gradient_reductions(plain, "step")
+        steps = {step for step, _, _ in gradient_reductions(vaccine, "step")}
+        assert steps == set(range(worker.SCENARIOS["full_ga2"].steps))  # every optimizer step reduces
+
+
+def test_ddp_synchronises_once_per_optimizer_step(launches):
+    """Under DDP (gradient accumulation 2) one bucket all-reduce per optimizer step, none in pass 1."""
+    for name in ("full_ga2", "lora_ga2", "lora_ga2_reentrant"):
+        steps = worker.SCENARIOS[name].steps
+        for run in launches("ddp")[name]:
+            first_bucket = [step for step, phase, bucket in run["comm_calls"] if bucket == 0]
+            assert first_bucket == list(range(steps)), name
+            assert {phase for _, phase, _ in run["comm_calls"]} == {"step"}, name
+
+
+def test_leaky_pass_one_is_counted(launches):
+    """The counters see a pass 1 that communicates (the official code's full backward)."""
+    for run in launches("ddp")["leaky_pass_one"]:
         pass_one = [c for c in run["comm_calls"] if c[1] == "pass1" and c[2] == 0]
         assert len(pass_one) == len(run["micro_batches"])
+        assert gradient_reductions(run, "pass1")  # the Python-level counter sees it too
+
+
+def test_reentrant_checkpointing_adjusts_ddp(launches):
+    """The fallback path ran under DDP, with find_unused_parameters switched off at start-up."""
+    runs = launches("ddp")
+    before = flat(trainable_state(worker.scenario_model("lora_ga2_reentrant")))
+    for run in runs["lora_ga2_reentrant"]:
+        assert run["reentrant_checkpointing"] is True
+        assert run["find_unused_parameters"] is False
+    for run in runs["lora_ga2"]:  # the Trainer's choice for PEFT models, left alone without checkpointing
+        assert run["reentrant_checkpointing"] is False
+        assert run["find_unused_parameters"] is True
+    # Same micro-batches and update as without checkpointing.
+    reentrant, plain = flat(runs["lora_ga2_reentrant"][0]["params"]), flat(runs["lora_ga2"][0]["params"])
+    assert relative_error(reentrant - before, plain - before) < 1e-4
+
+
+def test_sft_trainer_with_peft_config_under_zero3_matches_ddp(launches):
+    ddp, zero3 = launches("ddp")["sft_lora"], launches("zero3")["sft_lora"]
+    assert zero3[0]["sharded"] == pytest.approx(0.5, abs=0.02)
+    assert [b["input_ids"].tolist() for b in ddp[0]["micro_batches"]] == \
+        [b["input_ids"].tolist() for b in zero3[0]["micro_batches"]]
+    assert sorted(ddp[0]["params"]) == sorted(zero3[0]["params"]) and all("lora_" in n for n in ddp[0]["params"])
+    assert relative_error(flat(zero3[0]["params"]), flat(ddp[0]["params"])) < 1e-5
+    model, _ = worker.sft_base_model()
+    import peft
+
+    before = flat(trainable_state(peft.get_peft_model(model, worker.sft_lora_config())))
+    assert relative_error(flat(zero3[0]["params"]) - before, flat(ddp[0]["params"]) - before) < 1e-4
+    assert [h["vaccine/clean_loss"] for h in zero3[0]["log_history"] if "loss" in h] == pytest.approx(
+        [h["vaccine/clean_loss"] for h in ddp[0]["log_history"] if "loss" in h], rel=1e-5)
+
+
+def saved_logits(name: str, saved: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a model loaded back with plain `from_pretrained` / `PeftModel.from_pretrained`."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    kind = worker.SCENARIOS[name].kind
+    if kind == "full":
+        model = AutoModelForCausalLM.from_pretrained(saved)
+    else:
+        base = worker.sft_base_model()[0] if kind == "sft" else tiny_model("llama", seed=0)
+        model = peft.PeftModel.from_pretrained(base, saved)
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("backend, name", [("zero3", "full_ga1"), ("zero3", "lora_ga1"), ("zero3", "sft_lora"),
+                                           ("fsdp2", "full_ga1"), ("fsdp2", "lora_ga1"), ("zero2", "full_ga1")])
+def test_saved_model_loads_with_from_pretrained(launches, backend, name):
+    ids = launches("ddp")[name][0]["micro_batches"][0]["input_ids"]
+    reference = saved_logits(name, launches("ddp")[name][0]["saved"], ids)
+    loaded = saved_logits(name, launches(backend)[name][0]["saved"], ids)
+    assert relative_error(loaded, reference) < 1e-5
+    untrained = worker.scenario_model(name)
+    untrained = untrained[0] if isinstance(untrained, tuple) else untrained
+    with torch.no_grad():
+        assert relative_error(untrained.eval()(input_ids=ids).logits, reference) > 1e-4  # training changed them
+
+
+def test_resume_from_zero3_checkpoint_equals_the_uninterrupted_run(launches):
+    for run in launches("zero3")["resume_full"]:
+        assert run["resumed_step"] == run["global_step"] == worker.SCENARIOS["resume_full"].steps
+        assert relative_error(flat(run["resumed_params"]), flat(run["params"])) < 1e-6
+    before = flat(trainable_state(worker.scenario_model("resume_full")))
+    assert relative_error(flat(run["params"]), before) > 1e-4
+
+
+def test_two_node_launch_matches_one_launcher(launches, tmp_path):
+    """`accelerate launch --num_machines 2` (one process per "node", rendezvous on localhost) trains to the
+    parameters of one launcher with two processes; the README's multi-node line, on one machine."""
+    one_launcher = launches("zero2")["full_ga1"]
+    for attempt, port in enumerate(MULTI_NODE_PORTS):
+        out = tmp_path / f"attempt{attempt}"
+        out.mkdir()
+        launchers = [
+            subprocess.Popen(
+                launch_command("zero2", out, "full_ga1", launcher=(
+                    "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))),
+                cwd=REPO, env=worker_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in range(2)
+        ]
+        outputs = [launcher.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for launcher in launchers]
+        if all(launcher.returncode == 0 for launcher in launchers):
+            break
+        if not any("utilizing it" in text or "address already in use" in text.lower() for text in outputs):
+            pytest.fail("two-node launch failed:\n" + "\n".join(text[-4000:] for text in outputs))
+    else:
+        pytest.fail(f"ports {MULTI_NODE_PORTS} were all taken")
+    two_nodes = load_results(out, "zero2", ["full_ga1"])["full_ga1"]
+    for rank in range(2):
+        for n, value in one_launcher[0]["params"].items():
+            assert torch.equal(two_nodes[rank]["params"][n], value), n
 
 
 # --- Start-up checks, on the objects the Trainer reads (FSDP and DeepSpeed need CUDA in accelerate) ---
@@ -177,7 +329,6 @@ def fake_trainer(*, deepspeed_stage=None, fsdp_version=None, world_size=1, reent
     [({"deepspeed_stage": 2, "world_size": 8}, "DeepSpeed ZeRO-2"),
      ({"deepspeed_stage": 3, "world_size": 8}, "DeepSpeed ZeRO-3"),
      ({"fsdp_version": 2, "world_size": 8}, "FSDP2"),
-     ({"fsdp_version": 1, "world_size": 8}, "FSDP1"),
      ({"world_size": 8}, "DDP (8 processes, nccl)"),
      ({}, "single process")],
 )
@@ -188,7 +339,7 @@ def test_backend_is_recognised(backend, expected):
 
 
 @pytest.mark.parametrize("backend", [{"deepspeed_stage": 1}, {"deepspeed_stage": 2}, {"deepspeed_stage": 3},
-                                     {"fsdp_version": 1}, {"fsdp_version": 2}])
+                                     {"fsdp_version": 2}])
 def test_reentrant_fallback_refused_where_gradients_leave_p_grad(backend):
     with pytest.raises(ValueError, match="reentrant activation checkpointing under (DeepSpeed|FSDP)"):
         check_distributed_support(fake_trainer(world_size=8, reentrant=True, **backend))
@@ -196,6 +347,14 @@ def test_reentrant_fallback_refused_where_gradients_leave_p_grad(backend):
     check_distributed_support(fake_trainer(world_size=8, reentrant=False, **backend))
     check_distributed_support(fake_trainer(world_size=8, reentrant=True, perturbation="gaussian", **backend))
     check_distributed_support(fake_trainer(world_size=8, reentrant=True, rho=0.0, **backend))
+
+
+def test_fsdp1_is_refused_with_the_fsdp2_fix():
+    trainer = fake_trainer(fsdp_version=1, world_size=8)
+    assert describe_backend(trainer) == "FSDP1"
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        check_distributed_support(trainer)
+    check_distributed_support(fake_trainer(fsdp_version=1, world_size=8, rho=0.0))  # the plain step is the Trainer's
 
 
 def test_trl_forced_reentrant_under_zero3_gets_a_hint():
@@ -208,7 +367,8 @@ def test_reentrant_under_ddp_switches_find_unused_off_or_refuses_an_explicit_tru
     check_distributed_support(trainer)
     assert trainer.accelerator.ddp_handler.find_unused_parameters is False
     with pytest.raises(ValueError, match="ddp_find_unused_parameters=False"):
-        check_distributed_support(fake_trainer(world_size=8, reentrant=True, find_unused=True, explicit_find_unused=True))
+        check_distributed_support(
+            fake_trainer(world_size=8, reentrant=True, find_unused=True, explicit_find_unused=True))
     untouched = fake_trainer(world_size=8, reentrant=False, find_unused=True)
     check_distributed_support(untouched)
     assert untouched.accelerator.ddp_handler.find_unused_parameters is True
@@ -274,49 +434,22 @@ def test_example_configs_select_the_backend(monkeypatch, config, expected):
             check_distributed_support(trainer)
 
 
-# --- FSDP2's no_sync inside the step (run on one process with accelerate's FSDP2 branch of no_sync) ---
 
 
-def sync_flags_during_backward(tmp_path, rho: float) -> list[tuple[bool, bool]]:
-    """(sync wanted by the Trainer, FSDP2 gradient sync flag) at every backward of a GA=2 run.
+def test_pass_one_uses_deepspeeds_fp16_loss_scale(tmp_path):
+    """fp16 hidden-state gradients underflow like weight gradients: pass 1 scales by DeepSpeed's own scale.
 
-    `Accelerator.no_sync` under FSDP2 calls `model.set_requires_gradient_sync(False)` and then
-    `(True)`: it does not restore the previous value, so a nested no_sync re-enables sync early.
-    """
-    model = tiny_lora_model("llama")
-    flag = {"sync": True}
-    model.set_requires_gradient_sync = lambda value: flag.__setitem__("sync", value)
-    trainer = VaccineTrainer(
-        model=model, args=worker.VaccineTrainingArguments(
-            **training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2), rho=rho),
-        train_dataset=token_rows(4),
-    )
-    accelerator = trainer.accelerator
-    seen = []
-    original_backward = accelerator.backward
+    DeepSpeed's fp16 runs only on GPUs, so this checks the read on the engine's attributes."""
+    from conftest import token_rows, training_args
 
-    def recording_backward(loss, **kwargs):
-        seen.append((accelerator.sync_gradients, flag["sync"]))
-        return original_backward(loss, **kwargs)
-
-    accelerator.backward = recording_backward
-    # Take accelerate's FSDP2 branch of no_sync after prepare(), which this CPU run does without FSDP.
-    fsdp2 = type("FSDP2Accelerator", (type(accelerator),), {"is_fsdp2": property(lambda self: True)})
-    from transformers import TrainerCallback
-
-    class SwitchToFSDP2(TrainerCallback):
-        def on_train_begin(self, *args, **kwargs):
-            accelerator.__class__ = fsdp2
-
-    trainer.add_callback(SwitchToFSDP2())
-    trainer.train()
-    return seen
-
-
-def test_fsdp2_sync_flag_plain_trainer(tmp_path):
-    """Control: without Vaccine, the flag follows the Trainer's accumulation window."""
-    assert sync_flags_during_backward(tmp_path, rho=0.0) == [(False, False), (True, True)]
-
-
-def test_fsdp2_sync_flag_vaccine(tmp_path):
-    assert sync_flags_during_backward(tmp_path, rho=2.0) == [(False, False), (True, True)]
+    trainer = VaccineTrainer(model=tiny_lora_model("llama"), args=worker.VaccineTrainingArguments(
+        **training_args(tmp_path), rho=2.0), train_dataset=token_rows(4))
+    assert trainer._vaccine_loss_scale() == 1.0
+    trainer.is_deepspeed_enabled = True
+    zero_optimizer = SimpleNamespace(loss_scaler=SimpleNamespace(cur_scale=1024.0))
+    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=zero_optimizer)
+    assert trainer._vaccine_loss_scale() == 1024.0
+    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(cur_scale=64.0))
+    assert trainer._vaccine_loss_scale() == 64.0
+    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: False, optimizer=zero_optimizer)  # bf16/fp32
+    assert trainer._vaccine_loss_scale() == 1.0

@@ -17,9 +17,12 @@ rather than discovered mid-run:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from accelerate.utils import DistributedType
+from torch import nn
 from transformers.utils import logging
 
 from .perturbation import uses_reentrant_checkpointing
@@ -82,6 +85,13 @@ def check_distributed_support(trainer: Any) -> None:
     two_pass = settings.rho > 0 and settings.vaccine_perturbation == "gradient"
     backend = describe_backend(trainer)
     logger.info(f"Vaccine runs under {backend}.")
+    if two_pass and backend == "FSDP1":
+        raise ValueError(
+            "Vaccine supports FSDP2 (`fully_shard`), not FSDP1: accelerate runs FSDP1 only on GPUs, so Vaccine's "
+            "pass 1 has never been verified under it, and FSDP1 is deprecated. Set `fsdp_version: 2` in the "
+            "accelerate config (examples/accelerate/fsdp2.yaml) or `fsdp_config={'version': 2}` in the training "
+            "arguments."
+        )
     if not two_pass or not reentrant_checkpointing_requested(trainer):
         return
 
@@ -120,6 +130,41 @@ def check_distributed_support(trainer: Any) -> None:
     )
 
 
+def pass_one_without_sync(trainer: Any, model: nn.Module) -> contextlib.AbstractContextManager:
+    """The context pass 1 runs in so that the backend synchronises no gradient, whatever pass 1 crosses.
+
+    * DDP: `no_sync`, which the reentrant-checkpointing fallback (a full `backward()`) needs.
+    * FSDP2: every group's post-backward hook that the partial backward crosses would reduce-scatter the
+      gradients accumulated by earlier micro-batches of the window, i.e. sync early. Sync is paused and
+      each group's flag restored after (accelerate's `no_sync` sets it to True on exit instead).
+    * DeepSpeed: nothing; pass 1 runs through the engine's module, whose backward reduces nothing.
+    """
+    if trainer.accelerator.is_fsdp2:
+        return fsdp2_gradient_sync_paused(model)
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return contextlib.nullcontext()
+    return trainer.accelerator.no_sync(model)
+
+
+@contextlib.contextmanager
+def fsdp2_gradient_sync_paused(model: nn.Module) -> Iterator[None]:
+    """Turn off FSDP2's gradient reduction in every `fully_shard` group of `model`, then restore each flag."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            groups.extend(module._get_fsdp_state()._fsdp_param_groups)
+    saved = [(group.reduce_grads, group.all_reduce_grads) for group in groups]
+    for group in groups:
+        group.reduce_grads = group.all_reduce_grads = False
+    try:
+        yield
+    finally:
+        for group, (reduce_grads, all_reduce_grads) in zip(groups, saved):
+            group.reduce_grads, group.all_reduce_grads = reduce_grads, all_reduce_grads
+
+
 def _activation_checkpointing(args: Any) -> bool:
     value = getattr(args, "activation_checkpointing", None)
     if value is None:
@@ -134,4 +179,7 @@ def _activation_checkpointing_kwargs(args: Any) -> dict | None:
     return value
 
 
-__all__ = ["check_distributed_support", "describe_backend", "reentrant_checkpointing_requested"]
+__all__ = [
+    "check_distributed_support", "describe_backend", "fsdp2_gradient_sync_paused", "pass_one_without_sync",
+    "reentrant_checkpointing_requested",
+]

@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .config import VaccineArguments
-from .distributed import check_distributed_support
+from .distributed import check_distributed_support, pass_one_without_sync
 from .layers import find_vaccine_modules
 from .perturbation import (
     HiddenStateHooks,
@@ -164,16 +164,14 @@ class VaccineMixin:
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
     ) -> PerturbationResult:
         """Forward and input-gradient backward on the clean batch; returns eps."""
+        model = self._vaccine_pass_one_model(model)
         model.train()
         inputs = self._prepare_inputs(dict(inputs))  # a copy: compute_loss may pop keys
         hooks = self._vaccine_hooks
         reentrant = uses_reentrant_checkpointing(model)
         trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
         loss_scale = self._vaccine_loss_scale()
-        # No gradient sync in pass 1. Under FSDP2, accelerate's no_sync re-enables sync on exit instead of
-        # restoring it, which would sync every micro-batch of an accumulation window; autograd.grad makes
-        # no parameter gradient there (and reentrant checkpointing is refused under FSDP), so skip it.
-        no_sync = contextlib.nullcontext() if self.accelerator.is_fsdp2 else self.accelerator.no_sync(model)
+        no_sync = pass_one_without_sync(self, model)
         with self._vaccine_pass_one_context(), no_sync, hooks.capturing(gradient_hooks=reentrant):
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
@@ -188,6 +186,19 @@ class VaccineMixin:
             self._vaccine_log_sums["perturbed"] += 1
         return result
 
+    def _vaccine_pass_one_model(self, model: nn.Module) -> nn.Module:
+        """The module pass 1 runs through: never one whose backward reduces gradients.
+
+        `DeepSpeedEngine.forward` registers backward hooks on its output that run the engine's gradient
+        reduction after any backward from that loss, `autograd.grad` included (ZeRO-2 then crashes, ZeRO-3
+        reduces stale buffers into the update). Its `.module` is the model itself: ZeRO-3's module hooks
+        still gather the partitioned parameters in forward and in the partial backward, and no gradient
+        hook fires because `autograd.grad` accumulates nothing into `.grad`.
+        """
+        if getattr(self, "is_deepspeed_enabled", False) and isinstance(getattr(model, "module", None), nn.Module):
+            return model.module
+        return model
+
     def _vaccine_pass_one_context(self):
         """Hook for subclasses to protect state that `compute_loss` changes (e.g. TRL's metrics)."""
         return contextlib.nullcontext()
@@ -197,6 +208,14 @@ class VaccineMixin:
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             return float(scaler.get_scale())
+        engine = self.model_wrapped if getattr(self, "is_deepspeed_enabled", False) else None
+        if engine is not None and callable(getattr(engine, "fp16_enabled", None)) and engine.fp16_enabled():
+            # DeepSpeed scales fp16 losses itself: its ZeRO optimizers keep the scale in `loss_scaler`.
+            optimizer = getattr(engine, "optimizer", None)
+            scale = getattr(getattr(optimizer, "loss_scaler", None), "cur_scale", None)
+            scale = scale if scale is not None else getattr(optimizer, "cur_scale", None)
+            if scale:
+                return float(scale)
         return 1.0
 
     def _record_clean_loss(self, loss: torch.Tensor, num_items_in_batch) -> None:
