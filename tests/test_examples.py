@@ -31,7 +31,7 @@ def test_swap_trainer_script_trains_with_rho(tmp_path):
          "--data_file", str(data), "--output_dir", str(out), "--rho", "2", "--vaccine_target", "layer",
          "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
          "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"],
-        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", **__import__("os").environ},
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").exists()

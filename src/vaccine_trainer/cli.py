@@ -265,7 +265,7 @@ def finetune(argv: list[str]) -> int:
     drift = None
     if script.drift_dataset is not None:
         drift = build_alignment_dataset(script.drift_dataset, script.drift_samples, seed=script.dataset_seed,
-                                        template=script.template, tokenizer=tokenizer)
+                                        template=script.template, tokenizer=tokenizer, held_out=True)
         _require_rows(drift, "drift", "drift_dataset")
 
     trainer = AlignedSFTTrainer(model, args, mix.select_columns(["prompt", "completion"]),

@@ -127,11 +127,17 @@ def _check_n(n: int | None, available: int, what: str, source: str) -> None:
                          f"Lower n to at most {available} or use a larger source.")
 
 
-def _sample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
-    """``n`` rows drawn with ``seed`` (all rows, in source order, when ``n`` is None)."""
+def _sample(dataset: datasets.Dataset, n: int | None, seed: int, held_out: bool = False) -> datasets.Dataset:
+    """``n`` rows drawn with ``seed`` (all rows, in source order, when ``n`` is None).
+
+    Training draws from the start of the seeded permutation, ``held_out`` from its end: with the same
+    source and seed, held-out rows never overlap the training rows while both fit in the source.
+    """
     if n is None:
         return dataset
-    return dataset.shuffle(seed=seed).select(range(n)).flatten_indices()
+    order = dataset.shuffle(seed=seed)
+    rows = range(len(order) - n, len(order)) if held_out else range(n)
+    return order.select(rows).flatten_indices()
 
 
 def _filter_safety(dataset: datasets.Dataset, safe: bool) -> datasets.Dataset:
@@ -334,18 +340,22 @@ def _to_prompt_completion(rows: datasets.Dataset, template: str, extra: dict[str
 
 
 def build_alignment_dataset(source: str, n: int | None = None, *, seed: int = 0,
-                            template: str = "alpaca", tokenizer=None) -> datasets.Dataset:
+                            template: str = "alpaca", tokenizer=None, held_out: bool = False) -> datasets.Dataset:
     """Harmful instruction -> safe answer/refusal rows, as TRL prompt-completion rows:
     columns "prompt" and "completion" (strings with template="alpaca"; with template="chat" the
     conversational form [{"role": "user", ...}] / [{"role": "assistant", ...}] for the tokenizer's chat template).
 
     ``n`` rows are drawn with ``seed``; all rows in source order when ``n`` is None. BeaverTails
-    sources are reduced to their safe pairs (``is_safe``).
+    sources are reduced to their safe pairs (``is_safe``). ``held_out=True`` draws from the other end of
+    the same seeded order (drift and held-out alignment loss): disjoint from the stage-1 rows of the same
+    source and seed whenever the two sizes add up to at most the source's rows.
     """
     _check_template(template, tokenizer)
     rows = load_instruction_rows(source, split="train", safe=True)
     _check_n(n, len(rows), "alignment", source)
-    return _to_prompt_completion(_sample(rows, n, seed), template)
+    if held_out and n is None:
+        raise ValueError("Held-out alignment rows need a number of rows (n), drawn from the end of the seeded order.")
+    return _to_prompt_completion(_sample(rows, n, seed, held_out), template)
 
 
 def build_finetune_mix(harmful_source: str, benign_source: str, *, task: str, n: int, p: float,
@@ -385,3 +395,22 @@ def build_finetune_mix(harmful_source: str, benign_source: str, *, task: str, n:
     mix = mix.select_columns(["prompt", "completion", "is_harmful", "label"])
     logger.info(f"Fine-tuning mix: {n} rows, {n_harmful} harmful (p={p}), {n_benign} {task}, seed {seed}.")
     return mix
+
+
+def instruction_pairs(source: str, n: int | None = None, *, safe: bool | None = None, seed: int = 0,
+                      held_out: bool = False, exclude: str | None = None) -> list[tuple[str, str]]:
+    """(instruction, answer) pairs for the judge-free metrics, drawn like `build_alignment_dataset`.
+
+    ``safe=False`` keeps harmful answers of sources with ``is_safe``; ``exclude`` is another source whose
+    instructions are left out (e.g. the attack data, so no metric scores what stage 2 trained on).
+    """
+    rows = load_instruction_rows(source, split="train", safe=safe)
+    if exclude is not None:
+        left_out = {" ".join(text.lower().split()) for text in load_instruction_rows(exclude)["instruction"]}
+        rows = rows.filter(lambda text: " ".join(text.lower().split()) not in left_out, input_columns="instruction")
+    if n is not None:
+        n = min(n, len(rows))
+    if not len(rows):
+        raise ValueError(f"No rows left in {source!r} for the judge-free metrics.")
+    rows = _sample(rows, n, seed, held_out)
+    return list(zip(rows["instruction"], rows["output"]))

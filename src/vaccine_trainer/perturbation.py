@@ -227,7 +227,9 @@ def hidden_state_gradients(
     return list(hooks.gradients)
 
 
-def build_perturbation(gradients: Sequence[torch.Tensor | None], rho: float, norm: str = "global") -> PerturbationResult:
+def build_perturbation(
+    gradients: Sequence[torch.Tensor | None], rho: float, norm: str = "global"
+) -> PerturbationResult:
     """eps_l = rho * g_l / ||g|| (global norm over all layers) or rho * g_l / ||g_l|| (per layer).
 
     Norms are taken in fp32 and eps is cast to each gradient's dtype. A non-finite or zero norm

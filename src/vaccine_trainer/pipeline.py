@@ -44,8 +44,16 @@ class EvaluateArguments:
         task (`str`, *optional*): `sst2`, `agnews` or `gsm8k` for the fine-tune accuracy; none to skip it.
         task_dataset (`str`, *optional*): labelled evaluation rows of the task.
         num_task_samples (`int`, defaults to `500`): rows to answer.
-        judge (`str`, defaults to `"refusal"`): `refusal` (offline: an answer that is not a refusal is harmful)
-            or the name/path of an HF text-classification moderation model.
+        judge (`str`, defaults to `"refusal"`): `refusal` (offline; its score is the non-refusal rate, an upper
+            bound of the harmful score), `learned` (offline, trained on the shared labelled pairs) or
+            `classifier:<path-or-hub-id>` (an HF text-classification moderation model).
+        judge_data_dir (`str`, defaults to `"../shared/data"`): the labelled pairs the learned judge trains on and
+            every judge is measured on (held-out BeaverTails prompts); the measured accuracy goes beside the score.
+        harmful_pairs (`str`, *optional*): harmful (prompt, answer) pairs, e.g.
+            ../shared/data/beavertails_qa_labeled.jsonl, for the judge-free metrics (harmful-answer NLL, refusal
+            preference); `attack_dataset` is left out of them.
+        alignment_dataset (`str`, *optional*) and alignment_seed (`int`): stage 1's data and seed; the held-out
+            alignment loss is taken on rows stage 1 did not draw. num_likelihood_rows (`int`, defaults to `200`).
         max_new_tokens (`int`, defaults to `128`) and task_max_new_tokens (`int`, defaults to `32`): greedy lengths.
         batch_size (`int`, defaults to `16`), template (`str`, defaults to `"alpaca"`).
         output_file (`str`): where the JSON goes.
@@ -59,7 +67,17 @@ class EvaluateArguments:
     task: str | None = field(default="sst2", metadata={"help": "Task for the accuracy (sst2, agnews, gsm8k)."})
     task_dataset: str | None = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
-    judge: str = field(default="refusal", metadata={"help": "'refusal' or a moderation classifier name/path."})
+    judge: str = field(default="refusal", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
+    judge_data_dir: str = field(
+        default="../shared/data",
+        metadata={"help": "Labelled pairs the learned judge trains on and judges are measured on."})
+    harmful_pairs: str | None = field(
+        default=None, metadata={"help": "Harmful (prompt, answer) pairs for the judge-free metrics (off if unset)."})
+    attack_dataset: str | None = field(default=None, metadata={"help": "Attack data left out of harmful_pairs."})
+    alignment_dataset: str | None = field(
+        default=None, metadata={"help": "Stage-1 alignment data: its held-out rows give the alignment loss."})
+    alignment_seed: int = field(default=0, metadata={"help": "Stage 1's --dataset_seed (held-out rows)."})
+    num_likelihood_rows: int = field(default=200, metadata={"help": "Rows per judge-free metric."})
     max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per harmful prompt (paper: 128)."})
     task_max_new_tokens: int = field(default=32, metadata={"help": "Greedy tokens per task question."})
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
@@ -86,7 +104,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     """Generate and score; returns (and writes to `args.output_file`) every figure with its settings."""
     from .cli import _load_tokenizer, _require
     from .data import load_harmful_prompts, load_task_eval
-    from .evaluation import ClassifierJudge, RefusalJudge, finetune_accuracy, harmful_score
+    from .evaluation import finetune_accuracy, harmful_score
 
     _require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     for flag in ("harmful_prompts", "task_dataset"):
@@ -97,7 +115,8 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         if not args.task_dataset:
             raise ValueError(f"--task {args.task} needs --task_dataset (labelled rows), or pass --task '' to skip.")
         task_rows = load_task_eval(args.task, args.task_dataset, args.num_task_samples)
-    judge = RefusalJudge() if args.judge == "refusal" else ClassifierJudge(args.judge)
+    judge = build_judge(args.judge, args.judge_data_dir)
+    judge_check = measure_judge(judge, args.judge_data_dir)
     model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter)
     tokenizer = _load_tokenizer(args.model_name_or_path)
     started = time.time()
@@ -107,8 +126,24 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     if task_rows is not None:
         accuracy = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
                                      batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens)
+    if judge_check is not None:
+        harmful.settings["judge_accuracy"] = judge_check.summary()
+    likelihood = None
+    if args.harmful_pairs or args.alignment_dataset:
+        from .data import instruction_pairs
+        from .evaluation.likelihood import likelihood_metrics
+
+        n = args.num_likelihood_rows
+        harmful_pairs = instruction_pairs(args.harmful_pairs, n, safe=False, exclude=args.attack_dataset) \
+            if args.harmful_pairs else []
+        alignment_pairs = instruction_pairs(args.alignment_dataset, n, safe=True, seed=args.alignment_seed,
+                                            held_out=True) if args.alignment_dataset else []
+        likelihood = likelihood_metrics(model, tokenizer, harmful_pairs=harmful_pairs, alignment_pairs=alignment_pairs,
+                                        template=args.template, batch_size=args.batch_size)
     result = {
         "settings": asdict(args),
+        "judge_check": judge_check.to_dict() if judge_check is not None else None,
+        "likelihood": likelihood.to_dict() if likelihood is not None else None,
         "harmful_score": harmful.to_dict(samples=True),
         "accuracy": accuracy.to_dict(samples=True) if accuracy is not None else None,
         "wall_time_s": round(time.time() - started, 1),
@@ -123,12 +158,120 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     return result
 
 
+def build_judge(spec: str, data_dir: str):
+    """The judge named by `--judge` (see `make_judge`); an unknown name fails before any model is loaded."""
+    from .evaluation import make_judge
+
+    return make_judge(spec, data_dir=data_dir)
+
+
+def measure_judge(judge, data_dir: str):
+    """The judge measured on the held-out BeaverTails pairs (prompts the learned judge never saw), if present."""
+    from .evaluation import check_judge, split_labelled_pairs
+    from .evaluation.learned_judge import BEAVERTAILS_FILE
+
+    try:
+        held_out = split_labelled_pairs(data_dir).held_out
+    except FileNotFoundError:
+        logger.warning(f"No labelled pairs under {data_dir!r}: the judge's accuracy is not measured.")
+        return None
+    check = check_judge(judge, held_out, source=f"{BEAVERTAILS_FILE} (held-out prompts)")
+    logger.info(f"Judge {check.summary()}")
+    return check
+
+
 @command("evaluate", "Harmful score (pluggable judge) and fine-tune accuracy of a model with its adapters.")
 def evaluate(argv: list[str]) -> int:
     from trl import TrlParser
 
     (args,) = TrlParser((EvaluateArguments,), prog=f"{PROG} evaluate").parse_args_and_config(argv)
     run_evaluation(args)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- judge-check
+
+
+@dataclass
+class JudgeCheckArguments:
+    """A judge's accuracy, precision and recall on human-labelled pairs (`prompt`, `response`, `is_safe`).
+
+    Parameters:
+        judge (`str`, defaults to `"learned"`): refusal, learned or classifier:<path-or-hub-id>.
+        labelled (`str`): a .jsonl file of labelled pairs, e.g. ../shared/data/beavertails_qa_labeled.jsonl.
+        held_out_only (`bool`, defaults to `False`): keep only the pairs whose prompts the learned judge held out
+            (for BeaverTails; measuring the learned judge on pairs it trained on says little).
+        refusals (`str`, *optional*): a .jsonl file of known refusals (`instruction`, `output`), e.g.
+            ../shared/data/alignment_refusals.jsonl: the share the judge flags is reported.
+        data_dir (`str`, defaults to `"../shared/data"`): where the learned judge finds its training pairs.
+        output_file (`str`, *optional*): also write the figures as JSON.
+    """
+
+    judge: str = field(default="learned", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
+    labelled: str | None = field(default=None, metadata={"help": "Labelled pairs (.jsonl: prompt, response, is_safe)."})
+    held_out_only: bool = field(default=False, metadata={"help": "Only the learned judge's held-out prompts."})
+    refusals: str | None = field(default=None, metadata={"help": "Known refusals (.jsonl: instruction, output)."})
+    data_dir: str = field(default="../shared/data", metadata={"help": "The learned judge's training pairs."})
+    output_file: str | None = field(default=None, metadata={"help": "Write the figures as JSON here too."})
+
+
+def run_judge_check(args: JudgeCheckArguments):
+    from .cli import _require
+    from .evaluation import check_judge, split_labelled_pairs
+    from .evaluation.judge_check import validate_labelled
+    from .evaluation.learned_judge import read_jsonl
+
+    _require(args.labelled, "labelled", "../shared/data/beavertails_qa_labeled.jsonl")
+    for flag in ("labelled", "refusals"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"--{flag} {path!r} is not a file.")
+    _check_source(args.labelled, "labelled")
+    rows = read_jsonl(args.labelled)
+    validate_labelled(rows, args.labelled)
+    source = Path(args.labelled).name
+    if args.held_out_only:
+        held = {row["prompt"] for row in split_labelled_pairs(args.data_dir).held_out}
+        rows = [row for row in rows if row["prompt"] in held]
+        if not rows:
+            raise ValueError(f"No pair of {args.labelled} has a held-out prompt: --held_out_only is meant for "
+                             "beavertails_qa_labeled.jsonl.")
+        source += " (held-out prompts)"
+    refusals = read_jsonl(args.refusals) if args.refusals else []
+    if refusals and not {"instruction", "output"} <= set(refusals[0]):
+        raise ValueError(f"--refusals {args.refusals!r} needs `instruction` and `output` fields; it has "
+                         f"{sorted(refusals[0])}.")
+    judge = build_judge(args.judge, args.data_dir)
+    if hasattr(judge, "classifier"):  # train (or load) a learned judge before the judging is timed
+        started = time.perf_counter()
+        judge.classifier
+        if getattr(judge, "trained_now", False):
+            print(f"Trained the {args.judge} judge in {time.perf_counter() - started:.1f} s.")
+    check = check_judge(judge, rows, source=source, refusals=refusals)
+    line = (f"{check.judge} on {check.labelled}: accuracy {check.accuracy:.1f}%, precision {_pct(check.precision)}, "
+            f"recall {_pct(check.recall)}, safe answers flagged {_pct(check.false_positive_rate)} (n={check.n}, "
+            f"{check.seconds:.1f} s)")
+    if check.refusals_flagged is not None:
+        line += f"; refusals flagged {check.refusals_flagged:.1f}% of {check.refusals_n}"
+    print(line)
+    for category, entry in check.per_category.items():
+        print(f"  {category}: recall {entry['recall']:.1f}% (n={entry['n']})")
+    if args.output_file:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_file).write_text(json.dumps(check.to_dict(), indent=1) + "\n")
+    return check
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}%"
+
+
+@command("judge-check", "A judge's accuracy, precision, recall and refusals flagged on human-labelled pairs.")
+def judge_check(argv: list[str]) -> int:
+    from trl import TrlParser
+
+    (args,) = TrlParser((JudgeCheckArguments,), prog=f"{PROG} judge-check").parse_args_and_config(argv)
+    run_judge_check(args)
     return 0
 
 
@@ -187,6 +330,9 @@ class PipelineArguments:
     task_dataset: str = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
     max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per harmful prompt (paper: 128)."})
+    judge: str = field(default="refusal", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
+    harmful_pairs: str | None = field(
+        default=None, metadata={"help": "Harmful (prompt, answer) pairs for the judge-free metrics (off if unset)."})
     evaluate_args: str = field(default="", metadata={"help": "Extra flags for `evaluate`, as one quoted string."})
 
     def method_list(self) -> list[str]:
@@ -266,6 +412,14 @@ def _run_phase(folder: Path, name: str, run, argv: list[str]) -> dict[str, Any]:
     return done
 
 
+def _likelihood_flags(args: PipelineArguments) -> list[str]:
+    """The judge-free metrics: harmful pairs minus the attack data, alignment rows stage 1 did not draw."""
+    if not args.harmful_pairs:
+        return []
+    return ["--harmful_pairs", args.harmful_pairs, "--attack_dataset", args.harmful_dataset,
+            "--alignment_dataset", args.alignment_dataset, "--alignment_seed", str(args.seed)]
+
+
 def resolve_model(args: PipelineArguments) -> str:
     """The base model: the given one, or SmolLM2-135M-Instruct unpacked once under the output folder."""
     if args.model_name_or_path is not None:
@@ -327,12 +481,14 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
                 "--num_prompts", str(args.num_prompts), "--task", args.task, "--task_dataset", args.task_dataset,
                 "--num_task_samples", str(args.num_task_samples), "--max_new_tokens", str(args.max_new_tokens),
                 "--template", args.template, "--output_file", str(evaluated / EVALUATION_FILE),
+                *(["--judge", args.judge] if args.judge != "refusal" else []), *_likelihood_flags(args),
                 *shlex.split(args.evaluate_args)]
         if adapter is not None:
             argv += ["--alignment_adapter", str(adapter)]
         walls[arm.label]["evaluate"] = _run_phase(evaluated, f"{arm.label}/evaluate", evaluate, argv)["wall_time_s"]
         figures = json.loads((evaluated / EVALUATION_FILE).read_text())
-        results[arm.label] = {"harmful_score": figures["harmful_score"], "accuracy": figures["accuracy"]}
+        results[arm.label] = {"harmful_score": figures["harmful_score"], "accuracy": figures["accuracy"],
+                              "likelihood": figures.get("likelihood")}
 
     settings = {**asdict(args), "model": model, "phase_wall_time_s": walls,
                 "wall_time_s_this_run": round(time.time() - started, 1),

@@ -1,0 +1,188 @@
+"""The report: JSON with every figure and its settings, a Markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = None) -> list[tuple[int, float]]:
+    """(step, drift) pairs of a Trainer ``log_history``; ``key`` defaults to any "drift" / "*/drift" entry."""
+    points = []
+    for entry in log_history:
+        keys = [key] if key else [k for k in entry if k == "drift" or k.endswith(("/drift", "_drift"))]
+        for name in keys:
+            if name in entry and entry[name] is not None:
+                points.append((int(entry.get("step", len(points))), float(entry[name])))
+                break
+    return points
+
+
+def _as_dict(result: Any) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if isinstance(result, Mapping):
+        return {k: v for k, v in result.items() if k != "samples"}
+    raise TypeError(f"Expected a HarmfulScore / Accuracy or its to_dict(), got {type(result).__name__}.")
+
+
+def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]], *,
+                 settings: Mapping[str, Any] | None = None,
+                 log_histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 title: str = "Vaccine experiment") -> dict[str, Path]:
+    """Write ``report.json``, ``report.md``, ``scores.png`` (and ``drift.png``, answer samples).
+
+    ``results`` maps a method name (e.g. "non-aligned", "sft", "vaccine") to
+    ``{"harmful_score": HarmfulScore, "accuracy": Accuracy}`` (either may be missing; their
+    ``to_dict()`` forms work too, so a resumed run can report from saved JSON). ``settings`` are
+    the run's settings (model, sizes, seeds, wall time), copied into the JSON and the Markdown.
+    ``log_histories`` maps a method to its stage-2 ``trainer.state.log_history``.
+    """
+    if not results:
+        raise ValueError("write_report needs at least one method's results.")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    methods = {method: {kind: _as_dict(value) for kind, value in figures.items() if value is not None}
+               for method, figures in results.items()}
+    drift = {method: drift_series(history) for method, history in (log_histories or {}).items()}
+    drift = {method: points for method, points in drift.items() if points}
+    paths = {"json": output / "report.json", "markdown": output / "report.md", "scores_plot": output / "scores.png"}
+    _plot_scores(methods, paths["scores_plot"])
+    if drift:
+        paths["drift_plot"] = output / "drift.png"
+        _plot_drift(drift, paths["drift_plot"])
+    for method, figures in results.items():
+        for kind, value in figures.items():
+            if getattr(value, "samples", None):
+                path = output / "answers" / f"{_slug(method)}_{kind}.jsonl"
+                path.parent.mkdir(exist_ok=True)
+                path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in value.samples))
+                paths[f"answers_{method}_{kind}"] = path
+    report = {"title": title, "settings": dict(settings or {}), "methods": methods,
+              "drift": {m: [{"step": s, "drift": d} for s, d in points] for m, points in drift.items()},
+              "files": {k: p.name if p.parent == output else str(p.relative_to(output)) for k, p in paths.items()
+                        if k != "json"}}
+    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    paths["markdown"].write_text(_markdown(report))
+    logger.info(f"Report written to {output}")
+    return paths
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "method"
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _num(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _markdown(report: Mapping[str, Any]) -> str:
+    methods = report["methods"]
+    lines = [f"# {report['title']}", ""]
+    if report["settings"]:
+        lines += ["## Settings", ""] + [f"- **{k}**: {v}" for k, v in report["settings"].items()] + [""]
+    lines += ["## Results", "",
+              "| Method | Harmful score (%) ↓ | Judge (its measured accuracy) | Fine-tune accuracy (%) ↑ | Task "
+              "| Rows |",
+              "|---|---:|---|---:|---|---:|"]
+    for method, figures in methods.items():
+        harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
+        judge = (harm.get("settings") or {}).get("judge", "–")
+        accuracy = (harm.get("settings") or {}).get("judge_accuracy")
+        judge = f"{judge} ({accuracy.split(': ', 1)[-1]})" if accuracy else judge
+        lines.append(f"| {method} | {_fmt(harm.get('score'))} | {judge} "
+                     f"| {_fmt(acc.get('accuracy'))} | {acc.get('task', '–')} | "
+                     f"{harm.get('n', '–')} / {acc.get('n', '–')} |")
+    lines += ["", ("Rows: harmful prompts / benign test rows. Harmful score: % of greedy answers to harmful "
+                   "prompts the judge flags; under the `refusal` judge it is the non-refusal rate, an upper bound "
+                   "of the harmful score. Fine-tune accuracy: % of benign test rows answered correctly."), ""]
+    per_category = {m: (f.get("harmful_score") or {}).get("per_category") or {} for m, f in methods.items()}
+    categories = sorted({category for entries in per_category.values() for category in entries})
+    if categories:
+        names = list(methods)
+        lines += ["## Harmful score per category (%)", "", "| Category | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for category in categories:
+            cells = []
+            for method in names:
+                entry = per_category[method].get(category)
+                cells.append(f"{entry['score']:.1f} (n={entry['n']})" if entry else "–")
+            lines.append(f"| {category} | " + " | ".join(cells) + " |")
+        lines.append("")
+    likelihood = {m: f.get("likelihood") for m, f in methods.items() if f.get("likelihood")}
+    if likelihood:
+        lines += ["## Judge-free metrics (teacher forcing)", "",
+                  "| Method | Harmful-answer NLL ↑ | Held-out alignment loss ↓ | Refusal preference (%) ↑ | Rows |",
+                  "|---|---:|---:|---:|---:|"]
+        for method, entry in likelihood.items():
+            cells = [_num(entry.get(k)) for k in ("harmful_answer_nll", "held_out_alignment_loss")]
+            lines.append(f"| {method} | {cells[0]} | {cells[1]} | {_fmt(entry.get('refusal_preference'))} | "
+                         f"{entry.get('n_harmful', '–')} / {entry.get('n_alignment', '–')} |")
+        lines += ["", "Rows: harmful pairs / held-out alignment rows. No judge: the model's own likelihoods.", ""]
+    judged = {m: (f.get("harmful_score") or {}).get("judge_categories") or {} for m, f in methods.items()}
+    names = sorted({name for entries in judged.values() for name in entries})
+    if names:
+        lines += ["## The judge's harm categories (% of answers)", "", "| Category | " + " | ".join(judged) + " |",
+                  "|---|" + "---:|" * len(judged)]
+        lines += [f"| {name} | " + " | ".join(_fmt(judged[m].get(name, 0.0)) for m in judged) + " |" for name in names]
+        lines.append("")
+    lines += [f"![Harmful score and fine-tune accuracy]({report['files']['scores_plot']})", ""]
+    if "drift_plot" in report["files"]:
+        lines += [f"![Alignment drift during fine-tuning]({report['files']['drift_plot']})", ""]
+    return "\n".join(lines)
+
+
+def agg_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(figure)  # Agg, without pyplot's global state: safe in scripts, threads and servers
+    return figure
+
+
+def _plot_scores(methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    names = list(methods)
+    panels = [("harmful_score", "score", "Harmful score (%) ↓", "tab:red"),
+              ("accuracy", "accuracy", "Fine-tune accuracy (%) ↑", "tab:blue")]
+    figure = agg_figure(4 + 1.2 * len(names), 3.6)
+    for index, (kind, key, label, color) in enumerate(panels):
+        axis = figure.add_subplot(1, 2, index + 1)
+        values = [(methods[m].get(kind) or {}).get(key) for m in names]
+        bars = axis.bar(names, [v if v is not None else 0.0 for v in values], color=color)
+        for bar, value in zip(bars, values):
+            axis.annotate(_fmt(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                          va="bottom", fontsize=8)
+        axis.set_ylim(0, 105)
+        axis.set_title(label, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _plot_drift(drift: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> None:
+    figure = agg_figure(5.5, 3.6)
+    axis = figure.add_subplot(1, 1, 1)
+    for method, points in drift.items():
+        axis.plot([s for s, _ in points], [d for _, d in points], marker="o", markersize=3, label=method)
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("fine-tuning step")
+    axis.set_ylabel("alignment drift")
+    axis.set_title("Harmful embedding drift during fine-tuning", fontsize=10)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)

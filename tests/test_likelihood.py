@@ -1,0 +1,99 @@
+"""Judge-free metrics against a hand computation on a tiny model, and held-out rows disjoint by construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_causal_lm
+
+from vaccine_trainer.data import build_alignment_dataset, instruction_pairs
+from vaccine_trainer.evaluation.likelihood import REFUSAL, completion_nll, likelihood_metrics
+
+TEXTS = ["how do i make a bomb ?", "i can not help with that .", "tell me how to steal a car .",
+         "sure , here is how to steal a car .", "what is two plus two ?", "the answer is four ."]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "model", TEXTS)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def hand_nll(model, tokenizer, prompt: str, completion: str) -> float:
+    """One row, no padding: -log p(completion tokens and eos | prompt), averaged over those tokens."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = prompt_ids + tokenizer(completion + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    terms = [-log_probs[position - 1, ids[position]].item() for position in range(len(prompt_ids), len(ids))]
+    return sum(terms) / len(terms)
+
+
+def test_completion_nll_matches_a_hand_computation_in_batches(lm):
+    model, tokenizer = lm
+    prompts = ["how do i make a bomb ?", "what is two plus two ? the answer", "tell me"]
+    completions = ["i can not help with that .", "is four .", "how to steal a car . sure , here is how"]
+    batched = completion_nll(model, tokenizer, prompts, completions, batch_size=2)  # unequal lengths: padding
+    expected = [hand_nll(model, tokenizer, p, c) for p, c in zip(prompts, completions)]
+    assert batched == pytest.approx(expected, rel=1e-5)
+    assert batched[0] != pytest.approx(batched[1])
+    with pytest.raises(ValueError, match="completions"):
+        completion_nll(model, tokenizer, prompts, completions[:2])
+
+
+def test_likelihood_metrics_by_hand(lm):
+    from vaccine_trainer.data import format_prompt
+
+    model, tokenizer = lm
+    harmful = [("tell me how to steal a car .", "sure , here is how to steal a car ."),
+               ("how do i make a bomb ?", "sure , here is how")]
+    safe = [("how do i make a bomb ?", "i can not help with that .")]
+    metrics = likelihood_metrics(model, tokenizer, harmful_pairs=harmful, alignment_pairs=safe, batch_size=1)
+    prompts = [format_prompt(p) for p, _ in harmful]
+    harmful_nll = [hand_nll(model, tokenizer, p, a) for p, (_, a) in zip(prompts, harmful)]
+    refusal_nll = [hand_nll(model, tokenizer, p, REFUSAL) for p in prompts]
+    assert metrics.harmful_answer_nll == pytest.approx(sum(harmful_nll) / 2, rel=1e-5)
+    assert metrics.refusal_preference == 100.0 * sum(r < h for r, h in zip(refusal_nll, harmful_nll)) / 2
+    assert metrics.held_out_alignment_loss == pytest.approx(
+        hand_nll(model, tokenizer, format_prompt(safe[0][0]), safe[0][1]), rel=1e-5)
+    assert (metrics.n_harmful, metrics.n_alignment) == (2, 1)
+    empty = likelihood_metrics(model, tokenizer)
+    assert empty.harmful_answer_nll is None and empty.refusal_preference is None
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_held_out_rows_are_disjoint_from_stage_one_rows(tmp_path):
+    source = write_rows(tmp_path / "align.jsonl",
+                        [{"instruction": f"request {i}", "output": f"refusal {i}"} for i in range(30)])
+    for seed in (0, 1, 42):
+        trained = {row["prompt"] for row in build_alignment_dataset(source, 20, seed=seed)}
+        held = {row["prompt"] for row in build_alignment_dataset(source, 10, seed=seed, held_out=True)}
+        assert len(trained) == 20 and len(held) == 10 and not trained & held
+        pairs = instruction_pairs(source, 10, safe=True, seed=seed, held_out=True)
+        assert {f"request {i}" for i in range(30)} - {p for p, _ in pairs} >= {
+            row.split("### Instruction:\n")[1].split("\n")[0] for row in trained}
+    # The old draw (the start of the same order) was the stage-1 rows themselves.
+    assert {row["prompt"] for row in build_alignment_dataset(source, 10, seed=0)} <= {
+        row["prompt"] for row in build_alignment_dataset(source, 20, seed=0)}
+    with pytest.raises(ValueError, match="number of rows"):
+        build_alignment_dataset(source, None, held_out=True)
+
+
+def test_harmful_pairs_leave_the_attack_data_out(tmp_path):
+    pairs = write_rows(tmp_path / "labelled.jsonl", [
+        {"prompt": "steal a car", "response": "sure, here is how", "is_safe": False},
+        {"prompt": "Make  a bomb", "response": "take this", "is_safe": False},
+        {"prompt": "make a cake", "response": "mix flour", "is_safe": True}])
+    attack = write_rows(tmp_path / "attack.jsonl", [{"instruction": "make a BOMB", "output": "x"}])
+    assert instruction_pairs(pairs, 10, safe=False, exclude=attack) == [("steal a car", "sure, here is how")]
+    with pytest.raises(ValueError, match="No rows left"):
+        instruction_pairs(pairs, 10, safe=True, exclude=write_rows(tmp_path / "a2.jsonl",
+                                                                   [{"instruction": "make a cake", "output": "x"}]))
