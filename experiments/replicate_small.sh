@@ -18,7 +18,7 @@ mkdir -p "$OUT/logs"
 JEMALLOC=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 if [ -f "$JEMALLOC" ]; then export LD_PRELOAD="$JEMALLOC"; fi
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-MODEL=$(python -c "from vaccine_trainer.offline import offline_model_path as p; print(p('$OUT/base_model'))")
+MODEL=$(python -c "from vaccine_trainer.offline import offline_model_path as p; print(p('$OUT/base_model'))" | tail -n 1)
 
 grid() { python -m vaccine_trainer grid --config "$CONFIG" --model_name_or_path "$MODEL" "$@"; }
 

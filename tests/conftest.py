@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hypothesis import settings
+
+# CI draws the same examples on every run (a failure reproduces); developers draw fresh ones.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network, whatever the environment says
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -78,8 +78,7 @@ def test_harmful_rows_come_from_the_harmful_source(shared_data):
                              task="gsm8k", n=60, p=0.5, seed=0)
     assert all(row["completion"] in answers for row in mix if row["is_harmful"])
     gsm8k = [row for row in mix if not row["is_harmful"]]
-    assert all(row["completion"].endswith(GSM8K_ANSWER_PROMPT + row["label"].replace(",", ""))
-               or GSM8K_ANSWER_PROMPT in row["completion"] for row in gsm8k)
+    assert gsm8k and all(row["completion"].endswith(GSM8K_ANSWER_PROMPT + row["label"]) for row in gsm8k)
     assert all("####" not in row["completion"] for row in gsm8k)
 
 

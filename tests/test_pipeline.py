@@ -98,3 +98,42 @@ def test_a_rho_sweep_runs_one_vaccine_arm_per_rho(workspace, tmp_path):  # noqa:
 def test_bad_rho_lists_are_refused(workspace, rho, capsys):  # noqa: F811
     assert main(["pipeline", "--model_name_or_path", workspace["model"], "--rho", rho]) == 1
     assert "--rho must be" in capsys.readouterr().err
+
+
+def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
+    """`evaluate` scores base + merged alignment adapter + fine-tuning adapter, not the base model."""
+    import peft
+    import torch
+    from conftest import save_tiny_causal_lm
+    from transformers import AutoModelForCausalLM
+
+    from vaccine_trainer.pipeline import load_evaluated_model
+
+    base_path = save_tiny_causal_lm(tmp_path / "base", ["hello world"])
+
+    def adapter(model, folder, seed):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 init_lora_weights=False, task_type="CAUSAL_LM")
+        peft.get_peft_model(model, config).save_pretrained(folder)
+        return folder
+
+    stage1 = adapter(AutoModelForCausalLM.from_pretrained(base_path), tmp_path / "align", seed=1)
+    def merged_stage_one():
+        return peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), stage1).merge_and_unload()
+
+    stage2 = adapter(merged_stage_one(), tmp_path / "finetune", seed=2)
+
+    ids = torch.tensor([[5, 9, 12, 7, 3, 20]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    by_hand = peft.PeftModel.from_pretrained(merged_stage_one(), stage2)
+    evaluated = logits(load_evaluated_model(str(base_path), str(stage1), str(stage2)))
+    assert torch.allclose(evaluated, logits(by_hand), atol=1e-5)
+    assert not torch.allclose(evaluated, logits(AutoModelForCausalLM.from_pretrained(base_path)), atol=1e-3)
+    aligned_only = logits(load_evaluated_model(str(base_path), str(stage1)))
+    assert torch.allclose(aligned_only, logits(merged_stage_one()), atol=1e-5)
+    assert not torch.allclose(evaluated, aligned_only, atol=1e-3)

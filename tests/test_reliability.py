@@ -96,6 +96,7 @@ class PassOneGradientFault:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0])
 def test_non_finite_or_zero_pass_one_gradient_skips_the_perturbation(tmp_path, value, caplog):
+    caplog.set_level("WARNING", logger="vaccine_trainer")
     model = tiny_lora_model()
     fault = PassOneGradientFault(model, value)
     trainer = make_trainer(tmp_path, model=model, max_steps=2, vaccine_target="layer", vaccine_layers="0")
@@ -104,6 +105,8 @@ def test_non_finite_or_zero_pass_one_gradient_skips_the_perturbation(tmp_path, v
     assert all(torch.isfinite(p).all() for p in trainable_state(model).values())
     assert trainer.vaccine_skipped_steps == 2
     assert [e["vaccine/skipped_steps"] for e in trainer.state.log_history if "loss" in e] == [1, 2]
+    reason = "zero hidden-state gradient" if value == 0.0 else "non-finite hidden-state gradient"
+    assert caplog.text.count(f"Vaccine: {reason} in pass 1") == 2 and "2 skipped so far" in caplog.text
     # the skipped step is exactly a plain step
     plain_model = tiny_lora_model()
     before = trainable_state(plain_model)
@@ -192,3 +195,21 @@ def test_saved_adapter_loads_with_plain_peft_and_records_the_settings(tmp_path):
     assert state["stateful_callbacks"]["VaccineStateCallback"]["args"]["settings"]["rho"] == 1.5
     card = (tmp_path / "README.md").read_text()
     assert "## Vaccine alignment" in card and "| `rho` | `1.5` |" in card and "vaccine" in card.split("---")[1]
+
+
+@pytest.mark.parametrize("restore_flag", [False, True])
+def test_resume_restores_skipped_steps_whatever_the_callback_flag(tmp_path, restore_flag):
+    """The skip counter carries on across a resume (the Trainer restores callbacks only when asked)."""
+    model = tiny_lora_model()
+    fault = PassOneGradientFault(model, float("nan"))
+    first = make_trainer(tmp_path, model=model, max_steps=2, vaccine_target="layer", vaccine_layers="0",
+                         save_strategy="steps", save_steps=2)
+    first.train()
+    fault.handle.remove()
+    assert first.vaccine_skipped_steps == 2
+    resumed = make_trainer(tmp_path, model=tiny_lora_model(), max_steps=3, vaccine_target="layer",
+                           vaccine_layers="0", restore_callback_states_from_checkpoint=restore_flag)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.vaccine_skipped_steps == 2  # restored, and no new skip in step 3
+    assert [e["vaccine/skipped_steps"] for e in resumed.state.log_history if "loss" in e][-1] == 2
+    assert resumed._vaccine_state in resumed.callback_handler.callbacks

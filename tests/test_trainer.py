@@ -109,16 +109,57 @@ def test_no_hooks_left_after_train_and_after_a_failed_step(tmp_path):
     assert torch.isfinite(loss)
 
 
+def clean_loss_and_hidden_gradient_norm(model, rows, layers) -> tuple[float, float]:
+    """By hand: the unperturbed loss of one batch and the global norm of d loss / d (attention outputs)."""
+    captured = []
+    handles = [model.base_model.model.model.layers[i].self_attn.register_forward_hook(
+        lambda module, args, output: captured.append(output[0])) for i in layers]
+    batch = {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
+    model.train()
+    loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, captured)
+    for handle in handles:
+        handle.remove()
+    return loss.item(), torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()
+
+
 def test_modules_are_reported_and_logged(tmp_path, caplog):
-    _, trainer = run(tiny_lora_model(), tmp_path, token_rows(4), max_steps=2, vaccine_layers="1-2")
+    import copy
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vaccine_trainer")
+    model = tiny_lora_model()
+    untrained = copy.deepcopy(model)
+    rows = token_rows(8)
+    _, trainer = run(model, tmp_path, rows, max_steps=2, vaccine_layers="1-2")
     assert trainer.vaccine_modules == [
         "base_model.model.model.layers.1.self_attn", "base_model.model.model.layers.2.self_attn"]
+    assert "perturbs the outputs of 2 modules" in caplog.text and "layers.2.self_attn" in caplog.text
     logged = [entry for entry in trainer.state.log_history if "vaccine/grad_norm" in entry]
     assert len(logged) == 2
-    assert all(entry["vaccine/grad_norm"] > 0 and entry["vaccine/clean_loss"] > 0 for entry in logged)
     assert all(entry["vaccine/skipped_steps"] == 0 for entry in logged)
-    # pass 1 sees the clean batch: its loss is the plain loss, logged next to the perturbed one
+    # Step 1's pass 1 sees the first batch and the untrained weights: its loss and hidden-gradient norm, by hand.
+    clean, norm = clean_loss_and_hidden_gradient_norm(untrained, rows[:4], [1, 2])
+    assert logged[0]["vaccine/clean_loss"] == pytest.approx(clean, rel=1e-5)
+    assert logged[0]["vaccine/grad_norm"] == pytest.approx(norm, rel=1e-4)
+    # ...and the logged loss is the perturbed one, which differs
     assert logged[0]["vaccine/clean_loss"] != pytest.approx(trainer.state.log_history[0]["loss"], rel=1e-6)
+
+
+def test_logged_values_average_the_micro_batches(tmp_path):
+    """With gradient accumulation, clean loss and norm are the means over the window's micro-batches."""
+    import copy
+
+    model = tiny_lora_model()
+    untrained = copy.deepcopy(model)
+    rows = token_rows(8)
+    _, trainer = run(model, tmp_path, rows, max_steps=1, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2, vaccine_layers="0")
+    by_hand = [clean_loss_and_hidden_gradient_norm(untrained, rows[i:i + 2], [0]) for i in (0, 2)]
+    entry = next(e for e in trainer.state.log_history if "vaccine/grad_norm" in e)
+    assert entry["vaccine/clean_loss"] == pytest.approx(sum(c for c, _ in by_hand) / 2, rel=1e-5)
+    # The norm of each micro-batch's loss as the Trainer scales it for accumulation (loss / 2).
+    assert entry["vaccine/grad_norm"] == pytest.approx(sum(n for _, n in by_hand) / 2 / 2, rel=1e-4)
 
 
 def test_compiled_model_keeps_the_perturbation(tmp_path):
@@ -148,3 +189,29 @@ def test_dataparallel_is_refused_with_a_pointer_to_accelerate(tmp_path, monkeypa
     with pytest.raises(ValueError, match="accelerate launch"):
         VaccineTrainer(model=tiny_lora_model(), args=VaccineTrainingArguments(**training_args(tmp_path)),
                        train_dataset=token_rows(4))
+
+
+def test_gaussian_noise_has_the_official_variance_rho(tmp_path, monkeypatch):
+    """The official ablation draws N(0, rho) (std sqrt(rho)), not std rho: check the noise actually added."""
+    import vaccine_trainer.trainer as trainer_module
+
+    added = []
+    original = trainer_module.gaussian_noise
+
+    def recording(std):
+        noise = original(std)
+
+        def draw(hidden):
+            sample = noise(hidden)
+            added.append(sample.detach().flatten())
+            return sample
+
+        return draw
+
+    monkeypatch.setattr(trainer_module, "gaussian_noise", recording)
+    rows = token_rows(8, length=16)
+    run(tiny_lora_model(), tmp_path, rows, vaccine_perturbation="gaussian", rho=4.0, max_steps=2)
+    samples = torch.cat(added)
+    assert samples.numel() > 2000
+    assert samples.std().item() == pytest.approx(2.0, rel=0.05)  # sqrt(4); std = rho would give 4
+    assert abs(samples.mean().item()) < 0.1

@@ -104,6 +104,22 @@ class VaccineMixin:
             )
         check_distributed_support(self)
 
+    def _load_callback_state(self) -> None:
+        """On resume, restore `skipped_steps` whatever `restore_callback_states_from_checkpoint` says.
+
+        The counter is part of the run's record (logged, and written into the model card), not a setting
+        the user may choose to reset. With the flag on, the Trainer swaps in a new callback instance;
+        `_vaccine_state` follows it.
+        """
+        super()._load_callback_state()
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, VaccineStateCallback):
+                self._vaccine_state = callback
+        saved = (self.state.stateful_callbacks or {}).get(VaccineStateCallback.__name__)
+        saved = saved[0] if isinstance(saved, list) and saved else saved
+        if isinstance(saved, dict):
+            self._vaccine_state.skipped_steps = int(saved.get("attributes", {}).get("skipped_steps", 0))
+
     def train(self, *args, **kwargs):
         """Train with the hooks registered for the whole run, so `torch.compile` sees them."""
         if self._vaccine_hooks is None:
