@@ -103,15 +103,15 @@ def test_drift_counts_only_real_tokens_and_uses_the_labels(tmp_path):
     assert callback.measure(model)[LOSS_KEY] == pytest.approx(expected, rel=1e-5)
 
 
-def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="empty"):
-        AlignmentDriftCallback([])
-    with pytest.raises(ValueError, match="must be tokenized"):
-        AlignmentDriftCallback([{"text": "hello"}])
-    with pytest.raises(ValueError, match="target"):
-        AlignmentDriftCallback(token_rows(1), target="mlp")
-    with pytest.raises(RuntimeError, match="cache_reference"):
-        AlignmentDriftCallback(token_rows(1)).measure(tiny_model())
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: AlignmentDriftCallback([]), ValueError, "empty"),
+    (lambda: AlignmentDriftCallback([{"text": "hello"}]), ValueError, "must be tokenized"),
+    (lambda: AlignmentDriftCallback(token_rows(1), target="mlp"), ValueError, "target"),
+    (lambda: AlignmentDriftCallback(token_rows(1)).measure(tiny_model()), RuntimeError, "cache_reference"),
+], ids=["empty", "untokenized", "target", "no-reference"])
+def test_bad_input_is_refused(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
 
 
 def test_logged_at_evaluation_steps_too(tmp_path):

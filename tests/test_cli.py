@@ -101,21 +101,36 @@ def test_align_then_finetune(workspace, tmp_path):
     assert "alignment adapter" in card and "2 harmful" in card and "Alignment drift" in card
 
 
-def test_clear_errors(workspace, tmp_path, capsys):
-    assert main(finetune_argv(workspace, str(tmp_path / "missing"), tmp_path / "a")) == 1
-    assert "Alignment adapter" in capsys.readouterr().err
-    assert main(["align", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset", workspace["alignment"],
-                 "--output_dir", str(tmp_path / "b"), *FAST]) == 1
-    assert "Could not load a causal language model" in capsys.readouterr().err
-    empty = write_jsonl(tmp_path / "empty.jsonl", [])
-    assert main(["align", "--model_name_or_path", workspace["model"], "--dataset", empty, "--num_samples", "2",
-                 "--output_dir", str(tmp_path / "c"), *FAST]) == 1
-    assert "empty" in capsys.readouterr().err.lower()
-    assert main(["align", "--dataset", workspace["alignment"], "--output_dir", str(tmp_path / "d"), *FAST]) == 1
-    assert "--model_name_or_path is required" in capsys.readouterr().err
-    assert main(["evaluat"]) == 2
-    assert "unknown command 'evaluat'" in capsys.readouterr().err
-    assert main([]) == 2 and "align" in capsys.readouterr().out
+def _missing_adapter(ws, tmp):
+    return finetune_argv(ws, str(tmp / "missing"), tmp / "a")
+
+
+def _missing_model(ws, tmp):
+    return ["align", "--model_name_or_path", str(tmp / "no-model"), "--dataset", ws["alignment"],
+            "--output_dir", str(tmp / "b"), *FAST]
+
+
+def _empty_dataset(ws, tmp):
+    return ["align", "--model_name_or_path", ws["model"], "--dataset", write_jsonl(tmp / "empty.jsonl", []),
+            "--num_samples", "2", "--output_dir", str(tmp / "c"), *FAST]
+
+
+def _no_model_flag(ws, tmp):
+    return ["align", "--dataset", ws["alignment"], "--output_dir", str(tmp / "d"), *FAST]
+
+
+@pytest.mark.parametrize("argv, code, stream, message", [
+    (_missing_adapter, 1, "err", "Alignment adapter"),
+    (_missing_model, 1, "err", "Could not load a causal language model"),
+    (_empty_dataset, 1, "err", "empty"),
+    (_no_model_flag, 1, "err", "--model_name_or_path is required"),
+    (lambda ws, tmp: ["evaluat"], 2, "err", "unknown command 'evaluat'"),
+    (lambda ws, tmp: [], 2, "out", "align"),
+], ids=["missing-adapter", "missing-model", "empty-dataset", "no-model-flag", "unknown-command", "no-command"])
+def test_clear_errors(workspace, tmp_path, capsys, argv, code, stream, message):
+    assert main(argv(workspace, tmp_path)) == code
+    captured = capsys.readouterr()
+    assert message.lower() in getattr(captured, stream).lower()
 
 
 def test_console_script_and_help():

@@ -153,19 +153,38 @@ def test_missing_field_names_both_sides(tmp_path, small_files):
         build_finetune_mix(small_files[0], no_label, task="sst2", n=2, p=0.5)
 
 
-def test_bad_task_template_and_files(tmp_path, small_files):
-    with pytest.raises(ValueError, match="Unknown task 'mnli'"):
-        build_finetune_mix(*small_files, task="mnli", n=2, p=0.5)
-    with pytest.raises(ValueError, match="Unknown template 'vicuna'"):
-        build_alignment_dataset(small_files[0], template="vicuna")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_records(str(tmp_path / "absent.jsonl"))
-    (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match="Unsupported data file"):
-        load_records(str(tmp_path / "notes.txt"))
-    with pytest.raises(ValueError, match=r"label 7 is outside 0..1"):
-        bad = write_jsonl(tmp_path / "bad_label.jsonl", [{"sentence": "s", "label": 7}])
-        build_finetune_mix(small_files[0], bad, task="sst2", n=1, p=0.0)
+def _bad_task(tmp, files):
+    build_finetune_mix(*files, task="mnli", n=2, p=0.5)
+
+
+def _bad_template(tmp, files):
+    build_alignment_dataset(files[0], template="vicuna")
+
+
+def _absent_file(tmp, files):
+    load_records(str(tmp / "absent.jsonl"))
+
+
+def _unsupported_file(tmp, files):
+    (tmp / "notes.txt").write_text("x")
+    load_records(str(tmp / "notes.txt"))
+
+
+def _label_out_of_range(tmp, files):
+    build_finetune_mix(files[0], write_jsonl(tmp / "bad_label.jsonl", [{"sentence": "s", "label": 7}]),
+                       task="sst2", n=1, p=0.0)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (_bad_task, ValueError, "Unknown task 'mnli'"),
+    (_bad_template, ValueError, "Unknown template 'vicuna'"),
+    (_absent_file, FileNotFoundError, "does not exist"),
+    (_unsupported_file, ValueError, "Unsupported data file"),
+    (_label_out_of_range, ValueError, r"label 7 is outside 0..1"),
+], ids=["task", "template", "absent", "unsupported", "label-range"])
+def test_bad_task_template_and_files(tmp_path, small_files, call, error, message):
+    with pytest.raises(error, match=message):
+        call(tmp_path, small_files)
 
 
 def test_beavertails_schema_is_split_by_is_safe(tmp_path):

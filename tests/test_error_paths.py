@@ -33,8 +33,9 @@ def test_hidden_output_refuses_a_module_returning_neither_tensor_nor_tuple():
 def test_perturbation_of_the_wrong_shape_is_an_error_not_a_broadcast():
     layer = nn.Linear(4, 4)
     hooks = HiddenStateHooks([layer])
-    with hooks.installed_for(), hooks.perturbing([torch.ones(1, 4)]), pytest.raises(RuntimeError, match="batch changed"):
-        layer(torch.ones(3, 4))  # (1, 4) would broadcast silently onto (3, 4)
+    with hooks.installed_for(), hooks.perturbing([torch.ones(1, 4)]):
+        with pytest.raises(RuntimeError, match="batch changed"):
+            layer(torch.ones(3, 4))  # (1, 4) would broadcast silently onto (3, 4)
 
 
 @pytest.mark.parametrize("spec, layers, expected", [

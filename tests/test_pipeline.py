@@ -54,6 +54,17 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
     for name in ("report.md", "scores.png", "drift.png"):
         assert (out / "report" / name).stat().st_size > 0
     assert "vaccine" in (out / "report" / "report.md").read_text()
+    # The arms are really different models: stage 1 (rho 0 vs 2) and so stage 2 trained different adapters.
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        return load_file(str(out / folder / "adapter_model.safetensors"))
+
+    for stage in ("align", "finetune"):
+        sft, vaccine = weights(f"sft/{stage}"), weights(f"vaccine-rho2/{stage}")
+        assert sft.keys() == vaccine.keys() and any(not sft[k].equal(vaccine[k]) for k in sft), stage
+    plain = weights("non-aligned/finetune")
+    assert any(not plain[k].equal(weights("sft/finetune")[k]) for k in plain)
 
     # Resumable: a finished phase is not run again, and the report is rebuilt from what is on disk.
     marker = out / "vaccine-rho2" / "align" / "phase.json"
@@ -65,13 +76,17 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
     assert json.loads((out / "report" / "report.json").read_text())["methods"] == report["methods"]
 
 
-def test_evaluate_reports_missing_adapters_and_bad_methods(workspace, tmp_path, capsys):  # noqa: F811
-    code = main(["evaluate", "--model_name_or_path", workspace["model"], "--adapter", str(tmp_path / "nope"),
-                 "--harmful_prompts", workspace["harmful"], "--num_prompts", "2", "--task_dataset",
-                 workspace["sst2"], "--num_task_samples", "2"])
-    assert code == 1 and "adapter_config.json" in capsys.readouterr().err
-    code = main(["pipeline", "--methods", "sft,dpo", "--model_name_or_path", workspace["model"]])
-    assert code == 1 and "--methods must be" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (lambda ws, tmp: ["evaluate", "--model_name_or_path", ws["model"], "--adapter", str(tmp / "nope"),
+                      "--harmful_prompts", ws["harmful"], "--num_prompts", "2", "--task_dataset", ws["sst2"],
+                      "--num_task_samples", "2"], "adapter_config.json"),
+    (lambda ws, tmp: ["pipeline", "--methods", "sft,dpo", "--model_name_or_path", ws["model"]], "--methods must be"),
+    (lambda ws, tmp: ["evaluate", "--model_name_or_path", ws["model"], "--judge", "beaverdamn",
+                      "--harmful_prompts", ws["harmful"], "--num_prompts", "2", "--task", ""], "Unknown judge"),
+], ids=["missing-adapter", "bad-methods", "bad-judge"])
+def test_evaluate_and_pipeline_refuse_bad_input(workspace, tmp_path, capsys, argv, message):  # noqa: F811
+    assert main(argv(workspace, tmp_path)) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_a_finished_phase_with_other_settings_is_refused_not_reused(workspace, tmp_path, capsys):  # noqa: F811
@@ -120,7 +135,8 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
 
     stage1 = adapter(AutoModelForCausalLM.from_pretrained(base_path), tmp_path / "align", seed=1)
     def merged_stage_one():
-        return peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), stage1).merge_and_unload()
+        base = AutoModelForCausalLM.from_pretrained(base_path)
+        return peft.PeftModel.from_pretrained(base, stage1).merge_and_unload()
 
     stage2 = adapter(merged_stage_one(), tmp_path / "finetune", seed=2)
 
