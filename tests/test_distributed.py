@@ -381,9 +381,8 @@ def test_model_level_reentrant_checkpointing_is_seen():
         check_distributed_support(trainer)
 
 
-def test_dataparallel_and_context_parallel_refused():
-    with pytest.raises(ValueError, match="DataParallel"):
-        check_distributed_support(fake_trainer(n_gpu=2))
+def test_context_parallel_refused():
+    """(DataParallel's refusal is tested through the real trainer in test_trainer.py.)"""
     trainer = fake_trainer(world_size=8)
     trainer.get_cp_size = lambda: 2
     with pytest.raises(ValueError, match="context parallelism"):

@@ -40,7 +40,6 @@ def test_bad_settings_are_refused_when_the_arguments_are_built(tmp_path, setting
     ({"vaccine_layers": "0-7"}, r"names layers \[3, 4, 5, 6, 7\] but the model has 3 layers"),
     ({"vaccine_modules": r".*\.mlp_attention"}, "matches no module"),
     ({"vaccine_modules": ["model.layers.0.nope"]}, "do not exist"),
-    ({"rho": -2.0}, "rho must be a finite number"),
 ])
 def test_bad_settings_against_the_model_are_refused_at_construction(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
