@@ -92,6 +92,7 @@ def launches(tmp_path_factory) -> Launches:
 
 
 _REFERENCES: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
+_REFERENCE_LOGS: dict[tuple[str, float], list[dict]] = {}
 
 
 def single_process_params(name: str, runs: list[dict], tmp_path, rho: float = worker.RHO) -> dict[str, torch.Tensor]:
@@ -112,7 +113,12 @@ def single_process_params(name: str, runs: list[dict], tmp_path, rho: float = wo
         trainer.train()
         assert trainer.state.global_step == scenario.steps
         _REFERENCES[key] = trainable_state(trainer.model)
+        _REFERENCE_LOGS[key] = trainer.state.log_history
     return _REFERENCES[key]
+
+
+def logged(history: list[dict], key: str) -> list[float]:
+    return [entry[key] for entry in history if key in entry]
 
 
 def flat(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -144,6 +150,10 @@ def test_backend_matches_single_process(launches, tmp_path, backend, name):
     # ...and the comparison can fail: without the perturbation the update is far off.
     plain = flat(single_process_params(name, runs, tmp_path / "plain", rho=0.0))
     assert relative_error(distributed - before, plain - before) > 1e-3
+    # The logged values are the single process's: per-process sums reduced, the token-averaging factor removed.
+    reference_log = next(v for k, v in _REFERENCE_LOGS.items() if k[0] == name and k[1] == worker.RHO)
+    for key in ("vaccine/clean_loss", "vaccine/grad_norm"):
+        assert logged(runs[0]["log_history"], key) == pytest.approx(logged(reference_log, key), rel=1e-4), key
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

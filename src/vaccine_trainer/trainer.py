@@ -196,7 +196,9 @@ class VaccineMixin:
             gradients = hidden_state_gradients(loss * loss_scale, hooks, trainable)
             del loss
         result = build_perturbation(gradients, self.vaccine_args.rho, self.vaccine_args.vaccine_norm)
-        result.grad_norm /= loss_scale
+        # Logged on the scale of one process's loss: the AMP scale and compute_loss's factor for averaging
+        # tokens across processes divided out, so the figure does not depend on the number of processes.
+        result.grad_norm /= loss_scale * self._vaccine_process_factor(num_items_in_batch)
         if result.skipped_reason is None:
             self._vaccine_log_sums["grad_norm"] += result.grad_norm
             self._vaccine_log_sums["perturbed"] += 1
@@ -218,6 +220,14 @@ class VaccineMixin:
     def _vaccine_pass_one_context(self):
         """Hook for subclasses to protect state that `compute_loss` changes (e.g. TRL's metrics)."""
         return contextlib.nullcontext()
+
+    def _vaccine_process_factor(self, num_items_in_batch) -> float:
+        """The factor `Trainer.compute_loss` multiplies the loss by under `average_tokens_across_devices`."""
+        if (self.args.average_tokens_across_devices and num_items_in_batch is not None
+                and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)):
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            return float(max(self.accelerator.num_processes // tp_size, 1))
+        return 1.0
 
     def _vaccine_loss_scale(self) -> float:
         """fp16 gradients of hidden states underflow like weight gradients: reuse the AMP scale."""
