@@ -141,3 +141,15 @@ def test_console_script_and_help():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--rho" in result.stdout and "--vaccine_target" in result.stdout and "--lora_r" in result.stdout
+
+
+def test_help_and_package_import_load_no_torch():
+    """`vaccine-trainer --help` and `import vaccine_trainer` stay light (costs: bench/import_cost.py)."""
+    probe = ("import sys, vaccine_trainer, vaccine_trainer.cli as cli; cli.main(['--help']); "
+             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    lazy = subprocess.run([sys.executable, "-c", "import sys; from vaccine_trainer import VaccineTrainer; "
+                           "print('trl' in sys.modules)"], capture_output=True, text=True, timeout=300)
+    assert lazy.stdout.strip().splitlines()[-1] == "False"  # TRL only when the TRL classes are asked for

@@ -1,23 +1,51 @@
-"""Vaccine: perturbation-aware alignment (Huang, Hu, Liu, NeurIPS 2024) for the HF Trainer."""
+"""Vaccine: perturbation-aware alignment (Huang, Hu, Liu, NeurIPS 2024) for the HF Trainer.
 
-from .config import VaccineArguments, VaccineTrainingArguments
-from .layers import find_vaccine_modules
-from .trainer import VaccineMixin, VaccineTrainer
-from .callbacks import AlignmentDriftCallback
-from .sft import AlignedSFTConfig, AlignedSFTTrainer, VaccineSFTConfig, VaccineSFTTrainer, merge_alignment_adapter
+Names are imported on first use (module ``__getattr__``): ``import vaccine_trainer`` costs nothing, and
+``from vaccine_trainer import VaccineTrainer`` does not import TRL.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "VaccineArguments": "config",
+    "VaccineTrainingArguments": "config",
+    "find_vaccine_modules": "layers",
+    "VaccineMixin": "trainer",
+    "VaccineTrainer": "trainer",
+    "AlignmentDriftCallback": "callbacks",
+    "AlignedSFTConfig": "sft",
+    "AlignedSFTTrainer": "sft",
+    "VaccineSFTConfig": "sft",
+    "VaccineSFTTrainer": "sft",
+    "merge_alignment_adapter": "sft",
+}
+
 __all__ = [
-    "VaccineArguments",
-    "VaccineMixin",
-    "VaccineTrainer",
-    "VaccineTrainingArguments",
-    "find_vaccine_modules",
-    "AlignedSFTConfig",
-    "AlignedSFTTrainer",
-    "AlignmentDriftCallback",
-    "VaccineSFTConfig",
-    "VaccineSFTTrainer",
+    "AlignedSFTConfig", "AlignedSFTTrainer", "AlignmentDriftCallback", "VaccineArguments", "VaccineMixin",
+    "VaccineSFTConfig", "VaccineSFTTrainer", "VaccineTrainer", "VaccineTrainingArguments", "find_vaccine_modules",
     "merge_alignment_adapter",
 ]
+
+if TYPE_CHECKING:
+    from .callbacks import AlignmentDriftCallback
+    from .config import VaccineArguments, VaccineTrainingArguments
+    from .layers import find_vaccine_modules
+    from .sft import AlignedSFTConfig, AlignedSFTTrainer, VaccineSFTConfig, VaccineSFTTrainer, merge_alignment_adapter
+    from .trainer import VaccineMixin, VaccineTrainer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vaccine_trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

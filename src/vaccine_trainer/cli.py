@@ -1,9 +1,9 @@
-"""The `vaccine-trainer` console script: `align` (stage 1) and `finetune` (stage 2).
+"""The `vaccine-trainer` console script: a registry of subcommands and `main`.
 
-`trl sft` hard-codes `SFTTrainer`, so the project ships its own entry point. Every subcommand is a
-function `run(argv) -> exit code` registered with `@command(name, help)`, and parses its own
-dataclasses with `TrlParser`, so each flag also works in a YAML file given with `--config`.
-New subcommands (e.g. `evaluate`, `pipeline`) are added the same way, without touching `main`.
+`trl sft` hard-codes `SFTTrainer`, so the project ships its own entry point. Each subcommand is a
+function `run(argv) -> exit code` named here by module and attribute and imported only when it runs,
+so `vaccine-trainer --help` imports neither torch nor transformers. Each parses its own dataclasses
+with `TrlParser`, so every flag also works in a YAML file given with `--config`.
 
     vaccine-trainer align --model_name_or_path M --dataset alignment.jsonl --rho 2 --output_dir aligned
     vaccine-trainer finetune --model_name_or_path M --alignment_adapter aligned \\
@@ -13,6 +13,7 @@ New subcommands (e.g. `evaluate`, `pipeline`) are added the same way, without to
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -20,35 +21,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
-
 PROG = "vaccine-trainer"
 
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: `run` takes the arguments after its name and returns the exit code."""
+    """One subcommand: `target` ("module:function") takes the arguments after its name, returns the exit code."""
 
     name: str
     help: str
-    run: Callable[[list[str]], int]
+    target: str
+
+    def run(self, argv: list[str]) -> int:
+        module, _, function = self.target.partition(":")
+        run: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
+        return run(argv)
 
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: dict[str, Command] = {command.name: command for command in (
+    Command("align", "Stage 1: align a model with Vaccine (--rho, default 2) or plain SFT (--rho 0).",
+            "vaccine_trainer.cli:align"),
+    Command("finetune", "Stage 2: merge an alignment adapter, fine-tune a fresh LoRA on a harmful/benign mix.",
+            "vaccine_trainer.cli:finetune"),
+    Command("evaluate", "Harmful score (pluggable judge) and fine-tune accuracy of a model with its adapters.",
+            "vaccine_trainer.pipeline:evaluate"),
+    Command("judge-check", "A judge's accuracy, precision, recall and refusals flagged on human-labelled pairs.",
+            "vaccine_trainer.pipeline:judge_check"),
+    Command("pipeline", "The whole experiment: align (none/SFT/Vaccine) -> harmful fine-tuning -> evaluate -> report.",
+            "vaccine_trainer.pipeline:pipeline"),
+    Command("grid", "The pipeline over seeds and harmful ratios (alignment shared across p), with a summary table.",
+            "vaccine_trainer.grid:grid"),
+)}
 
 
-def command(name: str, help: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
-    """Register `run(argv) -> int` as `vaccine-trainer <name>`."""
+def _logger():
+    from transformers.utils import logging
 
-    def register(run: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
-        if name in COMMANDS:
-            raise ValueError(f"Subcommand {name!r} is already registered.")
-        COMMANDS[name] = Command(name, help, run)
-        return run
-
-    return register
+    return logging.get_logger(__name__)
 
 
 def usage() -> str:
@@ -72,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[name].run(rest)
     except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
-        logger.debug("Failed with", exc_info=True)
+        _logger().debug("Failed with", exc_info=True)
         print(f"{PROG} {name}: error: {error}", file=sys.stderr)
         return 1
 
@@ -159,7 +168,6 @@ def _align_model_config():
     return AlignModelConfig
 
 
-@command("align", "Stage 1: align a model with Vaccine (--rho, default 2) or plain SFT (--rho 0).")
 def align(argv: list[str]) -> int:
     from trl import TrlParser, get_peft_config, get_quantization_config
 
@@ -238,7 +246,6 @@ class FinetuneScriptArguments:
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the data samples."})
 
 
-@command("finetune", "Stage 2: merge an alignment adapter, fine-tune a fresh LoRA on a harmful/benign mix.")
 def finetune(argv: list[str]) -> int:
     from trl import TrlParser
 
@@ -250,7 +257,7 @@ def finetune(argv: list[str]) -> int:
     script, args = parser.parse_args_and_config(argv)
     _require(script.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     if script.alignment_adapter is None:
-        logger.warning("No --alignment_adapter: stage 2 fine-tunes the base model itself.")
+        _logger().warning("No --alignment_adapter: stage 2 fine-tunes the base model itself.")
 
     model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
                                     **(args.model_init_kwargs or {}))
@@ -294,9 +301,5 @@ def finetune(argv: list[str]) -> int:
     return 0
 
 
-from . import pipeline as _pipeline  # noqa: E402,F401  registers `evaluate`, `pipeline` (and `grid`)
-
-if __name__ == "__main__":  # `python -m vaccine_trainer.cli`: use the imported module, whose registry is complete
-    from vaccine_trainer.cli import main as _main
-
-    raise SystemExit(_main())
+if __name__ == "__main__":  # `python -m vaccine_trainer.cli`
+    raise SystemExit(main())

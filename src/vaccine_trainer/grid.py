@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from .cli import PROG, command
+from .cli import PROG
 from .evaluation import agg_figure, drift_series
 from .pipeline import REPORT_DIR, PipelineArguments, resolve_model, run_pipeline
 
@@ -219,7 +219,6 @@ def _plot_drift(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     figure.savefig(path)
 
 
-@command("grid", "The pipeline over seeds and harmful ratios (alignment shared across p), with a summary table.")
 def grid(argv: list[str]) -> int:
     from trl import TrlParser
 

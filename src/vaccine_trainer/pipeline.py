@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .cli import PROG, _check_source, align, command, finetune
+from .cli import PROG, _check_source, align, finetune
 
 logger = logging.get_logger(__name__)
 
@@ -180,7 +180,6 @@ def measure_judge(judge, data_dir: str):
     return check
 
 
-@command("evaluate", "Harmful score (pluggable judge) and fine-tune accuracy of a model with its adapters.")
 def evaluate(argv: list[str]) -> int:
     from trl import TrlParser
 
@@ -266,7 +265,6 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}%"
 
 
-@command("judge-check", "A judge's accuracy, precision, recall and refusals flagged on human-labelled pairs.")
 def judge_check(argv: list[str]) -> int:
     from trl import TrlParser
 
@@ -500,7 +498,6 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
     return paths
 
 
-@command("pipeline", "The whole experiment: align (none/SFT/Vaccine) -> harmful fine-tuning -> evaluate -> report.")
 def pipeline(argv: list[str]) -> int:
     from trl import TrlParser
 
@@ -508,5 +505,3 @@ def pipeline(argv: list[str]) -> int:
     run_pipeline(args)
     return 0
 
-
-from . import grid as _grid  # noqa: E402,F401  registers `grid`, which builds on this module
