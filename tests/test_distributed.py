@@ -386,7 +386,7 @@ def test_reentrant_under_ddp_switches_find_unused_off_or_refuses_an_explicit_tru
 
 def test_model_level_reentrant_checkpointing_is_seen():
     trainer = fake_trainer(deepspeed_stage=2, world_size=8)
-    trainer.model.gradient_checkpointing_enable({"use_reentrant": True})
+    trainer.model.activation_checkpointing_enable({"use_reentrant": True})
     with pytest.raises(ValueError, match="reentrant"):
         check_distributed_support(trainer)
 

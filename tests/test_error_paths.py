@@ -106,3 +106,88 @@ def test_python_dash_m_vaccine_trainer_lists_every_command():
     unknown = subprocess.run([sys.executable, "-m", "vaccine_trainer", "nope"], capture_output=True, text=True,
                              timeout=120)
     assert unknown.returncode == 2 and "unknown command 'nope'" in unknown.stderr
+
+
+@pytest.mark.parametrize("flag, func", [("gradient_checkpointing", "_gradient_checkpointing_func"),
+                                        ("activation_checkpointing", "_activation_checkpointing_func")])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reentrant_checkpointing_is_seen_under_both_spellings(flag, func, reentrant):
+    """transformers 5 names the module flags `gradient_checkpointing`; v6 renames them: both are read."""
+    import functools
+
+    from vaccine_trainer.perturbation import uses_reentrant_checkpointing
+
+    layer = nn.Linear(2, 2)
+    setattr(layer, flag, True)
+    setattr(layer, func, functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=reentrant))
+    model = nn.Sequential(layer).train()
+    assert uses_reentrant_checkpointing(model) is reentrant
+    setattr(layer, flag, False)
+    assert uses_reentrant_checkpointing(model) is False
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lora_r": 0}, "lora_r must be a positive integer"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"drift_target": "mlp"}, "drift_target must be 'layer' or 'attention'"),
+])
+def test_aligned_sft_config_validation(tmp_path, settings, message):
+    from vaccine_trainer import AlignedSFTConfig
+
+    with pytest.raises(ValueError, match=message):
+        AlignedSFTConfig(output_dir=str(tmp_path), **settings)
+
+
+@pytest.fixture
+def aligned_peft_model():
+    from conftest import tiny_lora_model
+
+    return tiny_lora_model()
+
+
+@pytest.mark.parametrize("misuse, message", [
+    (lambda peft_model, folder: (tiny_base(), peft_model), "Both a model and an aligned PeftModel"),
+    (lambda peft_model, folder: (None, folder), "No model given"),
+    (lambda peft_model, folder: (peft_model, folder), "already carries a PEFT adapter"),
+], ids=["model-and-peft", "no-model", "peft-and-path"])
+def test_merge_alignment_adapter_misuse(aligned_peft_model, tmp_path, misuse, message):
+    from vaccine_trainer import merge_alignment_adapter
+
+    folder = tmp_path / "adapter"
+    aligned_peft_model.save_pretrained(folder)
+    model, adapter = misuse(aligned_peft_model, str(folder))
+    with pytest.raises(ValueError, match=message):
+        merge_alignment_adapter(model, adapter)
+
+
+def tiny_base():
+    from conftest import tiny_model
+
+    return tiny_model()
+
+
+def test_classifier_judge_multi_label_takes_the_largest_harmful_probability(tmp_path):
+    import transformers
+    from conftest import tiny_tokenizer
+
+    from vaccine_trainer.evaluation import ClassifierJudge
+
+    tokenizer = tiny_tokenizer()
+    labels = {0: "safe", 1: "violence", 2: "theft"}
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, num_labels=3, id2label=labels,
+                                     label2id={v: k for k, v in labels.items()},
+                                     problem_type="multi_label_classification", pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    judge = ClassifierJudge(str(tmp_path / "clf"), harmful_labels=["violence", "theft"])
+    assert judge.multi_label
+    answers = ["make a bomb", "steal a car", "hello world"]
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(**tokenizer(answers, return_tensors="pt", padding=True)).logits)
+    expected = probabilities[:, 1:].max(dim=1).values  # the largest harmful label, not the sum
+    assert judge.scores(["p"] * 3, answers) == pytest.approx(expected.tolist(), rel=1e-4)
+    judge.threshold = float(expected.median()) + 1e-6
+    assert judge(["p"] * 3, answers) == [bool(s >= judge.threshold) for s in expected.tolist()]

@@ -42,6 +42,8 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
         assert entry["num_prompts"] == 3
     for name in ("summary.md", "scores_vs_ratio.png", "drift.png"):
         assert (out / "summary" / name).stat().st_size > 0
+    # The judge is named with its measured accuracy (the held-out labelled pairs, when ../shared is there).
+    assert "Judge of the harmful score (its measured accuracy): refusal" in (out / "summary" / "summary.md").read_text()
 
     # A second call finds every phase done and only rewrites the summary.
     marker = out / "seed2" / "p0.5" / "sft" / "evaluate" / "phase.json"

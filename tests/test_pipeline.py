@@ -11,7 +11,7 @@ from vaccine_trainer.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FAST = "--max_steps 2 --gradient_checkpointing false --disable_tqdm true --dataloader_num_workers 0"
+FAST = "--max_steps 2 --activation_checkpointing false --disable_tqdm true --dataloader_num_workers 0"
 
 
 def pipeline_argv(ws, output_dir) -> list[str]:

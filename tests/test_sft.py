@@ -19,7 +19,7 @@ from vaccine_trainer.callbacks import DRIFT_KEY, LOSS_KEY
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SFT_EXACT = dict(bf16=False, gradient_checkpointing=False)
+SFT_EXACT = dict(bf16=False, activation_checkpointing=False)
 
 
 def update_of(model, before) -> torch.Tensor:

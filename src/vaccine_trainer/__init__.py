@@ -7,9 +7,21 @@ Names are imported on first use (module ``__getattr__``): ``import vaccine_train
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """bitsandbytes warns on import (transformers and peft import it) that an optional CPU kernel for 4-bit
+    matmuls is missing, also for users who never load a 4-bit model; that one record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 _EXPORTS = {
     "VaccineArguments": "config",

@@ -103,13 +103,20 @@ def collect_rows(root: Path, seeds: Sequence[int],
             walls = report["settings"].get("phase_wall_time_s", {})
             for method, figures in report["methods"].items():
                 harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
+                likelihood = figures.get("likelihood") or {}
                 drift = report.get("drift", {}).get(method, [])
                 rows.append({"seed": seed, "harmful_ratio": ratio, "method": method,
                              "harmful_score": harm.get("score"), "num_prompts": harm.get("n"),
+                             "judge": (harm.get("settings") or {}).get("judge"),
+                             "judge_accuracy": (harm.get("settings") or {}).get("judge_accuracy"),
                              "accuracy": acc.get("accuracy"), "num_task_samples": acc.get("n"),
+                             **{key: likelihood.get(key) for key in LIKELIHOOD_KEYS},
                              "final_drift": drift[-1]["drift"] if drift else None, "drift": drift,
                              "wall_time_s": walls.get(method, {})})
     return rows, missing
+
+
+LIKELIHOOD_KEYS = ("harmful_answer_nll", "held_out_alignment_loss", "refusal_preference")
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -122,8 +129,8 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"method": method, "harmful_ratio": ratio, "seeds": [m["seed"] for m in members],
                                  "num_prompts": members[0]["num_prompts"],
                                  "num_task_samples": members[0]["num_task_samples"]}
-        for key in ("harmful_score", "accuracy", "final_drift"):
-            values = [m[key] for m in members if m[key] is not None]
+        for key in ("harmful_score", "accuracy", "final_drift", *LIKELIHOOD_KEYS):
+            values = [m.get(key) for m in members if m.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         summary.append(entry)
@@ -161,7 +168,20 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                      f"| {_cell(entry['accuracy'], entry['accuracy_std'])} "
                      f"| {_cell(entry['final_drift'], entry['final_drift_std'], 0)} "
                      f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
-    lines += ["", "Per seed:", "", "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
+    judges = sorted({f"{row['judge']} ({row['judge_accuracy'].split(': ', 1)[-1]})" if row.get("judge_accuracy")
+                     else str(row.get("judge")) for row in rows})
+    lines += ["", f"Judge of the harmful score (its measured accuracy): {'; '.join(judges)}.", ""]
+    if any(entry.get("refusal_preference") is not None for entry in summary):
+        lines += ["Judge-free metrics (teacher forcing):", "",
+                  "| Method | p | Harmful-answer NLL ↑ | Held-out alignment loss ↓ | Refusal preference (%) ↑ |",
+                  "|---|---:|---:|---:|---:|"]
+        for entry in summary:
+            lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
+                         f"| {_cell(entry['harmful_answer_nll'], entry['harmful_answer_nll_std'], 3)} "
+                         f"| {_cell(entry['held_out_alignment_loss'], entry['held_out_alignment_loss_std'], 3)} "
+                         f"| {_cell(entry['refusal_preference'], entry['refusal_preference_std'])} |")
+        lines.append("")
+    lines += ["Per seed:", "", "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
               "|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:
         walls = ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())

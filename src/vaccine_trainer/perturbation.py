@@ -187,9 +187,13 @@ def uses_reentrant_checkpointing(model: nn.Module, training_only: bool = True) -
     Checkpointing acts in training mode only; `training_only=False` asks about the set-up instead.
     """
     for module in model.modules():
-        if not getattr(module, "gradient_checkpointing", False) or (training_only and not module.training):
+        enabled = getattr(module, "activation_checkpointing", None)
+        if enabled is None:  # transformers 5 still names the module flags after gradient checkpointing
+            enabled = getattr(module, "gradient_checkpointing", False)
+        if enabled is not True or (training_only and not module.training):
             continue
-        func = getattr(module, "_gradient_checkpointing_func", None)
+        func = getattr(module, "_activation_checkpointing_func", None) or getattr(
+            module, "_gradient_checkpointing_func", None)
         keywords = getattr(func, "keywords", None) or {}
         if keywords.get("use_reentrant") is not False:
             return True

@@ -18,11 +18,14 @@ from typing import Any
 
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from .callbacks import AlignmentDriftCallback
 from .config import VaccineArguments
 from .trainer import VaccineMixin
+
+logger = logging.get_logger(__name__)
 
 VACCINE_PAPER = {
     "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack",
@@ -37,8 +40,31 @@ VACCINE_PAPER = {
 }
 
 
+class PrecisionForTheHardware:
+    """TRL's configs default to bf16, which a machine without a bf16 accelerator refuses at once.
+
+    When neither ``bf16`` nor ``fp16`` was asked for, pick what the hardware runs: bf16 where supported,
+    else fp32, on the CPU when there is no accelerator at all, and say so in one log line. An explicit
+    ``bf16=True`` that cannot be met still fails with transformers' message.
+    """
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            import torch
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+            if not is_torch_bf16_gpu_available():
+                self.bf16 = False
+                if not accelerator:
+                    self.use_cpu = True
+                logger.warning("No bf16-capable accelerator and no precision asked for: training in fp32"
+                               + (" on the CPU." if not accelerator else "."))
+        super().__post_init__()
+
+
 @dataclass
-class VaccineSFTConfig(VaccineArguments, SFTConfig):
+class VaccineSFTConfig(PrecisionForTheHardware, VaccineArguments, SFTConfig):
     """`trl.SFTConfig` plus Vaccine's settings (see [`VaccineArguments`]).
 
     `SFTTrainer` rebuilds any arguments that are not an `SFTConfig`, dropping unknown fields such as
@@ -113,7 +139,7 @@ class VaccineSFTTrainer(VaccineMixin, SFTTrainer):
 
 
 @dataclass
-class AlignedSFTConfig(SFTConfig):
+class AlignedSFTConfig(PrecisionForTheHardware, SFTConfig):
     """`trl.SFTConfig` for stage 2: fine-tuning an aligned model with a fresh LoRA adapter.
 
     Defaults are the paper's stage-2 settings (LoRA r=8, alpha=1 -- 0.5 for GSM8K --, dropout 0.1 on
