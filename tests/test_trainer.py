@@ -224,3 +224,17 @@ def test_gaussian_noise_has_the_official_variance_rho(tmp_path, monkeypatch):
     assert samples.numel() > 2000
     assert samples.std().item() == pytest.approx(2.0, rel=0.05)  # sqrt(4); std = rho would give 4
     assert abs(samples.mean().item()) < 0.1
+
+
+def test_logged_norm_divides_the_amp_loss_scale_out(tmp_path, monkeypatch):
+    """Pass 1 scales the loss like AMP does (fp16 gradients underflow); the log and the update must not change."""
+    rows = token_rows(4)
+    plain_update, plain = run(tiny_lora_model(), tmp_path / "a", rows, max_steps=1)
+    monkeypatch.setattr(VaccineTrainer, "_vaccine_loss_scale", lambda self: 1024.0)
+    scaled_update, scaled = run(tiny_lora_model(), tmp_path / "b", rows, max_steps=1)
+
+    def norm(trainer):
+        return next(e["vaccine/grad_norm"] for e in trainer.state.log_history if "vaccine/grad_norm" in e)
+
+    assert norm(scaled) == pytest.approx(norm(plain), rel=1e-5)
+    assert relative_error(scaled_update, plain_update) < 1e-5
