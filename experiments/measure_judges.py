@@ -42,7 +42,8 @@ def main() -> None:
         for rows, source in ((held_out, "beavertails_qa_labeled.jsonl (held-out prompts)"),
                              (saferlhf, f"{SAFERLHF_FILE}" + (" (its training data)" if name == "learned" else ""))):
             check = check_judge(judge, rows, source=source, refusals=refusals)
-            results.append({**check.to_dict(), "training_s": round(training_s, 1), "judge_200_s": round(judge_200_s, 2)})
+            results.append({**check.to_dict(), "training_s": round(training_s, 1),
+                            "judge_200_s": round(judge_200_s, 2)})
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     print("| judge | labelled pairs | n | accuracy | precision | recall | safe flagged | refusals flagged "
