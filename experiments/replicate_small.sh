@@ -14,13 +14,7 @@ OUT=outputs/replicate_small
 SWEEP_RHOS=${SWEEP_RHOS:-5}
 SWEEP_SEEDS=${SWEEP_SEEDS:-42 43}
 mkdir -p "$OUT/logs"
-# Speed only: jemalloc keeps freed pages, glibc returns the big logits buffers to the OS every step.
-JEMALLOC=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
-if [ -f "$JEMALLOC" ]; then export LD_PRELOAD="$JEMALLOC"; fi
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-MODEL=$(python -c "from vaccine_trainer.offline import offline_model_path as p; print(p('$OUT/base_model'))" | tail -n 1)
-
-grid() { python -m vaccine_trainer grid --config "$CONFIG" --model_name_or_path "$MODEL" "$@"; }
+source experiments/grid_env.sh "$OUT/base_model"
 
 # 1. the main grid, one process per seed
 grid --seeds 42 > "$OUT/logs/grid_seed42.log" 2>&1 & first=$!
