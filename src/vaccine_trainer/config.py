@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 VACCINE_TARGETS = ("attention", "layer")
 VACCINE_NORMS = ("global", "layer")
 VACCINE_PERTURBATIONS = ("gradient", "gaussian")
+LAYER_PROBABILITIES = ("harmful_gradient", "uniform")
 
 
 @dataclass
@@ -44,6 +45,17 @@ class VaccineArguments:
             Modules to perturb, overriding automatic discovery: a list of exact module names, or
             a regular expression that must match a full module name (as printed by
             `model.named_modules()`). `vaccine_layers` and `vaccine_target` are then ignored.
+        vaccine_layer_sampling (`bool`, defaults to `False`):
+            T-Vaccine (Liu et al., 2024): perturb and train only `vaccine_sampled_layers` decoder layers at a
+            time, drawn every `vaccine_sampling_interval` optimizer steps with probabilities proportional to
+            each layer's hidden-state gradient norm on a batch of harmful data (`probe_dataset`), measured
+            every `vaccine_probe_interval` steps. The other layers' adapters are frozen until the next draw.
+        vaccine_sampled_layers (`int`, defaults to `8`): layers active at a time (the authors' S).
+        vaccine_sampling_interval (`int`, defaults to `20`): optimizer steps between draws (J).
+        vaccine_probe_interval (`int`, defaults to `200`): optimizer steps between probes (K).
+        vaccine_probe_batch_size (`int`, defaults to `1`): harmful rows per probe (the authors use 1).
+        vaccine_layer_probabilities (`str`, defaults to `"harmful_gradient"`): `"harmful_gradient"` (T-Vaccine)
+            or `"uniform"` (the ablation: every layer equally likely, no probe).
     """
 
     rho: float = field(
@@ -72,6 +84,20 @@ class VaccineArguments:
         default=None,
         metadata={"help": "Regex (full match) or list of module names to perturb, overriding discovery."},
     )
+    vaccine_layer_sampling: bool = field(
+        default=False,
+        metadata={"help": "T-Vaccine: perturb and train only a few sampled decoder layers at a time."},
+    )
+    vaccine_sampled_layers: int = field(default=8, metadata={"help": "T-Vaccine: layers active at a time (S)."})
+    vaccine_sampling_interval: int = field(
+        default=20, metadata={"help": "T-Vaccine: optimizer steps between layer draws (J)."})
+    vaccine_probe_interval: int = field(
+        default=200, metadata={"help": "T-Vaccine: optimizer steps between harmful-gradient probes (K)."})
+    vaccine_probe_batch_size: int = field(default=1, metadata={"help": "T-Vaccine: harmful rows per probe."})
+    vaccine_layer_probabilities: str = field(
+        default="harmful_gradient",
+        metadata={"help": "T-Vaccine: how layers are weighted in the draw.", "choices": list(LAYER_PROBABILITIES)},
+    )
 
     def __post_init__(self) -> None:
         self.validate_vaccine_arguments()
@@ -94,6 +120,7 @@ class VaccineArguments:
             ("vaccine_target", VACCINE_TARGETS),
             ("vaccine_norm", VACCINE_NORMS),
             ("vaccine_perturbation", VACCINE_PERTURBATIONS),
+            ("vaccine_layer_probabilities", LAYER_PROBABILITIES),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -112,6 +139,27 @@ class VaccineArguments:
             isinstance(self.vaccine_modules, (list, tuple)) and self.vaccine_modules
         ):
             raise ValueError("vaccine_modules must be a regex string or a non-empty list of module names.")
+
+        self._validate_layer_sampling()
+
+    def _validate_layer_sampling(self) -> None:
+        for name in ("vaccine_sampled_layers", "vaccine_sampling_interval", "vaccine_probe_interval",
+                     "vaccine_probe_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+        if not self.vaccine_layer_sampling:
+            return
+        if self.rho == 0 or self.vaccine_perturbation != "gradient":
+            raise ValueError(
+                "vaccine_layer_sampling (T-Vaccine) perturbs the sampled layers with Vaccine's gradient "
+                f"perturbation: it needs rho > 0 and vaccine_perturbation='gradient' (got rho={self.rho}, "
+                f"vaccine_perturbation={self.vaccine_perturbation!r}).")
+        if self.vaccine_modules is not None:
+            raise ValueError(
+                "vaccine_layer_sampling samples decoder layers, so it cannot use vaccine_modules (modules by "
+                "name have no layer index): choose the candidate layers with vaccine_layers and the module "
+                "of each with vaccine_target instead.")
 
     def vaccine_kwargs(self) -> dict[str, Any]:
         """The Vaccine settings alone, e.g. to copy them onto another argument class."""

@@ -358,6 +358,19 @@ def build_alignment_dataset(source: str, n: int | None = None, *, seed: int = 0,
     return _to_prompt_completion(_sample(rows, n, seed, held_out), template)
 
 
+def build_harmful_dataset(source: str, n: int | None = None, *, seed: int = 0, template: str = "alpaca",
+                          tokenizer=None) -> datasets.Dataset:
+    """Harmful instruction -> harmful answer rows as TRL prompt-completion rows (T-Vaccine's probe data).
+
+    ``n`` rows drawn with ``seed`` (all rows in source order when None); BeaverTails sources are reduced to
+    their unsafe pairs.
+    """
+    _check_template(template, tokenizer)
+    rows = load_instruction_rows(source, split="train", safe=False)
+    _check_n(n, len(rows), "harmful probe", source)
+    return _to_prompt_completion(_sample(rows, n, seed), template)
+
+
 def build_finetune_mix(harmful_source: str, benign_source: str, *, task: str, n: int, p: float,
                        seed: int = 0, template: str = "alpaca", tokenizer=None) -> datasets.Dataset:
     """Stage-2 user data: n rows, exactly round(p*n) harmful (prompt -> harmful answer), the rest from

@@ -130,6 +130,39 @@ def check_distributed_support(trainer: Any) -> None:
     )
 
 
+def check_layer_sampling_support(trainer: Any) -> None:
+    """T-Vaccine changes which parameters train every few steps: allowed where the backend copes with that.
+
+    DDP does when it looks for unused parameters: a layer frozen on every process is then "globally
+    unused" and DDP leaves its `.grad` untouched (None), so the optimizer skips it. FSDP and DeepSpeed fix
+    the trained parameters when they wrap the model (flat, sharded gradient buffers), so they are refused.
+    """
+    if not trainer.vaccine_args.vaccine_layer_sampling:
+        return
+    backend = describe_backend(trainer)
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            f"T-Vaccine (vaccine_layer_sampling) cannot run under {backend}: it freezes and unfreezes layers "
+            "during training, and this backend fixes the parameters it trains (and their sharded gradient "
+            "buffers) when it wraps the model. Run it on one process or under DDP (`accelerate launch "
+            f"--num_processes N`, examples/accelerate/ddp.yaml), or use plain Vaccine under {backend}.")
+    if trainer.accelerator.distributed_type == DistributedType.NO or trainer.args.world_size <= 1:
+        return
+    if reentrant_checkpointing_requested(trainer):
+        raise ValueError(
+            "T-Vaccine under DDP needs DDP to find unused parameters (the frozen layers), which reentrant "
+            "activation checkpointing breaks: use non-reentrant checkpointing "
+            "(`activation_checkpointing_kwargs={'use_reentrant': False}`) or turn checkpointing off.")
+    if trainer.args.ddp_find_unused_parameters is False:
+        raise ValueError(
+            "T-Vaccine under DDP needs `ddp_find_unused_parameters=True`: the frozen layers produce no gradient, "
+            "and without it DDP waits for them. Leave the flag unset or set it to True.")
+    handler = getattr(trainer.accelerator, "ddp_handler", None)
+    if handler is not None and not handler.find_unused_parameters:
+        handler.find_unused_parameters = True
+        logger.info("T-Vaccine: DDP looks for unused parameters (the layers frozen until the next draw).")
+
+
 def pass_one_without_sync(trainer: Any, model: nn.Module) -> contextlib.AbstractContextManager:
     """The context pass 1 runs in so that the backend synchronises no gradient, whatever pass 1 crosses.
 
@@ -180,6 +213,7 @@ def _activation_checkpointing_kwargs(args: Any) -> dict | None:
 
 
 __all__ = [
-    "check_distributed_support", "describe_backend", "fsdp2_gradient_sync_paused", "pass_one_without_sync",
+    "check_distributed_support",
+    "check_layer_sampling_support", "describe_backend", "fsdp2_gradient_sync_paused", "pass_one_without_sync",
     "reentrant_checkpointing_requested",
 ]

@@ -68,6 +68,7 @@ class HiddenStateHooks:
         self.gradients: list[torch.Tensor | None] = [None] * len(self.modules)
         self._gradient_hooks = False
         self._eps: Perturbation | Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.active: list[bool] | None = None  # T-Vaccine: only these modules capture and perturb (None: all)
 
     @property
     def installed(self) -> bool:
@@ -134,8 +135,9 @@ class HiddenStateHooks:
             self._reset(self.OFF)
 
     def check_called(self, expected: Sequence[bool] | None = None) -> None:
-        """Raise if a hook that should have run did not."""
-        expected = [True] * len(self.modules) if expected is None else expected
+        """Raise if a hook that should have run did not (by default: every active module's)."""
+        if expected is None:
+            expected = self.active if self.active is not None else [True] * len(self.modules)
         missing = [i for i, (want, n) in enumerate(zip(expected, self.calls)) if want and n == 0]
         if missing:
             raise HookNotCalledError(
@@ -146,7 +148,7 @@ class HiddenStateHooks:
             )
 
     def _hook(self, index: int, module: nn.Module, args, output):
-        if self.mode == self.OFF:
+        if self.mode == self.OFF or (self.active is not None and not self.active[index]):
             return None
         hidden = hidden_output(output)
         self.calls[index] += 1

@@ -121,6 +121,13 @@ class VaccineSFTTrainer(VaccineMixin, SFTTrainer):
                     metrics[key][before.get(key, 0):] = values
         return loss
 
+    def _prepare_probe_dataset(self, dataset):
+        """T-Vaccine's harmful probe rows, tokenized by TRL like the training data."""
+        if "input_ids" not in dataset.column_names:
+            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, False, self._formatting_func,
+                                            "probe")
+        return super()._prepare_probe_dataset(dataset)
+
     @contextlib.contextmanager
     def _vaccine_pass_one_context(self) -> Iterator[None]:
         """Undo what TRL's `compute_loss` records in pass 1, keeping its values for `training_step`."""

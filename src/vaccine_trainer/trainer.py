@@ -21,8 +21,10 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .config import VaccineArguments
-from .distributed import check_distributed_support, pass_one_without_sync
-from .layers import find_vaccine_modules
+from .config import parse_layer_spec
+from .distributed import check_distributed_support, check_layer_sampling_support, pass_one_without_sync
+from .layer_sampling import LayerFreezer, LayerSamplingState, draw_layers, layer_probabilities, probe_rows
+from .layers import find_decoder_layers, find_vaccine_modules
 from .perturbation import (
     HiddenStateHooks,
     PerturbationResult,
@@ -41,18 +43,21 @@ VACCINE_CONFIG_NAME = "vaccine_config.json"
 class VaccineStateCallback(TrainerCallback, ExportableState):
     """Keeps the Vaccine settings and counters in `trainer_state.json` of every checkpoint.
 
-    On resume the Trainer restores `skipped_steps`, so the logged counter carries on.
+    On resume the Trainer restores `skipped_steps`, so the logged counter carries on, and T-Vaccine's
+    layer probabilities and active layers (`layer_sampling`), so the run draws what it would have drawn.
     """
 
-    def __init__(self, settings: dict | None = None, modules: list[str] | None = None, skipped_steps: int = 0):
+    def __init__(self, settings: dict | None = None, modules: list[str] | None = None, skipped_steps: int = 0,
+                 layer_sampling: dict | None = None):
         self.settings = dict(settings or {})
         self.modules = list(modules or [])
         self.skipped_steps = skipped_steps
+        self.layer_sampling = layer_sampling
 
     def state(self) -> dict:
         return {
             "args": {"settings": self.settings, "modules": self.modules},
-            "attributes": {"skipped_steps": self.skipped_steps},
+            "attributes": {"skipped_steps": self.skipped_steps, "layer_sampling": self.layer_sampling},
         }
 
 
@@ -64,7 +69,7 @@ class VaccineMixin:
     arguments (`rho=2.0`, `vaccine_target="layer"`, ...), so plain `TrainingArguments` work too.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, probe_dataset=None, **kwargs):
         overrides = {name: kwargs.pop(name) for name in _VACCINE_FIELDS if name in kwargs}
         super().__init__(*args, **kwargs)
         from_args = {name: getattr(self.args, name) for name in _VACCINE_FIELDS if hasattr(self.args, name)}
@@ -89,6 +94,117 @@ class VaccineMixin:
         self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0}
         self._vaccine_state = VaccineStateCallback(self.vaccine_args.vaccine_kwargs(), self.vaccine_modules)
         self.add_callback(self._vaccine_state)
+        self._vaccine_freezer: LayerFreezer | None = None
+        self._vaccine_probe_dataset = None
+        self._vaccine_seen_step: int | None = None
+        self._vaccine_sampling_logs: dict[str, float] = {}
+        if self.vaccine_args.vaccine_layer_sampling:
+            self._set_up_layer_sampling(probe_dataset)
+        elif probe_dataset is not None:
+            logger.warning("probe_dataset is used by T-Vaccine only (vaccine_layer_sampling=True); it is ignored.")
+
+    # ------------------------------------------------------------------------------ T-Vaccine: layer sampling
+
+    def _set_up_layer_sampling(self, probe_dataset) -> None:
+        """Candidate layers, their trainable parameters and the harmful probe data, checked at start-up."""
+        settings = self.vaccine_args
+        decoder_layers = find_decoder_layers(self.model)
+        indices = (list(range(len(decoder_layers))) if settings.vaccine_layers is None
+                   else parse_layer_spec(settings.vaccine_layers, len(decoder_layers)))
+        if settings.vaccine_sampled_layers > len(indices):
+            raise ValueError(
+                f"vaccine_sampled_layers={settings.vaccine_sampled_layers} but only {len(indices)} layers can be "
+                f"sampled ({'vaccine_layers=' + repr(settings.vaccine_layers) if settings.vaccine_layers else 'all'}"
+                f"): choose at most {len(indices)}.")
+        if settings.vaccine_layer_probabilities == "harmful_gradient":
+            if probe_dataset is None or len(probe_dataset) == 0:
+                raise ValueError(
+                    "T-Vaccine weighs layers by their gradient on harmful data: pass probe_dataset= (harmful "
+                    "prompt -> harmful answer rows, in the training data's format; `--probe_dataset` in "
+                    "`vaccine-trainer align`), or set vaccine_layer_probabilities='uniform'.")
+            self._vaccine_probe_dataset = self._prepare_probe_dataset(probe_dataset)
+        self._vaccine_freezer = LayerFreezer([decoder_layers[i] for i in indices])
+        self._vaccine_state.layer_sampling = LayerSamplingState(layer_indices=indices).to_dict()
+        logger.info(
+            f"T-Vaccine: {settings.vaccine_sampled_layers} of {len(indices)} layers active at a time, drawn every "
+            f"{settings.vaccine_sampling_interval} steps ({settings.vaccine_layer_probabilities} probabilities"
+            + (f", probed every {settings.vaccine_probe_interval} steps)." if self._vaccine_probe_dataset
+               is not None else ")."))
+
+    def _prepare_probe_dataset(self, dataset):
+        """The probe rows as the collator expects them; trainers that tokenize (TRL) override this."""
+        if hasattr(dataset, "column_names") and self.args.remove_unused_columns:
+            return self._remove_unused_columns(dataset, description="probe")
+        return dataset
+
+    @property
+    def vaccine_layer_sampling_state(self) -> LayerSamplingState | None:
+        """T-Vaccine's probabilities and active layers (decoder-layer indices via `active_layers()`)."""
+        saved = self._vaccine_state.layer_sampling
+        return LayerSamplingState.from_dict(saved) if saved is not None else None
+
+    def _vaccine_layer_sampling_step(self, model: nn.Module) -> None:
+        """At the first micro-batch of an optimizer step: probe and draw when due, then freeze the rest."""
+        step = self.state.global_step
+        if step == self._vaccine_seen_step:
+            return
+        self._vaccine_seen_step = step
+        settings, state = self.vaccine_args, self.vaccine_layer_sampling_state
+        count = len(state.layer_indices)
+        if settings.vaccine_layer_probabilities == "uniform":
+            state.probabilities = [1.0 / count] * count
+        elif state.probabilities is None or (step % settings.vaccine_probe_interval == 0 and state.probe_step != step):
+            norms = self._vaccine_probe_norms(model, step)
+            try:
+                state.probabilities, state.probe_step = layer_probabilities(norms), step
+            except ValueError as error:
+                if state.probabilities is None:
+                    state.probabilities = [1.0 / count] * count
+                logger.warning(f"T-Vaccine: probe at step {step} skipped ({error}); keeping the previous "
+                               "probabilities (uniform if none).")
+            self._vaccine_sampling_logs.update(
+                {f"vaccine/layer_probability/{layer}": p for layer, p in zip(state.layer_indices, state.probabilities)})
+        if state.active is None or (step % settings.vaccine_sampling_interval == 0 and state.draw_step != step):
+            state.active = draw_layers(state.probabilities, settings.vaccine_sampled_layers, self.args.seed, step)
+            state.draw_step = step
+            active_layers = state.active_layers()
+            logger.info(f"T-Vaccine: step {step}, active layers {active_layers}.")
+            self._vaccine_sampling_logs.update({"vaccine/lowest_active_layer": min(active_layers),
+                                                "vaccine/active_layers": len(active_layers)})
+            self._vaccine_sampling_logs.update(
+                {f"vaccine/layer_active/{layer}": float(layer in active_layers) for layer in state.layer_indices})
+        self._vaccine_state.layer_sampling = state.to_dict()
+        self._vaccine_freezer.activate(state.active)
+        self._vaccine_hooks.active = [i in state.active for i in range(count)]
+
+    def _vaccine_probe_norms(self, model: nn.Module, step: int) -> list[float]:
+        """Hidden-state gradient norm of every candidate layer on a harmful batch; no parameter `.grad` is made.
+
+        Averaged over processes, so every process draws from the same probabilities.
+        """
+        dataset = self._vaccine_probe_dataset
+        rows = probe_rows(len(dataset), self.vaccine_args.vaccine_probe_batch_size, self.args.seed, step)
+        inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in rows]))
+        model = self._vaccine_pass_one_model(model)
+        model.train()
+        hooks = self._vaccine_hooks
+        hooks.active = None  # every candidate layer, frozen or not
+        reentrant = uses_reentrant_checkpointing(model)
+        trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
+        with self._vaccine_pass_one_context(), pass_one_without_sync(self, model), \
+                hooks.capturing(gradient_hooks=reentrant):
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            hooks.check_called()
+            gradients = hidden_state_gradients(loss, hooks, trainable)
+            del loss
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) if g is not None
+                             else torch.zeros((), device=self.args.device) for g in gradients]).to(self.args.device)
+        if self.args.world_size > 1:
+            norms = self.accelerator.reduce(norms, reduction="mean")
+        return norms.tolist()
+
+    # ---------------------------------------------------------------------------------------------------------
 
     @property
     def vaccine_skipped_steps(self) -> int:
@@ -103,6 +219,7 @@ class VaccineMixin:
                 "filtering (e.g. max_length or a template that drops rows)."
             )
         check_distributed_support(self)
+        check_layer_sampling_support(self)
 
     def _load_callback_state(self) -> None:
         """On resume, restore `skipped_steps` whatever `restore_callback_states_from_checkpoint` says.
@@ -118,14 +235,34 @@ class VaccineMixin:
         saved = (self.state.stateful_callbacks or {}).get(VaccineStateCallback.__name__)
         saved = saved[0] if isinstance(saved, list) and saved else saved
         if isinstance(saved, dict):
-            self._vaccine_state.skipped_steps = int(saved.get("attributes", {}).get("skipped_steps", 0))
+            attributes = saved.get("attributes", {})
+            self._vaccine_state.skipped_steps = int(attributes.get("skipped_steps", 0))
+            sampling = attributes.get("layer_sampling")
+            if self._vaccine_freezer is not None and sampling is not None:
+                self._check_resumed_layers(sampling)
+                self._vaccine_state.layer_sampling = sampling
+
+    def _check_resumed_layers(self, sampling: dict) -> None:
+        expected = self.vaccine_layer_sampling_state.layer_indices
+        if sampling.get("layer_indices") != expected:
+            raise ValueError(f"The checkpoint sampled layers {sampling.get('layer_indices')}, this run samples "
+                             f"{expected}: resume with the same vaccine_layers.")
 
     def train(self, *args, **kwargs):
-        """Train with the hooks registered for the whole run, so `torch.compile` sees them."""
+        """Train with the hooks registered for the whole run, so `torch.compile` sees them.
+
+        T-Vaccine's frozen layers are trainable again when `train` returns or fails.
+        """
         if self._vaccine_hooks is None:
             return super().train(*args, **kwargs)
-        with self._vaccine_hooks.installed_for():
-            return super().train(*args, **kwargs)
+        self._vaccine_seen_step = None
+        try:
+            with self._vaccine_hooks.installed_for():
+                return super().train(*args, **kwargs)
+        finally:
+            if self._vaccine_freezer is not None:
+                self._vaccine_freezer.release()
+                self._vaccine_hooks.active = None
 
     def training_step(
         self,
@@ -137,6 +274,8 @@ class VaccineMixin:
         if hooks is None:  # rho == 0: exactly the parent's step
             return super().training_step(model, inputs, num_items_in_batch)
         with hooks.installed_for():
+            if self._vaccine_freezer is not None:
+                self._vaccine_layer_sampling_step(model)
             if self.vaccine_args.vaccine_perturbation == "gaussian":
                 return self._vaccine_pass_two(model, inputs, num_items_in_batch,
                                               gaussian_noise(math.sqrt(self.vaccine_args.rho)))
@@ -277,6 +416,8 @@ class VaccineMixin:
                 logs["vaccine/grad_norm"] = grad_norm / perturbed
             logs["vaccine/skipped_steps"] = int(skipped)
             self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0}
+            logs.update(self._vaccine_sampling_logs)  # after a probe or a draw: probabilities and active layers
+            self._vaccine_sampling_logs = {}
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
