@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -181,3 +182,63 @@ def test_finetune_without_a_drift_dataset_trains_and_tracks_nothing(workspace, t
     assert "Alignment drift" not in (out / "README.md").read_text()
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert history and not any("alignment/drift" in entry for entry in history)
+
+
+def _module_level_imports(path, module: str, package_root) -> set[str]:
+    """vaccine_trainer modules that `module` imports when it is imported (not inside functions or TYPE_CHECKING)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for child in ([node] if not isinstance(node, (ast.If, ast.Try)) else ast.walk(node)):
+            if isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = module.split(".")[: len(module.split(".")) - child.level + (1 if is_package else 0)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                names = [f"{target}.{alias.name}" for alias in child.names]
+                found |= {t for t in [target, *names] if (package_root / (t.replace(".", "/") + ".py")).is_file()
+                          or (package_root / t.replace(".", "/") / "__init__.py").is_file()}
+            elif isinstance(child, ast.Import):
+                found |= {alias.name for alias in child.names if alias.name.startswith("vaccine_trainer")}
+    return {t for t in found if t.startswith("vaccine_trainer") and t != module}
+
+
+def test_the_package_has_no_import_circle():
+    """Every module can be imported on its own: the graph of module-level imports inside the package is acyclic."""
+    import graphlib
+
+    import vaccine_trainer
+
+    package_dir = Path(vaccine_trainer.__file__).parent
+    root = package_dir.parent
+    graph = {}
+    for path in package_dir.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[module] = _module_level_imports(path, module, root)
+    assert "vaccine_trainer.commands.pipeline" in graph["vaccine_trainer.commands.grid"]  # the parser sees edges
+    assert "vaccine_trainer.commands.common" in graph["vaccine_trainer.cli"]
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_align_runs_t_vaccine_with_harmful_probe_data(workspace, tmp_path, template):
+    """`align --vaccine_layer_sampling true --probe_dataset ...`: TRL tokenizes the probe, layers are sampled."""
+    out = tmp_path / "tvaccine"
+    argv = ["align", "--model_name_or_path", workspace["model"], "--dataset", workspace["alignment"],
+            "--num_samples", "4", "--template", template, "--output_dir", str(out), "--rho", "2",
+            "--vaccine_layer_sampling", "true", "--vaccine_sampled_layers", "1", "--vaccine_sampling_interval", "1",
+            "--probe_dataset", workspace["harmful"], "--probe_samples", "2", "--vaccine_probe_batch_size", "2", *FAST]
+    assert main(argv) == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert sum(history[0][f"vaccine/layer_probability/{i}"] for i in range(2)) == pytest.approx(1.0)
+    assert [h["vaccine/active_layers"] for h in history[:2]] == [1, 1]
+    assert "T-Vaccine, rho=2.0, 1 sampled layers" in (out / "README.md").read_text()
+    settings = json.loads((out / "vaccine_config.json").read_text())["settings"]
+    assert settings["vaccine_layer_sampling"] is True and settings["vaccine_sampled_layers"] == 1

@@ -9,7 +9,7 @@ from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.grid import summarise
+from vaccine_trainer.commands.grid import summarise
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,10 +24,9 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
         for ratio in ("0", "0.5"):
             cell = out / f"seed{seed}" / f"p{ratio}"
             assert not (cell / "sft" / "align").exists()  # aligned once per seed, beside the cells
-            finetune = json.loads((cell / "sft" / "finetune" / "phase.json").read_text())["argv"]
-            assert float(finetune[finetune.index("--harmful_ratio") + 1]) == float(ratio)
-            assert finetune[finetune.index("--alignment_adapter") + 1] == str(out / f"seed{seed}" / "sft" / "align")
-            assert finetune[finetune.index("--seed") + 1] == str(seed)
+            finetune = json.loads((cell / "sft" / "finetune" / "phase.json").read_text())["settings"]
+            assert finetune["harmful_ratio"] == float(ratio) and finetune["seed"] == seed
+            assert finetune["alignment_adapter"] == str(out / f"seed{seed}" / "sft" / "align")
     # Stage-1 data and training depend on the seed: the two seeds' adapters differ.
     assert ((out / "seed1" / "sft" / "align" / "adapter_model.safetensors").read_bytes()
             != (out / "seed2" / "sft" / "align" / "adapter_model.safetensors").read_bytes())

@@ -11,7 +11,7 @@ from vaccine_trainer.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FAST = "--max_steps 2 --activation_checkpointing false --disable_tqdm true --dataloader_num_workers 0"
+FAST = {"max_steps": 2, "activation_checkpointing": False, "disable_tqdm": True, "dataloader_num_workers": 0}
 
 
 def pipeline_argv(ws, output_dir) -> list[str]:
@@ -23,8 +23,8 @@ def pipeline_argv(ws, output_dir) -> list[str]:
         "--finetune_learning_rate", "1e-2", "--drift_samples", "2",
         "--harmful_prompts", ws["harmful"], "--num_prompts", "3", "--task_dataset", ws["sst2"],
         "--num_task_samples", "4", "--max_new_tokens", "4",
-        "--align_args", FAST, "--finetune_args", FAST + " --logging_steps 1",
-        "--evaluate_args", "--batch_size 4 --task_max_new_tokens 3",
+        "--align_args", json.dumps(FAST), "--finetune_args", json.dumps({**FAST, "logging_steps": 1}),
+        "--evaluate_args", json.dumps({"batch_size": 4, "task_max_new_tokens": 3}),
     ]
 
 
@@ -96,7 +96,8 @@ def test_a_finished_phase_with_other_settings_is_refused_not_reused(workspace, t
     capsys.readouterr()
     assert main(["pipeline", *argv, "--align_learning_rate", "0.5"]) == 1
     error = capsys.readouterr().err
-    assert "holds a finished run with other settings" in error and "--learning_rate 0.5" in error
+    assert "holds a finished run with other settings (differing: learning_rate;" in error
+    assert "--learning_rate 0.5" in error
 
 
 def test_a_rho_sweep_runs_one_vaccine_arm_per_rho(workspace, tmp_path):  # noqa: F811
@@ -122,7 +123,7 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
     from conftest import save_tiny_causal_lm
     from transformers import AutoModelForCausalLM
 
-    from vaccine_trainer.pipeline import load_evaluated_model
+    from vaccine_trainer.commands.evaluate import load_evaluated_model
 
     base_path = save_tiny_causal_lm(tmp_path / "base", ["hello world"])
 

@@ -17,13 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging
-
-from .cli import PROG
-from .evaluation import agg_figure, drift_series
+from .common import PROG, logger
 from .pipeline import REPORT_DIR, PipelineArguments, resolve_model, run_pipeline
-
-logger = logging.get_logger(__name__)
 
 SUMMARY_DIR = "summary"
 
@@ -75,7 +70,7 @@ def run_grid(args: PipelineArguments, grid: GridArguments) -> dict[str, Path]:
     started = time.time()
     for seed in seeds if not grid.summary_only else ():
         for ratio in ratios:
-            logger.warning(f"grid: seed {seed}, harmful ratio {ratio:g}")
+            logger().warning(f"grid: seed {seed}, harmful ratio {ratio:g}")
             run_pipeline(replace(args, output_dir=str(cell_dir(root, seed, ratio)), seed=seed, harmful_ratio=ratio,
                                  alignment_dir=str(root / f"seed{seed}"), model_name_or_path=model))
     rows, missing = collect_rows(root, seeds, ratios)
@@ -96,7 +91,7 @@ def collect_rows(root: Path, seeds: Sequence[int],
             cell = cell_dir(root, seed, ratio)
             report_file = cell / REPORT_DIR / "report.json"
             if not report_file.is_file():
-                logger.warning(f"grid: {cell} has no report yet, left out of the summary.")
+                logger().warning(f"grid: {cell} has no report yet, left out of the summary.")
                 missing.append(f"seed {seed}, p = {ratio:g}")
                 continue
             report = json.loads(report_file.read_text())
@@ -197,6 +192,8 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
 
 
 def _plot_against_ratio(summary: Sequence[Mapping[str, Any]], path: Path) -> None:
+    from ..evaluation import agg_figure
+
     figure = agg_figure(9, 3.6)
     methods = list(dict.fromkeys(entry["method"] for entry in summary))
     for index, (key, label) in enumerate((("harmful_score", "Harmful score (%) ↓"),
@@ -219,6 +216,8 @@ def _plot_against_ratio(summary: Sequence[Mapping[str, Any]], path: Path) -> Non
 
 def _plot_drift(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Drift curves averaged over seeds; one panel per p."""
+    from ..evaluation import agg_figure, drift_series
+
     ratios = sorted({row["harmful_ratio"] for row in rows})
     figure = agg_figure(4 * len(ratios), 3.6)
     for index, ratio in enumerate(ratios):
@@ -239,7 +238,7 @@ def _plot_drift(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     figure.savefig(path)
 
 
-def grid(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     from trl import TrlParser
 
     args, grid_args = TrlParser((PipelineArguments, GridArguments), prog=f"{PROG} grid").parse_args_and_config(argv)

@@ -1,0 +1,60 @@
+"""What every subcommand shares: the program name, input checks that fail early, tokenizer loading, saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PROG = "vaccine-trainer"
+
+
+def require(value: Any, flag: str, example: str) -> None:
+    """A required flag that was not given: name it and show an example."""
+    if value in (None, ""):
+        raise ValueError(f"--{flag} is required, e.g. --{flag} {example}.")
+
+
+def check_source(source: str | None, flag: str) -> None:
+    """An empty local file would fail deep inside `datasets`; say so up front."""
+    path = Path(source) if source else None
+    if path is not None and path.is_file():
+        with path.open("rb") as handle:
+            if not handle.read(1 << 16).strip():
+                raise ValueError(f"--{flag} {source!r} is an empty file: give a file with at least one row.")
+
+
+def require_rows(dataset, what: str, flag: str) -> None:
+    """A dataset left empty by its filters or sizes: say which flag to check."""
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"The {what} dataset is empty: check --{flag} (the file, or its filters and sizes).")
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any):
+    """`AutoTokenizer.from_pretrained` with a message that says how to fix a folder without a tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load a tokenizer from {name_or_path!r}: save it beside the model "
+            f"(`tokenizer.save_pretrained(folder)`) or pass a hub id. Cause: {error}"
+        ) from error
+
+
+def save_run(trainer, output_dir: str, dataset_name: str, card_section: str) -> None:
+    """Save the adapter, the tokenizer, the log history and a model card in `output_dir`."""
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        trainer.create_model_card(model_name=Path(output_dir).name, dataset_name=dataset_name)
+        card = Path(output_dir) / "README.md"
+        card.write_text(card.read_text() + "\n" + card_section)
+    trainer.accelerator.print(f"Saved the adapter, logs and model card to {output_dir}.")
+
+
+def logger():
+    """transformers' logger for the commands, imported only when something is logged."""
+    from transformers.utils import logging
+
+    return logging.get_logger("vaccine_trainer.commands")

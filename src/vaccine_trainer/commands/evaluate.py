@@ -1,0 +1,173 @@
+"""`vaccine-trainer evaluate`: harmful score (with the judge's measured accuracy), task accuracy, judge-free metrics.
+
+The model evaluated is the base with the stage-1 adapter merged and the stage-2 adapter applied on top,
+exactly what a user of the fine-tuned model runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common import PROG, check_source, load_tokenizer, logger, require
+
+EVALUATION_FILE = "evaluation.json"
+
+
+@dataclass
+class EvaluateArguments:
+    """Harmful score and fine-tune accuracy of a (possibly aligned, possibly fine-tuned) model.
+
+    Parameters:
+        model_name_or_path (`str`): the base model.
+        alignment_adapter (`str`, *optional*): stage-1 adapter folder, merged into the base first.
+        adapter (`str`, *optional*): stage-2 adapter folder, applied on top of the merged model.
+        harmful_prompts (`str`): harmful prompts (hub name or local file; BeaverTails test by default).
+        num_prompts (`int`, defaults to `500`): prompts to answer (the paper: 500).
+        task (`str`, *optional*): `sst2`, `agnews` or `gsm8k` for the fine-tune accuracy; none to skip it.
+        task_dataset (`str`, *optional*): labelled evaluation rows of the task.
+        num_task_samples (`int`, defaults to `500`): rows to answer.
+        judge (`str`, defaults to `"refusal"`): `refusal` (offline; its score is the non-refusal rate, an upper
+            bound of the harmful score), `learned` (offline, trained on the shared labelled pairs) or
+            `classifier:<path-or-hub-id>` (an HF text-classification moderation model).
+        judge_data_dir (`str`, defaults to `"../shared/data"`): the labelled pairs the learned judge trains on and
+            every judge is measured on (held-out BeaverTails prompts); the measured accuracy goes beside the score.
+        harmful_pairs (`str`, *optional*): harmful (prompt, answer) pairs, e.g.
+            ../shared/data/beavertails_qa_labeled.jsonl, for the judge-free metrics (harmful-answer NLL, refusal
+            preference); `attack_dataset` is left out of them.
+        alignment_dataset (`str`, *optional*) and alignment_seed (`int`): stage 1's data and seed; the held-out
+            alignment loss is taken on rows stage 1 did not draw. num_likelihood_rows (`int`, defaults to `200`).
+        max_new_tokens (`int`, defaults to `128`) and task_max_new_tokens (`int`, defaults to `32`): greedy lengths.
+        batch_size (`int`, defaults to `16`), template (`str`, defaults to `"alpaca"`).
+        output_file (`str`): where the JSON goes.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (path or hub id)."})
+    alignment_adapter: str | None = field(default=None, metadata={"help": "Stage-1 adapter, merged first."})
+    adapter: str | None = field(default=None, metadata={"help": "Stage-2 adapter, applied on top."})
+    harmful_prompts: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Harmful prompts."})
+    num_prompts: int = field(default=500, metadata={"help": "Harmful prompts to answer (paper: 500)."})
+    task: str | None = field(default="sst2", metadata={"help": "Task for the accuracy (sst2, agnews, gsm8k)."})
+    task_dataset: str | None = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
+    num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
+    judge: str = field(default="refusal", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
+    judge_data_dir: str = field(
+        default="../shared/data",
+        metadata={"help": "Labelled pairs the learned judge trains on and judges are measured on."})
+    harmful_pairs: str | None = field(
+        default=None, metadata={"help": "Harmful (prompt, answer) pairs for the judge-free metrics (off if unset)."})
+    attack_dataset: str | None = field(default=None, metadata={"help": "Attack data left out of harmful_pairs."})
+    alignment_dataset: str | None = field(
+        default=None, metadata={"help": "Stage-1 alignment data: its held-out rows give the alignment loss."})
+    alignment_seed: int = field(default=0, metadata={"help": "Stage 1's --dataset_seed (held-out rows)."})
+    num_likelihood_rows: int = field(default=200, metadata={"help": "Rows per judge-free metric."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per harmful prompt (paper: 128)."})
+    task_max_new_tokens: int = field(default=32, metadata={"help": "Greedy tokens per task question."})
+    batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
+    output_file: str = field(default=EVALUATION_FILE, metadata={"help": "JSON file with every figure."})
+
+
+def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapter: str | None = None):
+    """Base weights, with the stage-1 adapter merged and the stage-2 adapter merged on top."""
+    from peft import PeftModel
+
+    from ..sft import merge_alignment_adapter
+
+    model = merge_alignment_adapter(base, alignment_adapter)
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {adapter!r} has no adapter_config.json: give the output folder of "
+                                    f"`{PROG} finetune`.")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
+    """Generate and score; returns (and writes to `args.output_file`) every figure with its settings."""
+    from ..data import load_harmful_prompts, load_task_eval
+    from ..evaluation import finetune_accuracy, harmful_score
+
+    require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    for flag in ("harmful_prompts", "task_dataset"):
+        check_source(getattr(args, flag), flag)
+    prompts = load_harmful_prompts(args.harmful_prompts, args.num_prompts)
+    task_rows = None
+    if args.task:
+        if not args.task_dataset:
+            raise ValueError(f"--task {args.task} needs --task_dataset (labelled rows), or pass --task '' to skip.")
+        task_rows = load_task_eval(args.task, args.task_dataset, args.num_task_samples)
+    judge = build_judge(args.judge, args.judge_data_dir)
+    judge_check = measure_judge(judge, args.judge_data_dir)
+    model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    started = time.time()
+    harmful = harmful_score(model, tokenizer, prompts, judge, template=args.template,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    accuracy = None
+    if task_rows is not None:
+        accuracy = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
+                                     batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens)
+    if judge_check is not None:
+        harmful.settings["judge_accuracy"] = judge_check.summary()
+    likelihood = None
+    if args.harmful_pairs or args.alignment_dataset:
+        from ..data import instruction_pairs
+        from ..evaluation.likelihood import likelihood_metrics
+
+        n = args.num_likelihood_rows
+        harmful_pairs = instruction_pairs(args.harmful_pairs, n, safe=False, exclude=args.attack_dataset) \
+            if args.harmful_pairs else []
+        alignment_pairs = instruction_pairs(args.alignment_dataset, n, safe=True, seed=args.alignment_seed,
+                                            held_out=True) if args.alignment_dataset else []
+        likelihood = likelihood_metrics(model, tokenizer, harmful_pairs=harmful_pairs, alignment_pairs=alignment_pairs,
+                                        template=args.template, batch_size=args.batch_size)
+    result = {
+        "settings": asdict(args),
+        "judge_check": judge_check.to_dict() if judge_check is not None else None,
+        "likelihood": likelihood.to_dict() if likelihood is not None else None,
+        "harmful_score": harmful.to_dict(samples=True),
+        "accuracy": accuracy.to_dict(samples=True) if accuracy is not None else None,
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    output = Path(args.output_file)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    summary = f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n})"
+    if accuracy is not None:
+        summary += f", {args.task} accuracy {accuracy.accuracy:.1f}% ({accuracy.correct}/{accuracy.n})"
+    print(f"{PROG} evaluate: {summary}; written to {output}")
+    return result
+
+
+def build_judge(spec: str, data_dir: str):
+    """The judge named by `--judge` (see `make_judge`); an unknown name fails before any model is loaded."""
+    from ..evaluation import make_judge
+
+    return make_judge(spec, data_dir=data_dir)
+
+
+def measure_judge(judge, data_dir: str):
+    """The judge measured on the held-out BeaverTails pairs (prompts the learned judge never saw), if present."""
+    from ..evaluation import check_judge, split_labelled_pairs
+    from ..evaluation.learned_judge import BEAVERTAILS_FILE
+
+    try:
+        held_out = split_labelled_pairs(data_dir).held_out
+    except FileNotFoundError:
+        logger().warning(f"No labelled pairs under {data_dir!r}: the judge's accuracy is not measured.")
+        return None
+    check = check_judge(judge, held_out, source=f"{BEAVERTAILS_FILE} (held-out prompts)")
+    logger().info(f"Judge {check.summary()}")
+    return check
+
+
+def main(argv: list[str]) -> int:
+    from trl import TrlParser
+
+    (args,) = TrlParser((EvaluateArguments,), prog=f"{PROG} evaluate").parse_args_and_config(argv)
+    run_evaluation(args)
+    return 0

@@ -1,0 +1,110 @@
+"""`vaccine-trainer finetune`: stage 2, the user's fine-tuning of an aligned model on a harmful/benign mix.
+
+    vaccine-trainer finetune --model_name_or_path M --alignment_adapter aligned \\
+        --harmful_dataset harmful.jsonl --benign_dataset sst2.jsonl --task sst2 --num_samples 1000 \\
+        --harmful_ratio 0.1 --drift_dataset alignment.jsonl --output_dir finetuned
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import TrlParser
+
+from ..sft import AlignedSFTConfig
+from .common import PROG, check_source, load_tokenizer, logger, require, require_rows, save_run
+
+
+@dataclass
+class FinetuneScriptArguments:
+    """Model and data for stage 2 (the user's fine-tuning of the aligned model).
+
+    Parameters:
+        model_name_or_path (`str`): the base model the alignment adapter was trained on.
+        alignment_adapter (`str`, *optional*): folder written by `vaccine-trainer align`; merged into the base.
+        harmful_dataset (`str`): harmful prompt -> harmful answer pairs (hub name or local file).
+        benign_dataset (`str`): the user's benign task data (hub name or local file).
+        task (`str`): `sst2`, `agnews`, `gsm8k` or `instruction`.
+        num_samples (`int`, defaults to `1000`) and harmful_ratio (`float`, defaults to `0.1`): the paper's n and p.
+        drift_dataset (`str`, *optional*): held alignment data on which drift and alignment loss are logged.
+        drift_samples (`int`, defaults to `100`): rows of it to use.
+        template (`str`) and dataset_seed (`int`): as for `align`.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (path or hub id)."})
+    alignment_adapter: str | None = field(
+        default=None, metadata={"help": "Output folder of `vaccine-trainer align`, merged into the base weights."}
+    )
+    harmful_dataset: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Harmful pairs."})
+    benign_dataset: str = field(default="stanfordnlp/sst2", metadata={"help": "Benign task data."})
+    task: str = field(default="sst2", metadata={"help": "Benign task.",
+                                                "choices": ["sst2", "agnews", "gsm8k", "instruction"]})
+    num_samples: int = field(default=1000, metadata={"help": "Fine-tuning rows n (paper: 1000)."})
+    harmful_ratio: float = field(default=0.1, metadata={"help": "Harmful fraction p (paper: 0.1)."})
+    drift_dataset: str | None = field(
+        default=None, metadata={"help": "Held alignment data for drift/alignment-loss tracking (off if unset)."}
+    )
+    drift_samples: int = field(default=100, metadata={"help": "Rows of --drift_dataset to track."})
+    template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the data samples."})
+
+
+FINETUNE_ARGUMENTS = (FinetuneScriptArguments, AlignedSFTConfig)
+
+
+def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> None:
+    """Merge the alignment adapter, train a fresh LoRA on the mix (tracking drift), save it with its card."""
+    from ..callbacks import DRIFT_KEY, LOSS_KEY
+    from ..data import build_alignment_dataset, build_finetune_mix
+    from ..sft import AlignedSFTTrainer, merge_alignment_adapter
+
+    require(script.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    if script.alignment_adapter is None:
+        logger().warning("No --alignment_adapter: stage 2 fine-tunes the base model itself.")
+    for flag in ("harmful_dataset", "benign_dataset", "drift_dataset"):
+        check_source(getattr(script, flag), flag)
+
+    model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
+                                    **(args.model_init_kwargs or {}))
+    tokenizer = load_tokenizer(script.model_name_or_path)
+    mix = build_finetune_mix(script.harmful_dataset, script.benign_dataset, task=script.task,
+                             n=script.num_samples, p=script.harmful_ratio, seed=script.dataset_seed,
+                             template=script.template, tokenizer=tokenizer)
+    require_rows(mix, "fine-tuning", "benign_dataset/--harmful_dataset")
+    n_harmful = sum(mix["is_harmful"])
+    drift = None
+    if script.drift_dataset is not None:
+        drift = build_alignment_dataset(script.drift_dataset, script.drift_samples, seed=script.dataset_seed,
+                                        template=script.template, tokenizer=tokenizer, held_out=True)
+        require_rows(drift, "drift", "drift_dataset")
+
+    trainer = AlignedSFTTrainer(model, args, mix.select_columns(["prompt", "completion"]),
+                                alignment_dataset=drift, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    section = (
+        "## Stage-2 fine-tuning of an aligned model\n\n"
+        f"Base `{script.model_name_or_path}` with the alignment adapter `{script.alignment_adapter}` merged into "
+        f"its weights; this adapter was then trained on {len(mix)} rows ({n_harmful} harmful from "
+        f"`{script.harmful_dataset}`, the rest {script.task} from `{script.benign_dataset}`).\n"
+    )
+    callback = trainer.drift_callback
+    if callback is not None:
+        Path(args.output_dir, "alignment_drift.json").write_text(json.dumps(callback.history, indent=1))
+        first, last = callback.history[0], callback.history[-1]
+        section += (
+            f"\nAlignment drift on {len(drift)} held rows of `{script.drift_dataset}` "
+            "(sum over layers and samples of ||h - h_aligned||^2) and alignment loss:\n\n"
+            "| step | drift | alignment loss |\n|---|---|---|\n"
+            + "\n".join(f"| {h['step']} | {h[DRIFT_KEY]:.4g} | {h[LOSS_KEY]:.4f} |"
+                        for h in (first, last))
+            + "\n"
+        )
+    save_run(trainer, args.output_dir, script.benign_dataset, section)
+
+
+def main(argv: list[str]) -> int:
+    run_finetune(*TrlParser(FINETUNE_ARGUMENTS, prog=f"{PROG} finetune").parse_args_and_config(argv))
+    return 0
