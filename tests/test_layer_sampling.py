@@ -138,13 +138,15 @@ def test_frozen_adapters_stay_bit_identical_and_adamw_state_is_untouched(tmp_pat
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora" in n)
 
 
-def test_one_step_trains_and_perturbs_only_the_active_layers(tmp_path):
+@pytest.mark.parametrize("checkpoint_frozen", [True, False], ids=["frozen-checkpointed", "frozen-kept"])
+def test_one_step_trains_and_perturbs_only_the_active_layers(tmp_path, checkpoint_frozen):
     """The update equals the paper's formula restricted to the active layers (eps normed over them alone)."""
     rows = token_rows(4)
     batch = default_data_collator(rows)
     model = six_layer_lora_model()
     before = trainable_state(model)
-    trainer = sampling_trainer(model, tmp_path, rows=rows, max_steps=1, vaccine_sampled_layers=3)
+    trainer = sampling_trainer(model, tmp_path, rows=rows, max_steps=1, vaccine_sampled_layers=3,
+                               vaccine_checkpoint_frozen_layers=checkpoint_frozen)
     num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
     steps = run_with_record(trainer)
     active = steps[0][0]
@@ -197,14 +199,18 @@ def test_the_graph_stops_at_the_lowest_active_layer_in_both_passes(tmp_path):
     seen = []
     for index, layer in enumerate(decoder_layers(model)):
         layer.register_forward_hook(lambda m, a, out, i=index: seen.append(
-            (trainer._vaccine_hooks.mode, i, first(out).requires_grad)))
+            (trainer._vaccine_hooks.mode, i, first(out).requires_grad, m.gradient_checkpointing)))
     steps = run_with_record(trainer)
-    lowest = min(steps[0][0])
+    active = steps[0][0]
+    lowest = min(active)
     assert lowest > 0 or NUM_LAYERS == 1
     for mode in ("capture", "perturb"):
-        calls = [(i, grad) for m, i, grad in seen if m == mode]
-        assert [i for i, _ in calls] == list(range(NUM_LAYERS)), mode
-        assert all(grad == (i >= lowest) for i, grad in calls), (mode, lowest, calls)
+        calls = [(i, grad, checkpointed) for m, i, grad, checkpointed in seen if m == mode]
+        assert [i for i, _, _ in calls] == list(range(NUM_LAYERS)), mode
+        assert all(grad == (i >= lowest) for i, grad, _ in calls), (mode, lowest, calls)
+        # Frozen layers keep no activations (recomputed in backward), as in the authors' code.
+        assert all(checkpointed == (i not in active) for i, _, checkpointed in calls), (mode, active, calls)
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))  # restored after train()
 
 
 def test_resume_draws_the_same_layers_and_ends_at_the_same_weights(tmp_path):

@@ -154,3 +154,20 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
     aligned_only = logits(load_evaluated_model(str(base_path), str(stage1)))
     assert torch.allclose(aligned_only, logits(merged_stage_one()), atol=1e-5)
     assert not torch.allclose(evaluated, aligned_only, atol=1e-3)
+
+
+def test_a_t_vaccine_arm_aligns_with_sampled_layers_probed_on_the_harmful_data(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "vaccine,t-vaccine",
+                 "--sampled_layers", "1"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert list(report["methods"]) == ["vaccine", "t-vaccine"]
+    settings = json.loads((out / "tvaccine-rho2" / "align" / "vaccine_config.json").read_text())["settings"]
+    assert settings["vaccine_layer_sampling"] is True and settings["vaccine_sampled_layers"] == 1
+    assert json.loads((out / "vaccine-rho2" / "align" / "vaccine_config.json").read_text())["settings"][
+        "vaccine_layer_sampling"] is False
+    marker = json.loads((out / "tvaccine-rho2" / "align" / "phase.json").read_text())
+    assert marker["settings"]["probe_dataset"] == workspace["harmful"]
+    state = json.loads((out / "tvaccine-rho2" / "align" / "trainer_state.json").read_text())["stateful_callbacks"]
+    sampling = state["VaccineStateCallback"]["attributes"]["layer_sampling"]
+    assert len(sampling["active"]) == 1 and sum(sampling["probabilities"]) == pytest.approx(1.0)

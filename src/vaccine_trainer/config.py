@@ -56,6 +56,9 @@ class VaccineArguments:
         vaccine_probe_batch_size (`int`, defaults to `1`): harmful rows per probe (the authors use 1).
         vaccine_layer_probabilities (`str`, defaults to `"harmful_gradient"`): `"harmful_gradient"` (T-Vaccine)
             or `"uniform"` (the ablation: every layer equally likely, no probe).
+        vaccine_checkpoint_frozen_layers (`bool`, defaults to `True`): run the frozen layers under activation
+            checkpointing, as the authors' code does: they keep no activations (the memory saving) and are
+            recomputed in backward (a time cost); the update is the same either way.
     """
 
     rho: float = field(
@@ -97,6 +100,10 @@ class VaccineArguments:
     vaccine_layer_probabilities: str = field(
         default="harmful_gradient",
         metadata={"help": "T-Vaccine: how layers are weighted in the draw.", "choices": list(LAYER_PROBABILITIES)},
+    )
+    vaccine_checkpoint_frozen_layers: bool = field(
+        default=True,
+        metadata={"help": "T-Vaccine: recompute the frozen layers in backward instead of keeping their activations."},
     )
 
     def __post_init__(self) -> None:

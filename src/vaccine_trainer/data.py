@@ -362,12 +362,14 @@ def build_harmful_dataset(source: str, n: int | None = None, *, seed: int = 0, t
                           tokenizer=None) -> datasets.Dataset:
     """Harmful instruction -> harmful answer rows as TRL prompt-completion rows (T-Vaccine's probe data).
 
-    ``n`` rows drawn with ``seed`` (all rows in source order when None); BeaverTails sources are reduced to
-    their unsafe pairs.
+    At most ``n`` rows drawn with ``seed`` (all rows in source order when None or when the source has fewer);
+    BeaverTails sources are reduced to their unsafe pairs.
     """
     _check_template(template, tokenizer)
     rows = load_instruction_rows(source, split="train", safe=False)
-    _check_n(n, len(rows), "harmful probe", source)
+    if n is not None and n > len(rows):
+        logger.info(f"Harmful probe: {source} has {len(rows)} rows (< {n}); all of them are used.")
+        n = None
     return _to_prompt_completion(_sample(rows, n, seed), template)
 
 

@@ -6,7 +6,9 @@ Every `vaccine_sampling_interval` steps `vaccine_sampled_layers` layers are draw
 those probabilities; until the next draw only they are perturbed and only their adapters train. Frozen
 layers get no gradient at all (`requires_grad=False`), so the optimizer skips them (AdamW leaves a
 parameter whose `.grad` is None alone: no moment update, no weight decay) and autograd builds no graph
-below the lowest active layer.
+below the lowest active layer. As in the authors' code, frozen layers also run under (non-reentrant)
+activation checkpointing: they keep no activations for backward and recompute them instead, which is
+where most of the memory goes; gradients are unchanged.
 
 Draws and probe batches depend on (seed, step) only, so every process draws the same layers and a resumed
 run draws what the uninterrupted run drew; the probabilities are kept in the checkpoint.
@@ -14,10 +16,12 @@ run draws what the uninterrupted run drew; the probabilities are kept in the che
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -60,25 +64,60 @@ def probe_rows(dataset_size: int, batch_size: int, seed: int, step: int) -> list
     return torch.randperm(dataset_size, generator=generator)[: min(batch_size, dataset_size)].tolist()
 
 
-class LayerFreezer:
-    """Switches `requires_grad` of each layer's trainable parameters (those trainable when it was built)."""
+_CHECKPOINT_FLAGS = ("activation_checkpointing", "gradient_checkpointing")  # transformers 6 / 5 spellings
+_CHECKPOINT_FUNCS = ("_activation_checkpointing_func", "_gradient_checkpointing_func")
 
-    def __init__(self, layers: Sequence[nn.Module]):
-        self.parameters = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
-        empty = [i for i, params in enumerate(self.parameters) if not params]
-        if len(empty) == len(self.parameters):
+
+class LayerFreezer:
+    """Switches each layer between trained and frozen.
+
+    Trained: its parameters that were trainable when the freezer was built get `requires_grad=True`.
+    Frozen: `requires_grad=False`, and with `checkpoint_frozen` the layer runs under transformers' own
+    per-layer activation checkpointing (non-reentrant), unless the user already checkpoints every layer.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], checkpoint_frozen: bool = True):
+        self.layers = list(layers)
+        self.parameters = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        if not any(self.parameters):
             raise ValueError("T-Vaccine trains the adapters of the sampled layers, but no decoder layer has a "
                              "trainable parameter: add LoRA adapters (or train the layers) first.")
+        self._saved = [self._checkpoint_state(layer) for layer in self.layers]
+        checkpointable = all(any(hasattr(layer, flag) for flag in _CHECKPOINT_FLAGS) for layer in self.layers)
+        already = any(flags.get(flag) is True for flags in self._saved for flag in _CHECKPOINT_FLAGS)
+        self.checkpoint_frozen = checkpoint_frozen and checkpointable and not already
+
+    @staticmethod
+    def _checkpoint_state(layer: nn.Module) -> dict:
+        return {name: getattr(layer, name) for name in (*_CHECKPOINT_FLAGS, *_CHECKPOINT_FUNCS) if hasattr(layer, name)}
+
+    def _set_checkpointing(self, position: int, on: bool) -> None:
+        layer, saved = self.layers[position], self._saved[position]
+        if not on:
+            for name, value in saved.items():
+                setattr(layer, name, value)
+            return
+        recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        for name in _CHECKPOINT_FLAGS:
+            if hasattr(layer, name):
+                setattr(layer, name, True)
+        for name in _CHECKPOINT_FUNCS:
+            setattr(layer, name, recompute)
 
     def activate(self, active: Sequence[int]) -> None:
         wanted = set(active)
         for position, params in enumerate(self.parameters):
             for param in params:
                 param.requires_grad_(position in wanted)
+            if self.checkpoint_frozen:
+                self._set_checkpointing(position, position not in wanted)
 
     def release(self) -> None:
-        """Every layer trainable again, as before T-Vaccine took over."""
-        self.activate(range(len(self.parameters)))
+        """Every layer as before T-Vaccine took over: trainable, and checkpointed as it was."""
+        for position, params in enumerate(self.parameters):
+            for param in params:
+                param.requires_grad_(True)
+            self._set_checkpointing(position, False)
 
 
 @dataclass

@@ -123,7 +123,8 @@ class VaccineMixin:
                     "prompt -> harmful answer rows, in the training data's format; `--probe_dataset` in "
                     "`vaccine-trainer align`), or set vaccine_layer_probabilities='uniform'.")
             self._vaccine_probe_dataset = self._prepare_probe_dataset(probe_dataset)
-        self._vaccine_freezer = LayerFreezer([decoder_layers[i] for i in indices])
+        self._vaccine_freezer = LayerFreezer([decoder_layers[i] for i in indices],
+                                             checkpoint_frozen=settings.vaccine_checkpoint_frozen_layers)
         self._vaccine_state.layer_sampling = LayerSamplingState(layer_indices=indices).to_dict()
         logger.info(
             f"T-Vaccine: {settings.vaccine_sampled_layers} of {len(indices)} layers active at a time, drawn every "
@@ -154,6 +155,7 @@ class VaccineMixin:
         if settings.vaccine_layer_probabilities == "uniform":
             state.probabilities = [1.0 / count] * count
         elif state.probabilities is None or (step % settings.vaccine_probe_interval == 0 and state.probe_step != step):
+            self._vaccine_freezer.release()  # the probe sees the whole model, as plain Vaccine's pass 1 does
             norms = self._vaccine_probe_norms(model, step)
             try:
                 state.probabilities, state.probe_step = layer_probabilities(norms), step
@@ -419,6 +421,16 @@ class VaccineMixin:
             logs.update(self._vaccine_sampling_logs)  # after a probe or a draw: probabilities and active layers
             self._vaccine_sampling_logs = {}
         super().log(logs, start_time)
+
+    def save_state(self) -> None:
+        """The parent's, with Vaccine's counters and T-Vaccine's layers as they are now, not as at train start.
+
+        The Trainer refreshes callback states only in checkpoints; `trainer_state.json` of the final save
+        would otherwise show the values of the first step.
+        """
+        if isinstance(self.state.stateful_callbacks, dict):
+            self.state.stateful_callbacks[VaccineStateCallback.__name__] = self._vaccine_state.state()
+        super().save_state()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Save as the parent does, plus `vaccine_config.json` so the run can be reproduced."""

