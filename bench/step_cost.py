@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,9 +58,10 @@ class Variant:
     """One timed step kind: the plain Trainer, Vaccine with some settings, or plain with no-op hooks."""
 
     name: str
-    kind: str  # "plain" | "vaccine" | "noop-hooks"
+    kind: str  # "plain" | "vaccine" | "tvaccine" | "noop-hooks"
     target: str = "attention"
     layers: str | None = None
+    checkpoint_frozen: bool = True  # T-Vaccine: frozen layers recompute their activations (the authors' way)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ GROUPS = (
         Variant("lora256-attn-top-half", "vaccine", layers=HALF),
         Variant("lora256-layer-all", "vaccine", "layer"),
     )),
+    Group("lora-256-tvaccine", "lora", 256, (  # issue 16: T-Vaccine, S = 8 of 30, beside Vaccine and plain
+        Variant("lora256-attn-all", "vaccine"),
+        Variant("lora256-tvaccine-s8", "tvaccine"),
+        Variant("lora256-tvaccine-s8-frozen-kept", "tvaccine", checkpoint_frozen=False),
+    )),
     Group("full-128", "full", 128, (
         Variant("full128-attn-all", "vaccine"),
     )),
@@ -104,6 +110,8 @@ GROUPS = (
     )),
 )
 MEMORY_CASES = {"lora-256": ("lora", 256), "full-128": ("full", 128)}
+MEMORY_KINDS = ("plain", "vaccine", "tvaccine", "tvaccine-frozen-kept")
+SAMPLED_LAYERS, SAMPLING_INTERVAL = 8, 20  # T-Vaccine's defaults: S = 8 layers, redrawn every J = 20 steps
 
 
 def build_model(finetune: str, weights: str, seed: int = 0) -> torch.nn.Module:
@@ -130,7 +138,7 @@ def make_batch(seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def build_trainer(model, variant: Variant, output_dir: str, share_optimizer_of=None):
+def build_trainer(model, variant: Variant, output_dir: str, share_optimizer_of=None, seq_len: int = 128):
     from transformers import Trainer, TrainingArguments
 
     from vaccine_trainer import VaccineTrainer
@@ -143,6 +151,12 @@ def build_trainer(model, variant: Variant, output_dir: str, share_optimizer_of=N
     if variant.kind == "vaccine":
         trainer = VaccineTrainer(model=model, args=args, rho=2.0, vaccine_target=variant.target,
                                  vaccine_layers=variant.layers)
+    elif variant.kind == "tvaccine":  # the authors' defaults; the probe reads one harmful row of the same length
+        probe = [{key: value[0].tolist() for key, value in make_batch(seq_len, seed=1).items()}]
+        trainer = VaccineTrainer(model=model, args=args, rho=2.0, vaccine_target=variant.target,
+                                 vaccine_layer_sampling=True, vaccine_sampled_layers=SAMPLED_LAYERS,
+                                 vaccine_sampling_interval=SAMPLING_INTERVAL, probe_dataset=probe,
+                                 vaccine_checkpoint_frozen_layers=variant.checkpoint_frozen)
     else:
         trainer = Trainer(model=model, args=args)
     if share_optimizer_of is None:
@@ -160,12 +174,22 @@ class Stepper:
         self.trainer = trainer
         self.hooks = hooks  # installed around the step, outside the timing (as for a whole train())
         self.model = trainer.model_wrapped
+        self.sampling = getattr(trainer, "_vaccine_freezer", None) is not None
+        self.steps, self.lowest_active = 0, []
+
+    def _next_draw(self) -> None:
+        """T-Vaccine: every timed step is the first of a new window (step counter advanced by J), so the
+        rounds average over draws; the probe runs when the counter reaches a multiple of K (step 0)."""
+        self.trainer.state.global_step = self.steps * SAMPLING_INTERVAL
+        self.steps += 1
 
     def __call__(self, batch, num_items) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process) of one step."""
         trainer = self.trainer
         if self.hooks is not None:
             self.hooks.install()
+        if self.sampling:
+            self._next_draw()
         try:
             start, start_cpu = time.perf_counter(), time.process_time()
             trainer.training_step(self.model, batch, num_items)
@@ -178,6 +202,8 @@ class Stepper:
         finally:
             if self.hooks is not None:
                 self.hooks.remove()
+            if self.sampling:
+                self.lowest_active.append(min(trainer.vaccine_layer_sampling_state.active_layers()))
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -198,12 +224,15 @@ def time_group(group: Group, rounds: int, warmup: int, weights: str, output_dir:
         if variant.kind == "vaccine":
             trainer = build_trainer(model, variant, output_dir, share_optimizer_of=plain)
             steppers[variant.name] = Stepper(trainer, trainer._vaccine_hooks)
+        elif variant.kind == "tvaccine":  # its own copy of the model: it freezes layers, and its own AdamW
+            trainer = build_trainer(build_model(group.finetune, weights), variant, output_dir, seq_len=group.seq_len)
+            steppers[variant.name] = Stepper(trainer, trainer._vaccine_hooks)
         else:  # the plain step with Vaccine's hooks installed and switched off
             vaccine_for_noop = vaccine_for_noop or build_trainer(model, Variant("v", "vaccine"), output_dir, plain)
             steppers[variant.name] = Stepper(plain, vaccine_for_noop._vaccine_hooks)
     names = list(steppers)
     for _ in range(warmup):  # plain and the first Vaccine variant: allocator, optimizer state, autograd
-        for name in names[:2]:
+        for name in names[:2] + [n for n in names[2:] if steppers[n].sampling]:  # T-Vaccine: its probe at step 0
             steppers[name](batch, num_items)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
@@ -230,6 +259,11 @@ def time_group(group: Group, rounds: int, warmup: int, weights: str, output_dir:
                 f"{clock}_plain_step_s_median": quartiles(times["plain"])[1],
                 f"{clock}_step_s": times[variant.name], f"{clock}_plain_step_s": times["plain"],
             })
+        if variant.kind == "tvaccine":
+            row["lowest_active_layer_per_step"] = steppers[variant.name].lowest_active
+            row["tvaccine_vs_vaccine"] = {
+                clock: quartiles([t / v for t, v in zip(times[variant.name], times[group.variants[0].name])])[1]
+                for clock, times in (("cpu", cpu), ("wall", wall))}
         if variant.kind == "noop-hooks":  # the same overhead, timed directly: per call x calls per step
             per_call = hook_call_cost_us()
             modules = len(vaccine_for_noop._vaccine_hooks.modules)
@@ -281,34 +315,45 @@ def _proc_status_kib(field: str) -> int:
 def memory_worker(finetune: str, seq_len: int, kind: str, steps: int, weights: str, output_dir: str) -> dict:
     """In a fresh process: resident set after setup, and the peak over `steps` full steps."""
     model = build_model(finetune, weights)
-    trainer = build_trainer(model, Variant(kind, kind), output_dir)
+    kept = kind == "tvaccine-frozen-kept"
+    variant = Variant(kind, "tvaccine", checkpoint_frozen=False) if kept else Variant(kind, kind)
+    trainer = build_trainer(model, variant, output_dir, seq_len=seq_len)
     batch = make_batch(seq_len)
     num_items = trainer._get_num_items_in_batch([batch], trainer.args.device)
     stepper = Stepper(trainer, getattr(trainer, "_vaccine_hooks", None))
     base = _proc_status_kib("VmRSS")
     for _ in range(steps):
         stepper(batch, num_items)
-    return {"rss_after_setup_mib": base / 1024, "peak_rss_mib": _proc_status_kib("VmHWM") / 1024}
+    result = {"rss_after_setup_mib": base / 1024, "peak_rss_mib": _proc_status_kib("VmHWM") / 1024}
+    if stepper.sampling:
+        result["lowest_active_layer_per_step"] = stepper.lowest_active
+    return result
 
 
 def measure_memory(cases: list[str], steps: int, threads: int, weights: str, output_dir: str, log) -> list[dict]:
     rows = []
     for finetune, seq_len in (MEMORY_CASES[case] for case in cases):
         result = {}
-        for kind in ("plain", "vaccine"):
+        for kind in MEMORY_KINDS:
             command = [sys.executable, __file__, "--memory-worker", f"{finetune},{seq_len},{kind}",
                        "--memory-steps", str(steps), "--threads", str(threads), "--weights", weights,
                        "--output-dir", output_dir]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             result[kind] = json.loads(out.strip().splitlines()[-1])
             log(f"  memory {finetune}-{seq_len} {kind}: {result[kind]}")
-        plain, vaccine = result["plain"], result["vaccine"]
+        plain, vaccine, tvaccine, kept = (result[k] for k in MEMORY_KINDS)
+
+        def added(kind: dict) -> float:  # what the step adds: peak minus the resident set after set-up
+            return kind["peak_rss_mib"] - kind["rss_after_setup_mib"]
+
         rows.append({
             "case": f"{finetune}{seq_len}-attn-all", "finetune": finetune, "seq_len": seq_len, "batch": BATCH,
-            "steps": steps, "plain": plain, "vaccine": vaccine,
+            "steps": steps, "plain": plain, "vaccine": vaccine, "tvaccine": tvaccine, "tvaccine-frozen-kept": kept,
             "peak_ratio": vaccine["peak_rss_mib"] / plain["peak_rss_mib"],
-            "step_peak_ratio": (vaccine["peak_rss_mib"] - vaccine["rss_after_setup_mib"])
-            / (plain["peak_rss_mib"] - plain["rss_after_setup_mib"]),
+            "step_peak_ratio": added(vaccine) / added(plain),
+            "tvaccine_step_peak_vs_vaccine": added(tvaccine) / added(vaccine),
+            "tvaccine_step_peak_vs_plain": added(tvaccine) / added(plain),
+            "tvaccine_frozen_kept_step_peak_vs_vaccine": added(kept) / added(vaccine),
         })
     return rows
 
@@ -321,6 +366,8 @@ TARGETS = {  # case -> bound on the median ratio, from issue 5
     "lora256-attn-top-half": 1.8,
     "noop-hooks": 1.03,
     "lora256-attn-all/memory": 1.10,
+    "lora256-tvaccine-s8/vs-vaccine": 0.9,  # issue 16: step time <= 0.9x Vaccine's
+    "lora256-tvaccine-s8/memory-vs-vaccine": 0.8,  # issue 16: memory the step adds <= 0.8x Vaccine's
 }
 
 
@@ -359,8 +406,33 @@ def table(timing: list[dict], memory: list[dict]) -> str:
             f"| {row['rounds']} | {row['cpu_ratio_median']:.3f} ({row['cpu_ratio_q1']:.3f}-{row['cpu_ratio_q3']:.3f}) "
             f"| {row['wall_ratio_median']:.3f} ({row['wall_ratio_q1']:.3f}-{row['wall_ratio_q3']:.3f}) "
             f"| {row['cpu_plain_step_s_median']:.2f} | {row['cpu_step_s_median']:.2f} | {verdict} |")
+    sampled = [row for row in timing if row["kind"] == "tvaccine"]
+    if sampled:
+        lines += ["", "| T-Vaccine case | T-Vaccine / Vaccine, CPU time (median of per-round ratios) | wall time "
+                  "| lowest active layer per round | target |", "|---|---|---|---|---|"]
+        for row in sampled:
+            bound, ratio = TARGETS.get("lora256-tvaccine-s8/vs-vaccine"), row["tvaccine_vs_vaccine"]["cpu"]
+            verdict = "" if bound is None else f"<= {bound}: {'met' if ratio <= bound else 'MISSED'}"
+            lines.append(f"| {row['case']} | {ratio:.3f} | {row['tvaccine_vs_vaccine']['wall']:.3f} "
+                         f"| {row['lowest_active_layer_per_step']} | {verdict} |")
+    if any("tvaccine" in row for row in memory):
+        lines += ["", "| memory case | added by the step (peak - RSS after set-up), MiB: plain / Vaccine / T-Vaccine "
+                  "/ T-Vaccine with frozen activations kept | T-Vaccine / Vaccine | T-Vaccine / plain "
+                  "| kept / Vaccine | lowest active layer per step | target |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in memory:
+            if "tvaccine" not in row:
+                continue
+            added = [row[k]["peak_rss_mib"] - row[k]["rss_after_setup_mib"] for k in MEMORY_KINDS]
+            bound, ratio = TARGETS.get("lora256-tvaccine-s8/memory-vs-vaccine"), row["tvaccine_step_peak_vs_vaccine"]
+            verdict = f"<= {bound}: {'met' if ratio <= bound else 'MISSED'}"
+            lines.append(f"| {row['case']} | {' / '.join(f'{a:.0f}' for a in added)} | {ratio:.3f} "
+                         f"| {row['tvaccine_step_peak_vs_plain']:.3f} "
+                         f"| {row['tvaccine_frozen_kept_step_peak_vs_vaccine']:.3f} "
+                         f"| {row['tvaccine'].get('lowest_active_layer_per_step')} | {verdict} |")
     if memory:
-        lines += ["", "| memory case | plain peak RSS MiB | Vaccine peak RSS MiB | peak ratio | step-only ratio (peak - RSS after setup) | target |",
+        lines += ["", "| memory case | plain peak RSS MiB | Vaccine peak RSS MiB | peak ratio "
+                  "| step-only ratio (peak - RSS after setup) | target |",
                   "|---|---|---|---|---|---|"]
         for row in memory:
             bound = TARGETS.get(row["case"] + "/memory")
