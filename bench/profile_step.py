@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default=None, help="vaccine_layers, e.g. 15-29 (default: all)")
     parser.add_argument("--steps", type=int, default=2, help="Measured steps of each trainer after one warm-up.")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ops", action="store_true", help="Also print torch.profiler's operator table of one Vaccine step.")
+    parser.add_argument("--ops", action="store_true",
+                        help="Also print torch.profiler's operator table of one Vaccine step.")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         instrument(trainer, clocks[name], two_passes=name == "vaccine")
     trainer_module.hidden_state_gradients = clocks["vaccine"].wrap(
         "pass-1 input-only backward (autograd.grad)", original["hidden_state_gradients"])
-    trainer_module.build_perturbation = clocks["vaccine"].wrap("build eps (norms, scale)", original["build_perturbation"])
+    trainer_module.build_perturbation = clocks["vaccine"].wrap("build eps (norms, scale)",
+                                                               original["build_perturbation"])
     try:
         for _ in range(args.steps):
             for name, stepper in steppers.items():

@@ -263,5 +263,6 @@ def test_sharding_backends_are_refused_for_layer_sampling(backend):
         vaccine_args=types.SimpleNamespace(vaccine_layer_sampling=True), accelerator=types.SimpleNamespace(state=state),
         is_deepspeed_enabled=backend == "deepspeed", is_fsdp_enabled=backend == "fsdp",
         args=types.SimpleNamespace(world_size=2))
-    with pytest.raises(ValueError, match="cannot run under (DeepSpeed ZeRO-3|FSDP2).*Run it on one process or under DDP"):
+    refusal = "cannot run under (DeepSpeed ZeRO-3|FSDP2).*Run it on one process or under DDP"
+    with pytest.raises(ValueError, match=refusal):
         check_layer_sampling_support(trainer)
