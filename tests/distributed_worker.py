@@ -61,6 +61,7 @@ from vaccine_trainer import VaccineSFTConfig, VaccineSFTTrainer, VaccineTrainer,
 from vaccine_trainer.perturbation import uses_reentrant_checkpointing  # noqa: E402
 
 RHO = 2.0
+PROBE_ROWS = token_rows(4, length=12, seed=3)  # T-Vaccine's harmful probe data in the layer-sampling scenario
 PER_DEVICE_BATCH = 2
 WORLD_SIZE = 2
 BACKENDS = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
@@ -101,6 +102,12 @@ SCENARIOS = {
     "sft_lora": Scenario("sft", 1, 2, trainer="sft", extra={"activation_checkpointing": False, "bf16": False},
                          save=True,
                          backends=("ddp", "zero3")),
+    # T-Vaccine: one of three layers trained at a time, redrawn (and probed) every 2 steps. DDP must find the
+    # frozen layers unused and leave them alone, and every rank must draw the same layers.
+    "tvaccine_lora_ga2": Scenario("lora", 2, 4, extra={
+        "vaccine_layer_sampling": True, "vaccine_sampled_layers": 1, "vaccine_sampling_interval": 2,
+        "vaccine_probe_interval": 2, "vaccine_probe_batch_size": 2, "optim": "adamw_torch", "learning_rate": 1e-2,
+        "weight_decay": 0.1}, backends=("ddp",)),
     # Interrupted at step 2 and resumed from the checkpoint; AdamW, so the optimizer state must come back too.
     "resume_full": Scenario("full", 1, 4, extra={"optim": "adamw_torch", "learning_rate": 1e-2,
                                                  "save_strategy": "steps", "save_steps": 2},
@@ -221,6 +228,14 @@ class PhaseMixin:
             self.phase = "step"
 
 
+    def _vaccine_probe_norms(self, model, step):
+        self.phase = "probe"
+        try:
+            return super()._vaccine_probe_norms(model, step)
+        finally:
+            self.phase = "step"
+
+
 class ForcedFSDP2:
     """accelerate 1.15 silently replaces FSDP by DDP on the CPU (MULTI_CPU); restore the plugin it dropped,
     so the Trainer runs real `fully_shard` over gloo. Test-only: the library never does this."""
@@ -310,7 +325,9 @@ def build_trainer(name: str, backend: str, out_dir: Path, **argument_overrides):
         return RecordingSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(name)),
                                    processing_class=tokenizer, peft_config=sft_lora_config())
     trainer_class = {"vaccine": RecordingTrainer, "plain": RecordingPlainTrainer, "leaky": LeakyTrainer}
-    return trainer_class[scenario.trainer](model=scenario_model(name), args=args, train_dataset=scenario_rows(name))
+    probe = {"probe_dataset": PROBE_ROWS} if getattr(args, "vaccine_layer_sampling", False) else {}
+    return trainer_class[scenario.trainer](model=scenario_model(name), args=args, train_dataset=scenario_rows(name),
+                                           **probe)
 
 
 def run(name: str, backend: str, out_dir: Path) -> None:
@@ -336,6 +353,7 @@ def run(name: str, backend: str, out_dir: Path) -> None:
         "reentrant_checkpointing": bool(trainer.reentrant_seen) and all(trainer.reentrant_seen),
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "log_history": trainer.state.log_history,
+        "layer_sampling": trainer._vaccine_state.layer_sampling if hasattr(trainer, "_vaccine_state") else None,
     }
     if scenario.save:
         saved = out_dir / f"{name}_{backend}_saved"

@@ -197,6 +197,40 @@ def test_ddp_synchronises_once_per_optimizer_step(launches):
             assert {phase for _, phase, _ in run["comm_calls"]} == {"step"}, name
 
 
+def test_t_vaccine_under_ddp_equals_one_process_and_the_probe_reduces_only_its_norms(launches, tmp_path):
+    """Layer sampling under DDP: every rank draws the same layers, the frozen ones stay untouched (DDP finds
+    them unused), and the update is one process's accumulating both ranks' micro-batches."""
+    name = "tvaccine_lora_ga2"
+    runs = launches("ddp")[name]
+    assert all(run["find_unused_parameters"] is True for run in runs)
+    assert runs[0]["layer_sampling"] == runs[1]["layer_sampling"]
+    assert runs[0]["layer_sampling"]["probe_step"] == 2  # probed at steps 0 and 2
+    for n, value in runs[0]["params"].items():
+        assert torch.equal(value, runs[1]["params"][n]), n
+    scenario = worker.SCENARIOS[name]
+    rows = []
+    for step in range(scenario.steps):
+        for micro in range(scenario.accumulation):
+            for run in runs:
+                batch = run["micro_batches"][step * scenario.accumulation + micro]
+                for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+                    rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    trainer = VaccineTrainer(model=worker.scenario_model(name), args=worker.scenario_arguments(name, tmp_path, 1),
+                             train_dataset=rows, probe_dataset=worker.PROBE_ROWS)
+    trainer.train()
+    assert trainer._vaccine_state.layer_sampling == runs[0]["layer_sampling"]
+    before = trainable_state(worker.scenario_model(name))
+    single = trainable_state(trainer.model)
+    assert relative_error(flat(runs[0]["params"]) - flat(before), flat(single) - flat(before)) < 1e-4
+    # Two windows of one active layer each: at most two of the three layers' adapters moved.
+    moved_layers = {n.split(".layers.")[1].split(".")[0] for n in single if not torch.equal(single[n], before[n])}
+    assert 1 <= len(moved_layers) <= 2
+    for run in runs:
+        assert gradient_reductions(run, "pass1") == [] and [c for c in run["comm_calls"] if c[1] != "step"] == []
+        probe = gradient_reductions(run, "probe")
+        assert [(step, size) for step, _, size in probe] == [(0, 3), (2, 3)]  # the 3 layer norms, nothing else
+
+
 def test_leaky_pass_one_is_counted(launches):
     """The counters see a pass 1 that communicates (the official code's full backward)."""
     for run in launches("ddp")["leaky_pass_one"]:
