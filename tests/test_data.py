@@ -255,3 +255,24 @@ def test_hub_names_map_split_and_config(monkeypatch):
                      ("stanfordnlp/sst2", None, "validation"), ("fancyzhx/ag_news", None, "test")]
     with pytest.raises(RuntimeError, match=r"Could not load 'offline/absent'.*pass a local .json/.jsonl/.csv file"):
         load_records("offline/absent")
+
+
+def test_a_second_benign_task_takes_its_share_of_the_benign_rows(shared_data):
+    """SST2 mixed with long AlpacaEval answers: exact counts, both tasks present, reproducible."""
+    def mix(seed=5):
+        return build_finetune_mix(str(shared_data / "harmful_qa.jsonl"), str(shared_data / "sst2_train.jsonl"),
+                                  task="sst2", n=100, p=0.1, seed=seed,
+                                  second_source=str(shared_data / "alpacaeval_gpt4.jsonl"), second_fraction=0.4)
+
+    rows = mix().to_list()
+    benign = [row for row in rows if not row["is_harmful"]]
+    sst2 = [row for row in benign if row["label"] in ("positive", "negative") and SST2_INSTRUCTION in row["prompt"]]
+    assert len(rows) == 100 and sum(row["is_harmful"] for row in rows) == 10
+    assert len(sst2) == 54 and len(benign) - len(sst2) == 36  # round(0.4 * 90) from the second task
+    second = [len(row["completion"].split()) for row in benign if row not in sst2]
+    assert sum(second) / len(second) > 50  # long answers (GPT-4's), against SST2's one word
+    assert mix().to_list() == rows
+    with pytest.raises(ValueError, match="second_fraction must be a number in"):
+        build_finetune_mix(str(shared_data / "harmful_qa.jsonl"), str(shared_data / "sst2_train.jsonl"),
+                           task="sst2", n=10, p=0.1, second_source=str(shared_data / "alpacaeval_gpt4.jsonl"),
+                           second_fraction=1.5)

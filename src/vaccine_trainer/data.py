@@ -374,7 +374,8 @@ def build_harmful_dataset(source: str, n: int | None = None, *, seed: int = 0, t
 
 
 def build_finetune_mix(harmful_source: str, benign_source: str, *, task: str, n: int, p: float,
-                       seed: int = 0, template: str = "alpaca", tokenizer=None) -> datasets.Dataset:
+                       seed: int = 0, template: str = "alpaca", tokenizer=None, second_source: str | None = None,
+                       second_task: str = "instruction", second_fraction: float = 0.5) -> datasets.Dataset:
     """Stage-2 user data: n rows, exactly round(p*n) harmful (prompt -> harmful answer), the rest from
     the benign task (sst2 / agnews / gsm8k / instruction), shuffled with seed. Columns "prompt",
     "completion", "is_harmful" (bool), plus "label" (gold answer string) for benign rows.
@@ -382,6 +383,10 @@ def build_finetune_mix(harmful_source: str, benign_source: str, *, task: str, n:
     ``round`` is Python's (half to even: p=0.5, n=5 gives 2 harmful rows). Harmful rows have
     ``label`` None. Both parts are drawn with ``seed`` and the union is shuffled with it, so one seed
     gives one mix and another seed a different sample and order.
+
+    With ``second_source``, ``round(second_fraction * benign rows)`` of the benign rows come from a second
+    task (``second_task``, e.g. long instruction answers beside SST2's one-word labels, so the user's data
+    does not teach the model to answer everything with one word).
     """
     _check_task(task)
     _check_template(template, tokenizer)
@@ -391,6 +396,13 @@ def build_finetune_mix(harmful_source: str, benign_source: str, *, task: str, n:
         raise ValueError(f"n (the number of fine-tuning rows) must be a positive integer, got {n!r}.")
     n_harmful = round(p * n)
     n_benign = n - n_harmful
+    n_second = 0
+    if second_source is not None:
+        _check_task(second_task)
+        if isinstance(second_fraction, bool) or not 0 <= second_fraction <= 1:
+            raise ValueError(f"second_fraction must be a number in [0, 1], got {second_fraction!r}.")
+        n_second = round(second_fraction * n_benign)
+        n_benign -= n_second
     parts = []
     if n_harmful:
         harmful = load_instruction_rows(harmful_source, split="train", safe=False)
@@ -402,13 +414,19 @@ def build_finetune_mix(harmful_source: str, benign_source: str, *, task: str, n:
         _check_n(n_benign, len(benign), f"benign {task} ({n_benign} of n={n})", benign_source)
         parts.append(_to_prompt_completion(_sample(benign, n_benign, seed), template, {"is_harmful": False},
                                            keep=("label",)))
+    if n_second:
+        second = load_task_rows(second_task, second_source, split="train")
+        _check_n(n_second, len(second), f"benign {second_task} ({n_second} of n={n})", second_source)
+        parts.append(_to_prompt_completion(_sample(second, n_second, seed), template, {"is_harmful": False},
+                                           keep=("label",)))
     features = parts[0].features.copy()
     features["label"] = datasets.Value("string")
     features["is_harmful"] = datasets.Value("bool")
     parts = [part.cast(features) for part in parts]
     mix = datasets.concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
     mix = mix.select_columns(["prompt", "completion", "is_harmful", "label"])
-    logger.info(f"Fine-tuning mix: {n} rows, {n_harmful} harmful (p={p}), {n_benign} {task}, seed {seed}.")
+    logger.info(f"Fine-tuning mix: {n} rows, {n_harmful} harmful (p={p}), {n_benign} {task}"
+                + (f", {n_second} {second_task}" if n_second else "") + f", seed {seed}.")
     return mix
 
 

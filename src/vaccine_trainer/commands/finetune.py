@@ -31,6 +31,8 @@ class FinetuneScriptArguments:
         drift_dataset (`str`, *optional*): held alignment data on which drift and alignment loss are logged.
         drift_samples (`int`, defaults to `100`): rows of it to use.
         template (`str`) and dataset_seed (`int`): as for `align`.
+        second_dataset (`str`, *optional*), second_task (`str`, defaults to `"instruction"`) and second_fraction
+            (`float`, defaults to `0.5`): that share of the benign rows from a second task instead.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (path or hub id)."})
@@ -49,6 +51,11 @@ class FinetuneScriptArguments:
     drift_samples: int = field(default=100, metadata={"help": "Rows of --drift_dataset to track."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the data samples."})
+    second_dataset: str | None = field(
+        default=None, metadata={"help": "A second benign task's data, mixed into the benign rows (off if unset)."})
+    second_task: str = field(default="instruction", metadata={
+        "help": "The second benign task.", "choices": ["sst2", "agnews", "gsm8k", "instruction"]})
+    second_fraction: float = field(default=0.5, metadata={"help": "Share of the benign rows from the second task."})
 
 
 FINETUNE_ARGUMENTS = (FinetuneScriptArguments, AlignedSFTConfig)
@@ -63,7 +70,7 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
     require(script.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     if script.alignment_adapter is None:
         logger().warning("No --alignment_adapter: stage 2 fine-tunes the base model itself.")
-    for flag in ("harmful_dataset", "benign_dataset", "drift_dataset"):
+    for flag in ("harmful_dataset", "benign_dataset", "drift_dataset", "second_dataset"):
         check_source(getattr(script, flag), flag)
 
     model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
@@ -71,7 +78,8 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
     tokenizer = load_tokenizer(script.model_name_or_path)
     mix = build_finetune_mix(script.harmful_dataset, script.benign_dataset, task=script.task,
                              n=script.num_samples, p=script.harmful_ratio, seed=script.dataset_seed,
-                             template=script.template, tokenizer=tokenizer)
+                             template=script.template, tokenizer=tokenizer, second_source=script.second_dataset,
+                             second_task=script.second_task, second_fraction=script.second_fraction)
     require_rows(mix, "fine-tuning", "benign_dataset/--harmful_dataset")
     n_harmful = sum(mix["is_harmful"])
     drift = None

@@ -72,6 +72,10 @@ class PipelineArguments:
     benign_dataset: str = field(default="stanfordnlp/sst2", metadata={"help": "Benign task data."})
     task: str = field(default="sst2", metadata={"help": "Benign task (sst2, agnews, gsm8k)."})
     finetune_samples: int = field(default=1000, metadata={"help": "Fine-tuning rows n (paper: 1000)."})
+    second_benign_dataset: str | None = field(
+        default=None, metadata={"help": "A second benign task mixed into stage 2 (e.g. long instruction answers)."})
+    second_benign_task: str = field(default="instruction", metadata={"help": "The second benign task."})
+    second_benign_fraction: float = field(default=0.5, metadata={"help": "Share of benign rows from it."})
     harmful_ratio: float = field(default=0.1, metadata={"help": "Harmful fraction p (paper: 0.1)."})
     finetune_epochs: float = field(default=20.0, metadata={"help": "Fine-tuning epochs (paper: 20)."})
     finetune_learning_rate: float = field(default=1e-5, metadata={"help": "Fine-tuning lr (paper: 1e-5)."})
@@ -306,7 +310,8 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
 
     arms = args.arms()
     check_phase_settings(args)
-    for flag in ("alignment_dataset", "harmful_dataset", "benign_dataset", "harmful_prompts", "task_dataset"):
+    for flag in ("alignment_dataset", "harmful_dataset", "benign_dataset", "harmful_prompts", "task_dataset",
+                 "second_benign_dataset"):
         check_source(getattr(args, flag), flag)
     root = Path(args.output_dir)
     alignment_root = Path(args.alignment_dir) if args.alignment_dir else root
@@ -344,6 +349,9 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
             settings["alignment_adapter"] = str(adapter)
         if args.drift_samples > 0:
             settings |= {"drift_dataset": args.alignment_dataset, "drift_samples": args.drift_samples}
+        if args.second_benign_dataset:
+            settings |= {"second_dataset": args.second_benign_dataset, "second_task": args.second_benign_task,
+                         "second_fraction": args.second_benign_fraction}
         settings |= args.finetune_args
         walls[arm.label]["finetune"] = run_phase(tuned, f"{arm.label}/finetune", "finetune", settings)["wall_time_s"]
         state = tuned / "trainer_state.json"
