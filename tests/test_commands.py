@@ -93,3 +93,24 @@ def test_a_marker_of_an_older_version_is_refused_with_what_to_do(workspace, tmp_
     marker.write_text(json.dumps({"phase": "sft/align", "argv": ["--rho", "0"], "wall_time_s": 1.0}))
     assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "sft"]) == 1
     assert "holds a run of an older vaccine-trainer" in capsys.readouterr().err
+
+
+def test_an_interrupted_training_phase_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    import vaccine_trainer.commands.align as align_module
+    from vaccine_trainer.commands.pipeline import run_phase
+
+    seen = []
+    monkeypatch.setattr(align_module, "run_align", lambda script, args, model: seen.append(args.resume_from_checkpoint))
+    folder = tmp_path / "sft" / "align"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-3").mkdir()
+    settings = {"model_name_or_path": "m", "dataset": "a.jsonl", "output_dir": str(folder), "rho": 0.0,
+                "save_strategy": "steps", "save_steps": 1, "use_cpu": True}
+    done = run_phase(folder, "sft/align", "align", settings)
+    assert seen == [str(folder / "checkpoint-3")]
+    assert done["resumed_from"] == str(folder / "checkpoint-3") and "resume_from_checkpoint" not in done["settings"]
+    # Settings that only change bookkeeping (checkpoints, logging) reuse the finished phase; others refuse it.
+    assert run_phase(folder, "sft/align", "align", {**settings, "save_strategy": "no", "logging_steps": 3}) == done
+    assert seen == [str(folder / "checkpoint-3")]
+    with pytest.raises(ValueError, match="differing: learning_rate"):
+        run_phase(folder, "sft/align", "align", {**settings, "learning_rate": 0.5})

@@ -57,6 +57,10 @@ class PipelineArguments:
                           "(e.g. the harmful ratio) can share it, and align once."},
     )
     max_length: int = field(default=200, metadata={"help": "Max tokens per training row (paper: 200)."})
+    checkpoint_steps: int = field(
+        default=0,
+        metadata={"help": "Save a checkpoint of the training phases every N steps (0: none), so a phase interrupted "
+                          "mid-way resumes from it on the next run."})
     # stage 1
     alignment_dataset: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Alignment data."})
     alignment_samples: int = field(default=2000, metadata={"help": "Alignment rows (paper: 2000)."})
@@ -244,8 +248,21 @@ def command_line(command: str, settings: Mapping[str, Any]) -> str:
     return shlex.join(words)
 
 
+# Settings that change how a phase is run and recorded, never what it computes: a finished phase is reused
+# whatever they were, and a phase interrupted mid-way resumes from its last checkpoint.
+BOOKKEEPING = frozenset({"save_strategy", "save_steps", "save_total_limit", "logging_steps", "disable_tqdm",
+                         "report_to", "dataloader_num_workers", "resume_from_checkpoint"})
+
+
+def _results_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key not in BOOKKEEPING}
+
+
 def run_phase(folder: Path, name: str, command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one phase unless its marker says it finished with the same settings; the marker is written last."""
+    """Run one phase unless its marker says it finished with the same settings; the marker is written last.
+
+    A training phase that left checkpoints (`save_strategy: steps`) and no marker resumes from the last one.
+    """
     settings = json.loads(json.dumps(dict(settings)))  # as the marker stores them
     marker = folder / PHASE_MARKER
     if marker.is_file():
@@ -253,22 +270,32 @@ def run_phase(folder: Path, name: str, command: str, settings: Mapping[str, Any]
         if "settings" not in done:
             raise ValueError(f"{name}: {folder} holds a run of an older {PROG} (flags kept as strings): delete "
                              f"{folder} to run it again, or choose another --output_dir.")
-        if done["settings"] != settings:
-            changed = sorted(k for k in {*settings, *done["settings"]}
-                             if settings.get(k) != done["settings"].get(k))
+        ours, theirs = _results_settings(settings), _results_settings(done["settings"])
+        if ours != theirs:
+            changed = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
             raise ValueError(
                 f"{name}: {folder} holds a finished run with other settings (differing: {', '.join(changed)}; it ran "
                 f"`{done.get('command')}`, this run would be `{command_line(command, settings)}`). Choose another "
                 f"--output_dir (or --alignment_dir), or delete {folder} to run it again.")
         logger().warning(f"{name}: already done in {folder} ({done['wall_time_s']} s), skipped.")
         return done
-    arguments = phase_arguments(command, settings)
+    run_settings = dict(settings)
+    if command in ("align", "finetune") and folder.is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(folder))
+        if last is not None:
+            logger().warning(f"{name}: resuming from {last}.")
+            run_settings["resume_from_checkpoint"] = last
+    arguments = phase_arguments(command, run_settings)
     _, runner = PHASE_COMMANDS[command].load()
-    logger().warning(f"{name}: running ({command_line(command, settings)})")
+    logger().warning(f"{name}: running ({command_line(command, run_settings)})")
     started = time.time()
     runner(*arguments)
     done = {"phase": name, "settings": settings, "command": command_line(command, settings),
             "wall_time_s": round(time.time() - started, 1)}
+    if "resume_from_checkpoint" in run_settings:
+        done["resumed_from"] = run_settings["resume_from_checkpoint"]
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(done, indent=1) + "\n")
     return done
@@ -317,7 +344,9 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
     alignment_root = Path(args.alignment_dir) if args.alignment_dir else root
     started = time.time()
     model = resolve_model(args)
-    common = {"seed": args.seed, "max_length": args.max_length, "save_strategy": "no", "report_to": "none"}
+    common = {"seed": args.seed, "max_length": args.max_length, "report_to": "none"}
+    common |= ({"save_strategy": "steps", "save_steps": args.checkpoint_steps, "save_total_limit": 1}
+               if args.checkpoint_steps > 0 else {"save_strategy": "no"})
     walls: dict[str, dict[str, float]] = {}
     histories: dict[str, list] = {}
     results: dict[str, dict[str, Any]] = {}
