@@ -77,3 +77,18 @@ def test_summary_only_runs_nothing_and_lists_unfinished_cells(workspace, tmp_pat
     summary = json.loads((out / "summary" / "summary.json").read_text())
     assert summary["missing_cells"] == ["seed 2, p = 0"] and [r["seed"] for r in summary["rows"]] == [1]
     assert "Not finished, left out:** seed 2, p = 0" in (out / "summary" / "summary.md").read_text()
+
+
+def test_align_only_runs_stage_one_per_seed_and_nothing_else(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "grid"
+    argv = [*pipeline_argv(workspace, out), "--methods", "non-aligned,sft", "--seeds", "1",
+            "--harmful_ratios", "0,0.5", "--align_only", "true"]
+    assert main(["grid", *argv]) == 0
+    assert (out / "seed1" / "sft" / "align" / "phase.json").is_file()
+    assert sorted(p.name for p in (out / "seed1").iterdir()) == ["sft"]  # no cell, no stage 2, no report
+    assert not (out / "summary").exists()
+    # The full grid afterwards reuses that stage 1.
+    marker = out / "seed1" / "sft" / "align" / "phase.json"
+    stamp = marker.stat().st_mtime_ns
+    assert main(["grid", *argv[:-2]]) == 0
+    assert marker.stat().st_mtime_ns == stamp and (out / "summary" / "summary.md").is_file()

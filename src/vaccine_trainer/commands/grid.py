@@ -69,10 +69,12 @@ def run_grid(args: PipelineArguments, grid: GridArguments) -> dict[str, Path]:
     model = resolve_model(args)
     started = time.time()
     for seed in seeds if not grid.summary_only else ():
-        for ratio in ratios:
+        for ratio in ratios[:1] if args.align_only else ratios:  # stage 1 is shared by every p of a seed
             logger().warning(f"grid: seed {seed}, harmful ratio {ratio:g}")
             run_pipeline(replace(args, output_dir=str(cell_dir(root, seed, ratio)), seed=seed, harmful_ratio=ratio,
                                  alignment_dir=str(root / f"seed{seed}"), model_name_or_path=model))
+    if args.align_only:
+        return {}
     rows, missing = collect_rows(root, seeds, ratios)
     if not rows:
         raise ValueError(f"No finished cell under {root} to summarise: run the grid first.")

@@ -57,6 +57,8 @@ class PipelineArguments:
                           "(e.g. the harmful ratio) can share it, and align once."},
     )
     max_length: int = field(default=200, metadata={"help": "Max tokens per training row (paper: 200)."})
+    align_only: bool = field(
+        default=False, metadata={"help": "Run the alignment (stage 1) of every arm and stop: no stage 2, no report."})
     checkpoint_steps: int = field(
         default=0,
         metadata={"help": "Save a checkpoint of the training phases every N steps (0: none), so a phase interrupted "
@@ -367,6 +369,8 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
                              "probe_dataset": args.harmful_dataset}
             settings |= args.align_args
             walls[arm.label]["align"] = run_phase(adapter, f"{arm.label}/align", "align", settings)["wall_time_s"]
+        if args.align_only:
+            continue
         tuned = folder / "finetune"
         settings = {"model_name_or_path": model, "harmful_dataset": args.harmful_dataset,
                     "benign_dataset": args.benign_dataset, "task": args.task, "num_samples": args.finetune_samples,
@@ -401,6 +405,9 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
         results[arm.label] = {"harmful_score": figures["harmful_score"], "accuracy": figures["accuracy"],
                               "likelihood": figures.get("likelihood")}
 
+    if args.align_only:
+        print(f"{PROG} pipeline: stage 1 done for {', '.join(a.label for a in arms if a.aligned)} (--align_only).")
+        return {}
     settings = {**asdict(args), "model": model, "phase_wall_time_s": walls,
                 "wall_time_s_this_run": round(time.time() - started, 1),
                 "wall_time_s_all_phases": round(sum(sum(w.values()) for w in walls.values()), 1),
