@@ -95,8 +95,8 @@ _REFERENCES: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
 _REFERENCE_LOGS: dict[tuple[str, float], list[dict]] = {}
 
 
-def single_process_params(name: str, runs: list[dict], tmp_path, rho: float = worker.RHO) -> dict[str, torch.Tensor]:
-    """One process, accumulating over both ranks' micro-batches of each step (cached per scenario and rho)."""
+def accumulated_rows(name: str, runs: list[dict]) -> list[dict]:
+    """Both ranks' micro-batches, step by step, as one process accumulating over all of them reads them."""
     scenario = worker.SCENARIOS[name]
     rows = []
     for step in range(scenario.steps):
@@ -105,6 +105,13 @@ def single_process_params(name: str, runs: list[dict], tmp_path, rho: float = wo
                 batch = run["micro_batches"][step * scenario.accumulation + micro]
                 for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
                     rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return rows
+
+
+def single_process_params(name: str, runs: list[dict], tmp_path, rho: float = worker.RHO) -> dict[str, torch.Tensor]:
+    """One process, accumulating over both ranks' micro-batches of each step (cached per scenario and rho)."""
+    scenario = worker.SCENARIOS[name]
+    rows = accumulated_rows(name, runs)
     key = (name, rho, str(rows))
     if key not in _REFERENCES:
         trainer = VaccineTrainer(model=worker.scenario_model(name),
@@ -207,16 +214,8 @@ def test_t_vaccine_under_ddp_equals_one_process_and_the_probe_reduces_only_its_n
     assert runs[0]["layer_sampling"]["probe_step"] == 2  # probed at steps 0 and 2
     for n, value in runs[0]["params"].items():
         assert torch.equal(value, runs[1]["params"][n]), n
-    scenario = worker.SCENARIOS[name]
-    rows = []
-    for step in range(scenario.steps):
-        for micro in range(scenario.accumulation):
-            for run in runs:
-                batch = run["micro_batches"][step * scenario.accumulation + micro]
-                for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-                    rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     trainer = VaccineTrainer(model=worker.scenario_model(name), args=worker.scenario_arguments(name, tmp_path, 1),
-                             train_dataset=rows, probe_dataset=worker.PROBE_ROWS)
+                             train_dataset=accumulated_rows(name, runs), probe_dataset=worker.PROBE_ROWS)
     trainer.train()
     assert trainer._vaccine_state.layer_sampling == runs[0]["layer_sampling"]
     before = trainable_state(worker.scenario_model(name))
