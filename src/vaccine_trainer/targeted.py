@@ -11,10 +11,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import parse_layer_spec
-from .distributed import pass_one_without_sync
 from .layer_sampling import LayerFreezer, LayerSamplingState, draw_layers, layer_probabilities, probe_rows
 from .layers import find_decoder_layers
-from .perturbation import hidden_state_gradients, uses_reentrant_checkpointing
 
 logger = logging.get_logger(__name__)
 
@@ -103,20 +101,10 @@ class TargetedLayersMixin:
         """
         dataset = self._vaccine_probe_dataset
         rows = probe_rows(len(dataset), self.vaccine_args.vaccine_probe_batch_size, self.args.seed, step)
-        inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in rows]))
-        model = self._vaccine_pass_one_model(model)
-        model.train()
-        hooks = self._vaccine_hooks
-        hooks.active = None  # every candidate layer, frozen or not
-        reentrant = uses_reentrant_checkpointing(model)
-        trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
-        with self._vaccine_pass_one_context(), pass_one_without_sync(self, model), \
-                hooks.capturing(gradient_hooks=reentrant):
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs)
-            hooks.check_called()
-            gradients = hidden_state_gradients(loss, hooks, trainable)
-            del loss
+        self._vaccine_hooks.active = None  # every candidate layer, frozen or not
+        # The AMP scale keeps fp16 gradients from underflowing; it cancels in the normalised probabilities.
+        gradients, _ = self._vaccine_hidden_state_gradients(
+            model, self.data_collator([dataset[i] for i in rows]), loss_scale=self._vaccine_loss_scale())
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) if g is not None
                              else torch.zeros((), device=self.args.device) for g in gradients]).to(self.args.device)
         if self.args.world_size > 1:

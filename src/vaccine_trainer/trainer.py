@@ -211,21 +211,9 @@ class VaccineMixin(TargetedLayersMixin):
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
     ) -> PerturbationResult:
         """Forward and input-gradient backward on the clean batch; returns eps."""
-        model = self._vaccine_pass_one_model(model)
-        model.train()
-        inputs = self._prepare_inputs(dict(inputs))  # a copy: compute_loss may pop keys
-        hooks = self._vaccine_hooks
-        reentrant = uses_reentrant_checkpointing(model)
-        trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
         loss_scale = self._vaccine_loss_scale()
-        no_sync = pass_one_without_sync(self, model)
-        with self._vaccine_pass_one_context(), no_sync, hooks.capturing(gradient_hooks=reentrant):
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-            hooks.check_called()
-            self._record_clean_loss(loss.detach(), num_items_in_batch)
-            gradients = hidden_state_gradients(loss * loss_scale, hooks, trainable)
-            del loss
+        gradients, loss = self._vaccine_hidden_state_gradients(model, inputs, num_items_in_batch, loss_scale)
+        self._record_clean_loss(loss, num_items_in_batch)
         result = build_perturbation(gradients, self.vaccine_args.rho, self.vaccine_args.vaccine_norm)
         # Logged on the scale of one process's loss: the AMP scale and compute_loss's factor for averaging
         # tokens across processes divided out, so the figure does not depend on the number of processes.
@@ -234,6 +222,29 @@ class VaccineMixin(TargetedLayersMixin):
             self._vaccine_log_sums["grad_norm"] += result.grad_norm
             self._vaccine_log_sums["perturbed"] += 1
         return result
+
+    def _vaccine_hidden_state_gradients(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None,
+        loss_scale: float = 1.0,
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """The gradient of `loss * loss_scale` w.r.t. every hooked hidden state, and the detached loss.
+
+        Shared by pass 1 and T-Vaccine's probe: no parameter `.grad` is made and no gradient is reduced
+        across processes, whatever wraps the model.
+        """
+        model = self._vaccine_pass_one_model(model)
+        model.train()
+        inputs = self._prepare_inputs(dict(inputs))  # a copy: compute_loss may pop keys
+        hooks = self._vaccine_hooks
+        reentrant = uses_reentrant_checkpointing(model)
+        trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
+        with self._vaccine_pass_one_context(), pass_one_without_sync(self, model), \
+                hooks.capturing(gradient_hooks=reentrant):
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            hooks.check_called()
+            gradients = hidden_state_gradients(loss * loss_scale, hooks, trainable)
+        return gradients, loss.detach()
 
     def _vaccine_pass_one_model(self, model: nn.Module) -> nn.Module:
         """The module pass 1 runs through: never one whose backward reduces gradients.
