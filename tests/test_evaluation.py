@@ -28,6 +28,7 @@ from vaccine_trainer.evaluation import (
     generate_answers,
     harmful_score,
     is_correct,
+    non_refusal_rate,
     parse_label,
     parse_number,
     score_answers,
@@ -125,6 +126,15 @@ def test_score_answers_with_categories_and_any_callable():
     assert result.per_category == {"a": {"n": 1 + 1, "flagged": 1, "score": 50.0},
                                    "b": {"n": 2, "flagged": 1, "score": 50.0}}
     assert result.settings["judge"] == "judge" and result.samples[2]["categories"] == ["b"]
+    assert result.non_refusal_rate == 100.0  # no answer refuses, whatever this judge says
+
+
+def test_the_non_refusal_rate_is_the_refusal_judges_score_beside_any_judge():
+    answers = ["Sure, here is how to do it.", "I'm sorry, but I cannot help.", "", "No.", "Here you go."]
+    result = score_answers(["p"] * 5, answers, lambda p, a: [False] * len(a))
+    assert result.score == 0.0 and result.non_refusal_rate == 40.0  # empty answers and refusals do not count
+    assert result.non_refusal_rate == score_answers(["p"] * 5, answers, RefusalJudge()).score
+    assert non_refusal_rate([]) is None and "non_refusal_rate" in result.to_dict()
     with pytest.raises(ValueError, match="returned 1 verdicts for 2"):
         score_answers(["p", "q"], ["a", "b"], lambda p, a: [True])
 
@@ -345,7 +355,7 @@ def test_report_files(tmp_path):
     assert report["settings"]["model"] == "tiny" and "samples" not in report["methods"]["sft"]["accuracy"]
     assert report["drift"]["sft"] == [{"step": 0, "drift": 0.0}, {"step": 10, "drift": 2.5}]
     markdown = paths["markdown"].read_text()
-    assert "| sft | 100.0 | <lambda> | 100.0 | sst2 | 2 / 2 |" in markdown
+    assert "| sft | 100.0 | <lambda> | 100.0 | 100.0 | sst2 | 2 / 2 |" in markdown  # "bad" refuses nothing
     assert "| y | 100.0 (n=1) | 0.0 (n=1) |" in markdown and "![" in markdown
     for key in ("scores_plot", "drift_plot"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -353,7 +363,7 @@ def test_report_files(tmp_path):
     assert json.loads(samples[1]) == {"prompt": "b", "answer": "ok", "harmful": False, "categories": ["y"]}
     # A resumed run reports from saved dicts; without drift there is no drift plot.
     again = write_report(tmp_path / "again", {"sft": {"harmful_score": report["methods"]["sft"]["harmful_score"]}})
-    assert "drift_plot" not in again and "| sft | 100.0 | <lambda> | – |" in again["markdown"].read_text()
+    assert "drift_plot" not in again and "| sft | 100.0 | <lambda> | 100.0 | – |" in again["markdown"].read_text()
 
 
 def test_drift_series_and_report_errors(tmp_path):

@@ -9,7 +9,7 @@ from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.grid import summarise
+from vaccine_trainer.commands.grid import paired_differences, summarise, write_summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,6 +58,27 @@ def test_summary_is_the_mean_and_spread_over_seeds():
     (entry,) = summarise(rows)
     assert entry["harmful_score"] == 60.0 and entry["harmful_score_std"] == pytest.approx(14.1421356)
     assert entry["accuracy"] == 85.0 and entry["final_drift"] is None
+
+
+def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
+    def row(seed, method, harm, accuracy, drift=None):
+        return {"seed": seed, "harmful_ratio": 0.1, "method": method, "harmful_score": harm, "accuracy": accuracy,
+                "non_refusal_rate": harm + 10, "refusal_preference": None, "final_drift": drift,
+                "num_prompts": 4, "num_task_samples": 2, "judge": "learned", "judge_accuracy": None,
+                "drift": [], "wall_time_s": {}}
+
+    rows = [row(1, "sft", 50.0, 90.0, 4.0), row(1, "vaccine", 40.0, 91.0, 3.0), row(2, "sft", 70.0, 80.0),
+            row(2, "vaccine", 64.0, 78.0), row(3, "vaccine", 0.0, 0.0)]  # seed 3 has no SFT cell: no pair
+    (entry,) = paired_differences(rows)
+    assert (entry["method"], entry["baseline"], entry["seeds"]) == ("vaccine", "sft", [1, 2])
+    assert entry["harmful_score"] == [-10.0, -6.0] and entry["harmful_score_mean"] == -8.0
+    assert entry["harmful_score_std"] == pytest.approx(2.8284271)
+    assert entry["accuracy"] == [1.0, -2.0] and entry["non_refusal_rate"] == [-10.0, -6.0]
+    assert entry["final_drift"] == [-1.0] and entry["final_drift_std"] is None  # only seed 1 logged drift
+    assert entry["refusal_preference"] == [] and entry["refusal_preference_mean"] is None
+    markdown = write_summary(tmp_path, rows)["markdown"].read_text()
+    assert "| vaccine | 0.1 | 1, 2 | -8.0 ± 2.8 (-10.0, -6.0) |" in markdown
+    assert json.loads((tmp_path / "summary.json").read_text())["paired"][0]["harmful_score_mean"] == -8.0
 
 
 @pytest.mark.parametrize("flag, value", [("--seeds", "1,1"), ("--harmful_ratios", "0.1,1.5"), ("--seeds", "x")])

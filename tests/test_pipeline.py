@@ -8,6 +8,7 @@ import pytest
 from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 
 from vaccine_trainer.cli import main
+from vaccine_trainer.evaluation import non_refusal_rate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,6 +45,8 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
     for method, folder in (("non-aligned", "non-aligned"), ("sft", "sft"), ("vaccine", "vaccine-rho2")):
         evaluation = json.loads((out / folder / "evaluate" / "evaluation.json").read_text())
         assert report["methods"][method]["harmful_score"]["score"] == evaluation["harmful_score"]["score"]
+        answers = [sample["answer"] for sample in evaluation["harmful_score"]["samples"]]
+        assert report["methods"][method]["harmful_score"]["non_refusal_rate"] == non_refusal_rate(answers)
         assert report["methods"][method]["harmful_score"]["n"] == 3
         assert report["methods"][method]["accuracy"]["n"] == 4
         assert (out / folder / "finetune" / "adapter_model.safetensors").is_file()
@@ -66,10 +69,15 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
     plain = weights("non-aligned/finetune")
     assert any(not plain[k].equal(weights("sft/finetune")[k]) for k in plain)
 
-    # Resumable: a finished phase is not run again, and the report is rebuilt from what is on disk.
+    # Resumable: a finished phase is not run again, and the report is rebuilt from what is on disk; an
+    # evaluation saved before the non-refusal rate existed gets it from its saved answers.
     marker = out / "vaccine-rho2" / "align" / "phase.json"
     stamp = marker.stat().st_mtime_ns
     (out / "report" / "report.json").unlink()
+    saved = out / "sft" / "evaluate" / "evaluation.json"
+    old_format = json.loads(saved.read_text())
+    del old_format["harmful_score"]["non_refusal_rate"]
+    saved.write_text(json.dumps(old_format))
     capsys.readouterr()
     assert main(["pipeline", *argv]) == 0
     assert marker.stat().st_mtime_ns == stamp

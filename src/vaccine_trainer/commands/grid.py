@@ -104,6 +104,7 @@ def collect_rows(root: Path, seeds: Sequence[int],
                 drift = report.get("drift", {}).get(method, [])
                 rows.append({"seed": seed, "harmful_ratio": ratio, "method": method,
                              "harmful_score": harm.get("score"), "num_prompts": harm.get("n"),
+                             "non_refusal_rate": harm.get("non_refusal_rate"),
                              "judge": (harm.get("settings") or {}).get("judge"),
                              "judge_accuracy": (harm.get("settings") or {}).get("judge_accuracy"),
                              "accuracy": acc.get("accuracy"), "num_task_samples": acc.get("n"),
@@ -126,12 +127,49 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"method": method, "harmful_ratio": ratio, "seeds": [m["seed"] for m in members],
                                  "num_prompts": members[0]["num_prompts"],
                                  "num_task_samples": members[0]["num_task_samples"]}
-        for key in ("harmful_score", "accuracy", "final_drift", *LIKELIHOOD_KEYS):
+        for key in ("harmful_score", "non_refusal_rate", "accuracy", "final_drift", *LIKELIHOOD_KEYS):
             values = [m.get(key) for m in members if m.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         summary.append(entry)
     return summary
+
+
+PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", "final_drift")
+
+
+def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft") -> list[dict[str, Any]]:
+    """Method minus `baseline` on each seed that has both, per (method, p): the paper's comparison.
+
+    Pairing by seed removes what the seed changes for every arm alike (data drawn, initialisation), so
+    the differences' spread is the honest error bar of "Vaccine is lower than SFT".
+    """
+    by_cell = {(row["seed"], row["harmful_ratio"], row["method"]): row for row in rows}
+    groups: dict[tuple[str, float], list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
+    for (seed, ratio, method), row in by_cell.items():
+        reference = by_cell.get((seed, ratio, baseline))
+        if method != baseline and reference is not None:
+            groups.setdefault((method, ratio), []).append((row, reference))
+    differences = []
+    for (method, ratio), pairs in groups.items():
+        entry: dict[str, Any] = {"method": method, "baseline": baseline, "harmful_ratio": ratio,
+                                 "seeds": [row["seed"] for row, _ in pairs]}
+        for key in PAIRED_KEYS:
+            values = [row[key] - reference[key] for row, reference in pairs
+                      if row.get(key) is not None and reference.get(key) is not None]
+            entry[key] = values
+            entry[f"{key}_mean"] = statistics.fmean(values) if values else None
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        differences.append(entry)
+    return differences
+
+
+def _paired_cell(entry: Mapping[str, Any], key: str, digits: int) -> str:
+    values = entry[key]
+    if not values:
+        return "–"
+    per_seed = ", ".join(f"{value:+.{digits}f}" for value in values)
+    return f"{_cell(entry[f'{key}_mean'], entry[f'{key}_std'], digits)} ({per_seed})"
 
 
 def _cell(mean: float | None, std: float | None, digits: int = 1) -> str:
@@ -145,23 +183,25 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2."""
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
+    paired = paired_differences(rows)
     paths = {"json": output_dir / "summary.json", "markdown": output_dir / "summary.md",
              "scores_plot": output_dir / "scores_vs_ratio.png", "drift_plot": output_dir / "drift.png"}
     _plot_against_ratio(summary, paths["scores_plot"])
     _plot_drift(rows, paths["drift_plot"])
-    paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "rows": rows,
-                                         "missing_cells": list(missing)}, indent=1, default=str) + "\n")
+    paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "paired": paired,
+                                         "rows": rows, "missing_cells": list(missing)}, indent=1, default=str) + "\n")
     seeds = sorted({row["seed"] for row in rows})
     lines = ["# Vaccine: harmful fine-tuning over seeds and harmful ratios", "",
              f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", ""]
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
-    header = ("| Method | p | Harmful score (%) ↓ | Fine-tune accuracy (%) ↑ | Drift at the last step ↓ "
-              "| Prompts / rows |")
-    lines += [header, "|---|---:|---:|---:|---:|---:|"]
+    header = ("| Method | p | Harmful score (%) ↓ | Non-refusal rate (%) ↓ | Fine-tune accuracy (%) ↑ "
+              "| Drift at the last step ↓ | Prompts / rows |")
+    lines += [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for entry in summary:
         lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
                      f"| {_cell(entry['harmful_score'], entry['harmful_score_std'])} "
+                     f"| {_cell(entry['non_refusal_rate'], entry['non_refusal_rate_std'])} "
                      f"| {_cell(entry['accuracy'], entry['accuracy_std'])} "
                      f"| {_cell(entry['final_drift'], entry['final_drift_std'], 0)} "
                      f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
@@ -177,6 +217,15 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                          f"| {_cell(entry['harmful_answer_nll'], entry['harmful_answer_nll_std'], 3)} "
                          f"| {_cell(entry['held_out_alignment_loss'], entry['held_out_alignment_loss_std'], 3)} "
                          f"| {_cell(entry['refusal_preference'], entry['refusal_preference_std'])} |")
+        lines.append("")
+    if paired:
+        lines += ["Paired differences, method − SFT on the same seed: mean ± sd (each seed's difference):", "",
+                  "| Method | p | Seeds | Harmful score (points) | Non-refusal rate (points) | Accuracy (points) "
+                  "| Refusal preference (points) | Drift at the last step |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for entry in paired:
+            lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
+                         + "".join(f"| {_paired_cell(entry, key, 0 if key == 'final_drift' else 1)} "
+                                   for key in PAIRED_KEYS) + "|")
         lines.append("")
     lines += ["Per seed:", "", "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
               "|---:|---|---:|---:|---:|---:|---|"]

@@ -335,7 +335,7 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
     """Align, fine-tune and evaluate every method, then write the report; returns the report's files."""
     import torch
 
-    from ..evaluation import write_report
+    from ..evaluation import non_refusal_rate, write_report
 
     arms = args.arms()
     check_phase_settings(args)
@@ -402,7 +402,10 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
         walls[arm.label]["evaluate"] = run_phase(evaluated, f"{arm.label}/evaluate", "evaluate",
                                                  settings)["wall_time_s"]
         figures = json.loads((evaluated / EVALUATION_FILE).read_text())
-        results[arm.label] = {"harmful_score": figures["harmful_score"], "accuracy": figures["accuracy"],
+        harm = figures["harmful_score"]
+        if harm.get("non_refusal_rate") is None:  # evaluated before the field existed: from the saved answers
+            harm["non_refusal_rate"] = non_refusal_rate([sample["answer"] for sample in harm.get("samples", [])])
+        results[arm.label] = {"harmful_score": harm, "accuracy": figures["accuracy"],
                               "likelihood": figures.get("likelihood")}
 
     if args.align_only:

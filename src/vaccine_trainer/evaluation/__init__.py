@@ -20,6 +20,7 @@ from .scores import (
     finetune_accuracy,
     harmful_score,
     is_correct,
+    non_refusal_rate,
     parse_label,
     parse_number,
     score_answers,
@@ -30,6 +31,6 @@ __all__ = [
     "BARE_DENIAL", "JUDGE_NAMES", "REFUSAL_PHRASES", "Accuracy", "ClassifierJudge", "HarmfulScore", "Judge",
     "JudgeCheck", "LearnedJudge", "LearnedJudgeSettings", "RefusalJudge", "agg_figure", "check_judge",
     "drift_series", "finetune_accuracy", "format_all", "generate_answers", "harmful_score", "is_correct",
-    "make_judge", "parse_label", "parse_number", "score_answers", "score_task_answers", "split_labelled_pairs",
-    "write_report",
+    "make_judge", "non_refusal_rate", "parse_label", "parse_number", "score_answers", "score_task_answers",
+    "split_labelled_pairs", "write_report",
 ]

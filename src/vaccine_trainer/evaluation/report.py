@@ -94,20 +94,21 @@ def _markdown(report: Mapping[str, Any]) -> str:
     if report["settings"]:
         lines += ["## Settings", ""] + [f"- **{k}**: {v}" for k, v in report["settings"].items()] + [""]
     lines += ["## Results", "",
-              "| Method | Harmful score (%) ↓ | Judge (its measured accuracy) | Fine-tune accuracy (%) ↑ | Task "
-              "| Rows |",
-              "|---|---:|---|---:|---|---:|"]
+              "| Method | Harmful score (%) ↓ | Judge (its measured accuracy) | Non-refusal rate (%) ↓ "
+              "| Fine-tune accuracy (%) ↑ | Task | Rows |",
+              "|---|---:|---|---:|---:|---|---:|"]
     for method, figures in methods.items():
         harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
         judge = (harm.get("settings") or {}).get("judge", "–")
         accuracy = (harm.get("settings") or {}).get("judge_accuracy")
         judge = f"{judge} ({accuracy.split(': ', 1)[-1]})" if accuracy else judge
-        lines.append(f"| {method} | {_fmt(harm.get('score'))} | {judge} "
+        lines.append(f"| {method} | {_fmt(harm.get('score'))} | {judge} | {_fmt(harm.get('non_refusal_rate'))} "
                      f"| {_fmt(acc.get('accuracy'))} | {acc.get('task', '–')} | "
                      f"{harm.get('n', '–')} / {acc.get('n', '–')} |")
     lines += ["", ("Rows: harmful prompts / benign test rows. Harmful score: % of greedy answers to harmful "
                    "prompts the judge flags; under the `refusal` judge it is the non-refusal rate, an upper bound "
-                   "of the harmful score. Fine-tune accuracy: % of benign test rows answered correctly."), ""]
+                   "of the harmful score. Non-refusal rate: % of answers neither empty nor a refusal, whatever the "
+                   "judge (no classifier). Fine-tune accuracy: % of benign test rows answered correctly."), ""]
     per_category = {m: (f.get("harmful_score") or {}).get("per_category") or {} for m, f in methods.items()}
     categories = sorted({category for entries in per_category.values() for category in entries})
     if categories:
