@@ -4,7 +4,7 @@
 #    one `vaccine-trainer grid` process per seed, one torch thread each (2 cores);
 # 2. the rho sweep: Vaccine with rho 5 at p = 0.1 (its SFT reference is the grid's), on seeds 42 and 43;
 #    SWEEP_RHOS=0.5,5 adds rho 0.5 and SWEEP_SEEDS=42 runs one seed (what fitted the session behind
-#    docs/replication.md);
+#    docs/replication_issue7.md);
 # 3. the summaries (every phase is done by then, so these calls only read and write reports).
 # Resumable: run it again after an interruption and finished phases are skipped. Logs: $OUT/logs.
 set -euo pipefail
