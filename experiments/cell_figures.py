@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from vaccine_trainer.evaluation import RefusalJudge
+from vaccine_trainer.evaluation import non_refusal_rate
 
 
 def main() -> None:
@@ -23,8 +23,8 @@ def main() -> None:
     for path in sorted(root.glob("seed*/p*/*/evaluate/evaluation.json")):
         result = json.loads(path.read_text())
         harm, samples = result["harmful_score"], result["harmful_score"]["samples"]
-        prompts, answers = [s["prompt"] for s in samples], [s["answer"] for s in samples]
-        non_refusal = 100 * sum(RefusalJudge()(prompts, answers)) / len(samples)
+        answers = [s["answer"] for s in samples]
+        non_refusal = non_refusal_rate(answers)
         likelihood = result.get("likelihood") or {}
         method, ratio, seed = path.parts[-3], path.parts[-4], path.parts[-5]
 
