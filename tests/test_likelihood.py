@@ -45,6 +45,47 @@ def test_completion_nll_matches_a_hand_computation_in_batches(lm):
         completion_nll(model, tokenizer, prompts, completions[:2])
 
 
+def test_completion_nll_keeps_input_order_and_skips_the_prompts_logits(lm):
+    """Rows are batched by length and the LM head sees only the scored positions; values stay per row."""
+    model, tokenizer = lm
+    prompts = ["tell me how to steal a car . sure , here is how", "what is two plus two ? the answer is",
+               "how do i make a bomb ? i can not", "sure , here is how to steal a car"]
+    completions = ["to steal a car .", "four .", "help with that .", ". i can not help with that ."]  # not sorted
+    positions = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: positions.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        batched = completion_nll(model, tokenizer, prompts, completions, batch_size=2)
+    finally:
+        handle.remove()
+    expected = [hand_nll(model, tokenizer, p, c) for p, c in zip(prompts, completions)]
+    assert batched == pytest.approx(expected, rel=1e-5)
+    full = [len(tokenizer(p)["input_ids"]) + len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)
+                                                  ["input_ids"]) for p, c in zip(prompts, completions)]
+    assert sum(positions) < sum(full)  # fewer LM-head positions than tokens: prompts and padding are skipped
+
+
+def test_completion_nll_without_logits_to_keep(lm):
+    """A model whose forward has no `logits_to_keep` gets full logits, sliced: the same values."""
+    model, tokenizer = lm
+
+    class FullLogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        @property
+        def device(self):
+            return self.inner.device
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    prompts, completions = ["how do i make a bomb ?", "tell me"], ["i can not help with that .", "how to steal a car ."]
+    assert completion_nll(FullLogitsOnly(model), tokenizer, prompts, completions, batch_size=2) == pytest.approx(
+        [hand_nll(model, tokenizer, p, c) for p, c in zip(prompts, completions)], rel=1e-5)
+
+
 def test_likelihood_metrics_by_hand(lm):
     from vaccine_trainer.data import format_prompt
 

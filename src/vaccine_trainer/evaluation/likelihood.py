@@ -14,6 +14,7 @@ template), and the completion is scored up to and including the end-of-sequence 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,8 +32,10 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
                    max_length: int = 256, add_special_tokens: bool = True) -> list[float]:
     """Mean per-token NLL of each completion (plus eos) after its already formatted prompt.
 
-    Right-padded batches; the prompt's tokens are masked out of the loss, and a completion cut by
-    ``max_length`` is scored on the tokens that fit (at least one).
+    Rows are batched by length (right padding; results come back in input order) and the LM head runs
+    only from the first scored position on: padding and the prompts' vocabulary logits were most of the
+    cost. The prompt's tokens are masked out of the loss, and a completion cut by ``max_length`` is
+    scored on the tokens that fit (at least one).
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
@@ -43,32 +46,48 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
         tokenizer.pad_token = eos
     was_training = model.training
     model.eval()
-    result: list[float] = []
+    keeps_logits = _accepts_logits_to_keep(model)
+    result: list[float] = [0.0] * len(prompts)
     try:
-        for start in range(0, len(prompts), batch_size):
-            prompt_ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
-                          for p in prompts[start:start + batch_size]]
-            full_ids = [(ids + tokenizer(c + eos, add_special_tokens=False)["input_ids"])[:max_length]
-                        for ids, c in zip(prompt_ids, completions[start:start + batch_size])]
-            width = max(len(ids) for ids in full_ids)
-            input_ids = torch.full((len(full_ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        rows = []  # (token ids, index of the first scored token)
+        for prompt, completion in zip(prompts, completions):
+            prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            ids = (prompt_ids + tokenizer(completion + eos, add_special_tokens=False)["input_ids"])[:max_length]
+            rows.append((ids, max(1, min(len(prompt_ids), len(ids) - 1))))  # score at least the last token
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            width = max(len(rows[i][0]) for i in index)
+            keep_from = min(rows[i][1] for i in index) - 1  # the position that predicts the first scored token
+            input_ids = torch.full((len(index), width), tokenizer.pad_token_id, dtype=torch.long)
             labels = torch.full_like(input_ids, -100)
             attention = torch.zeros_like(input_ids)
-            for row, (ids, prompt) in enumerate(zip(full_ids, prompt_ids)):
-                first = min(len(prompt), len(ids) - 1)  # score at least the last token
+            for row, i in enumerate(index):
+                ids, first = rows[i]
                 input_ids[row, :len(ids)] = torch.tensor(ids)
                 attention[row, :len(ids)] = 1
                 labels[row, first:len(ids)] = torch.tensor(ids[first:])
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
-            targets = labels[:, 1:].to(logits.device)
+            inputs = {"input_ids": input_ids.to(model.device), "attention_mask": attention.to(model.device)}
+            if keeps_logits:
+                logits = model(**inputs, logits_to_keep=width - keep_from).logits
+            else:
+                logits = model(**inputs).logits[:, keep_from:]
+            targets = labels[:, keep_from + 1:].to(logits.device)
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
                                                        ignore_index=-100, reduction="none")
             counts = (targets != -100).sum(dim=1)
-            result += (losses.sum(dim=1) / counts).tolist()
+            for i, value in zip(index, (losses.sum(dim=1) / counts).tolist()):
+                result[i] = value
     finally:
         tokenizer.padding_side, tokenizer.pad_token = saved
         model.train(was_training)
     return result
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the model can compute logits for the last positions only (transformers' `logits_to_keep`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @dataclass
