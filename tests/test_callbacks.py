@@ -108,7 +108,9 @@ def test_drift_counts_only_real_tokens_and_uses_the_labels(tmp_path):
     (lambda: AlignmentDriftCallback([{"text": "hello"}]), ValueError, "must be tokenized"),
     (lambda: AlignmentDriftCallback(token_rows(1), target="mlp"), ValueError, "target"),
     (lambda: AlignmentDriftCallback(token_rows(1)).measure(tiny_model()), RuntimeError, "cache_reference"),
-], ids=["empty", "untokenized", "target", "no-reference"])
+    (lambda: AlignmentDriftCallback(token_rows(1), reference_without_adapter=True).cache_reference(tiny_model()),
+     ValueError, "needs a PEFT model"),
+], ids=["empty", "untokenized", "target", "no-reference", "no-adapter"])
 def test_bad_input_is_refused(build, error, message):
     with pytest.raises(error, match=message):
         build()

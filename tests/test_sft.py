@@ -243,3 +243,24 @@ def test_trl_example_script_runs_with_vaccine(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     saved = json.loads((tmp_path / "out" / "vaccine_config.json").read_text())
     assert saved["settings"]["rho"] == 0.5 and saved["modules"]
+
+
+def test_drift_after_a_resume_is_measured_from_the_aligned_model(tmp_path):
+    """A run resumed from a checkpoint logs the drift of the uninterrupted run, not drift since the resume."""
+    def trainer_in(folder):
+        return AlignedSFTTrainer(
+            tiny_lora_model(), stage2_args(folder, max_steps=4, lora_dropout=0.0, save_strategy="steps", save_steps=2,
+                                           logging_steps=1), text_dataset(HARMFUL, 2),
+            alignment_dataset=text_dataset(ALIGNMENT), processing_class=tiny_tokenizer())
+
+    def drifts(trainer):
+        return {log["step"]: log[DRIFT_KEY] for log in trainer.state.log_history if DRIFT_KEY in log}
+
+    whole = trainer_in(tmp_path / "whole")
+    whole.train()
+    resumed = trainer_in(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    expected = drifts(whole)
+    assert expected[4] > expected[2] > 0
+    for step in (2, 3, 4):
+        assert drifts(resumed)[step] == pytest.approx(expected[step], rel=1e-4)

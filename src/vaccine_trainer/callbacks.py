@@ -39,6 +39,10 @@ class AlignmentDriftCallback(TrainerCallback):
         batch_size: rows per forward pass.
         data_collator: turns a list of rows into a padded batch; default: TRL's
             `DataCollatorForLanguageModeling` (labels padded with -100).
+        reference_without_adapter: take h_aligned from the model with its PEFT adapters disabled, for
+            stage 2 where the alignment is merged into the base weights and the adapter is the new,
+            fine-tuned one. The reference is then right even when training resumes from a checkpoint,
+            whose weights are loaded before `on_train_begin`.
 
     The reference h_aligned is cached when training begins (or by calling `cache_reference(model)`
     earlier). References are kept on the CPU in fp32: about rows x tokens x layers x hidden x 4 bytes.
@@ -58,6 +62,7 @@ class AlignmentDriftCallback(TrainerCallback):
         modules: str | Sequence[str] | None = None,
         batch_size: int = 8,
         data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+        reference_without_adapter: bool = False,
     ):
         if target not in ("layer", "attention"):
             raise ValueError(f"target must be 'layer' or 'attention', got {target!r}.")
@@ -76,6 +81,7 @@ class AlignmentDriftCallback(TrainerCallback):
         self.target, self.layers, self.modules = target, layers, modules
         self.batch_size = batch_size
         self.data_collator = data_collator
+        self.reference_without_adapter = reference_without_adapter
         self.reference: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers, hidden]
         self.history: list[dict[str, float]] = []
         self._last: tuple[int, dict[str, float]] | None = None
@@ -87,8 +93,16 @@ class AlignmentDriftCallback(TrainerCallback):
 
     @torch.no_grad()
     def cache_reference(self, model: nn.Module) -> None:
-        """Record h_aligned: the hidden states of `model` as it is now (call before fine-tuning)."""
-        self.reference = [hidden for hidden, _, _ in self._passes(model)]
+        """Record h_aligned: the hidden states of `model` as it is now (call before fine-tuning), or of its
+        base weights with `reference_without_adapter`."""
+        if self.reference_without_adapter:
+            if not hasattr(model, "disable_adapter"):
+                raise ValueError("reference_without_adapter needs a PEFT model (one with `disable_adapter`), got "
+                                 f"{type(model).__name__}.")
+            with model.disable_adapter():
+                self.reference = [hidden for hidden, _, _ in self._passes(model)]
+        else:
+            self.reference = [hidden for hidden, _, _ in self._passes(model)]
         self._last = None
 
     @torch.no_grad()

@@ -310,7 +310,7 @@ class AlignedSFTTrainer(SFTTrainer):
             )
         return AlignmentDriftCallback(alignment_dataset, data_collator=self.data_collator,
                                       target=self.args.drift_target, layers=self.args.drift_layers,
-                                      batch_size=self.args.drift_batch_size)
+                                      batch_size=self.args.drift_batch_size, reference_without_adapter=True)
 
 
 __all__ = [
