@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
 from vaccine_trainer import AlignmentDriftCallback
-from vaccine_trainer.callbacks import DRIFT_KEY, LOSS_KEY
+from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,6 +63,9 @@ def test_drift_and_loss_match_an_independent_computation(tmp_path, target):
         layer_outputs(model, rows[:3], attention=attention), layer_outputs(aligned, rows[:3], attention=attention)))
     assert logged[-1][DRIFT_KEY] == pytest.approx(expected_drift, rel=1e-5)
     assert logged[-1][DRIFT_KEY] > 0
+    energy = sum((then ** 2).sum().item() for then in layer_outputs(aligned, rows[:3], attention=attention))
+    assert logged[-1][DRIFT_FRACTION_KEY] == pytest.approx(expected_drift / energy, rel=1e-5)
+    assert logged[0][DRIFT_FRACTION_KEY] == 0.0
     with torch.no_grad():
         expected_loss = model.eval()(**default_data_collator(rows[:3])).loss.item()  # equal lengths: token mean
     assert logged[-1][LOSS_KEY] == pytest.approx(expected_loss, rel=1e-5)

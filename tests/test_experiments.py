@@ -1,11 +1,18 @@
-"""The analysis scripts under experiments/ on small saved evaluations (they read files, run no model)."""
+"""The analysis scripts under experiments/ on small saved runs."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from test_cli import workspace  # noqa: F401  (the tiny model and data files)
+from test_pipeline import pipeline_argv
+
+from vaccine_trainer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +32,20 @@ def test_paired_prompts_counts_discordant_prompts_and_tests_them(tmp_path):
                           "vaccine-rho2"], capture_output=True, text=True, check=True).stdout
     # Exact two-sided binomial test of 0 of 6 discordant prompts: 2 * 0.5**6 = 0.03125.
     assert "flagged for both 2, sft only 6, vaccine-rho2 only 0; exact McNemar p = 0.03" in out
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_drift_fraction_recomputes_the_logged_drift_from_the_saved_adapters(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "cell"
+    assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "non-aligned,sft"]) == 0
+    table = subprocess.run([sys.executable, str(ROOT / "experiments" / "drift_fraction.py"), str(out)],
+                           capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           ).stdout.splitlines()
+    rows = {line.split("|")[1].strip(): [float(cell) for cell in line.split("|")[2:5]]
+            for line in table if line.startswith("| ") and not line.startswith("| arm")}
+    assert set(rows) == {"non-aligned", "sft"}
+    for arm, (logged, recomputed, fraction) in rows.items():
+        last = json.loads((out / arm / "finetune" / "alignment_drift.json").read_text())[-1]
+        assert logged == pytest.approx(last["alignment/drift"], rel=1e-3) and logged > 0
+        assert recomputed == pytest.approx(logged, rel=1e-3)
+        assert fraction == pytest.approx(last["alignment/drift_fraction"], rel=1e-3)

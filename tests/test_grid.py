@@ -64,6 +64,7 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
     def row(seed, method, harm, accuracy, drift=None):
         return {"seed": seed, "harmful_ratio": 0.1, "method": method, "harmful_score": harm, "accuracy": accuracy,
                 "non_refusal_rate": harm + 10, "refusal_preference": None, "final_drift": drift,
+                "final_drift_fraction": None if drift is None else drift / 100,
                 "num_prompts": 4, "num_task_samples": 2, "judge": "learned", "judge_accuracy": None,
                 "drift": [], "wall_time_s": {}}
 
@@ -75,9 +76,11 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
     assert entry["harmful_score_std"] == pytest.approx(2.8284271)
     assert entry["accuracy"] == [1.0, -2.0] and entry["non_refusal_rate"] == [-10.0, -6.0]
     assert entry["final_drift"] == [-1.0] and entry["final_drift_std"] is None  # only seed 1 logged drift
+    assert entry["final_drift_fraction"] == [pytest.approx(-0.01)]
     assert entry["refusal_preference"] == [] and entry["refusal_preference_mean"] is None
     markdown = write_summary(tmp_path, rows)["markdown"].read_text()
     assert "| vaccine | 0.1 | 1, 2 | -8.0 ± 2.8 (-10.0, -6.0) |" in markdown
+    assert "| -1 (-1) | -0.01 (-0.01) |" in markdown  # drift and its fraction, seed 1 only
     assert json.loads((tmp_path / "summary.json").read_text())["paired"][0]["harmful_score_mean"] == -8.0
 
 

@@ -6,6 +6,8 @@ data, at every logging and evaluation step of any `transformers.Trainer`:
 
 - `alignment/drift`: sum over hooked layers and samples of ||h_now - h_aligned||^2, with h_aligned the
   hidden states of the model when training begins (the aligned model, cached once);
+- `alignment/drift_fraction`: that drift divided by sum ||h_aligned||^2 over the same layers and tokens,
+  so that models whose hidden states differ in scale (e.g. aligned by SFT or by Vaccine) can be compared;
 - `alignment/loss`: the token-averaged language-modelling loss on the same set.
 """
 
@@ -26,6 +28,7 @@ logger = logging.get_logger(__name__)
 
 DRIFT_KEY = "alignment/drift"
 LOSS_KEY = "alignment/loss"
+DRIFT_FRACTION_KEY = "alignment/drift_fraction"
 
 
 class AlignmentDriftCallback(TrainerCallback):
@@ -83,6 +86,7 @@ class AlignmentDriftCallback(TrainerCallback):
         self.data_collator = data_collator
         self.reference_without_adapter = reference_without_adapter
         self.reference: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers, hidden]
+        self.reference_energy: float | None = None  # sum ||h_aligned||^2, the drift fraction's denominator
         self.history: list[dict[str, float]] = []
         self._last: tuple[int, dict[str, float]] | None = None
 
@@ -103,11 +107,12 @@ class AlignmentDriftCallback(TrainerCallback):
                 self.reference = [hidden for hidden, _, _ in self._passes(model)]
         else:
             self.reference = [hidden for hidden, _, _ in self._passes(model)]
+        self.reference_energy = sum(hidden.double().pow(2).sum().item() for hidden in self.reference)
         self._last = None
 
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """Drift from the cached reference and alignment loss of `model` now."""
+        """Drift (absolute, and as a fraction of the reference's energy) and alignment loss of `model` now."""
         if self.reference is None:
             raise RuntimeError("No reference hidden states: call cache_reference(model) before fine-tuning.")
         drift = torch.zeros((), dtype=torch.float64)
@@ -118,7 +123,8 @@ class AlignmentDriftCallback(TrainerCallback):
             loss_sum += batch_loss
             loss_tokens += tokens
         loss = (loss_sum / loss_tokens).item() if loss_tokens else float("nan")
-        return {DRIFT_KEY: drift.item(), LOSS_KEY: loss}
+        fraction = drift.item() / self.reference_energy if self.reference_energy else float("nan")
+        return {DRIFT_KEY: drift.item(), DRIFT_FRACTION_KEY: fraction, LOSS_KEY: loss}
 
     def _collate(self, rows: list[dict[str, Any]], model: nn.Module) -> dict[str, torch.Tensor]:
         if self.data_collator is None:

@@ -109,7 +109,9 @@ def collect_rows(root: Path, seeds: Sequence[int],
                              "judge_accuracy": (harm.get("settings") or {}).get("judge_accuracy"),
                              "accuracy": acc.get("accuracy"), "num_task_samples": acc.get("n"),
                              **{key: likelihood.get(key) for key in LIKELIHOOD_KEYS},
-                             "final_drift": drift[-1]["drift"] if drift else None, "drift": drift,
+                             "final_drift": drift[-1]["drift"] if drift else None,
+                             "final_drift_fraction": drift[-1].get("drift_fraction") if drift else None,
+                             "drift": drift,
                              "wall_time_s": walls.get(method, {})})
     return rows, missing
 
@@ -127,7 +129,8 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"method": method, "harmful_ratio": ratio, "seeds": [m["seed"] for m in members],
                                  "num_prompts": members[0]["num_prompts"],
                                  "num_task_samples": members[0]["num_task_samples"]}
-        for key in ("harmful_score", "non_refusal_rate", "accuracy", "final_drift", *LIKELIHOOD_KEYS):
+        for key in ("harmful_score", "non_refusal_rate", "accuracy", "final_drift", "final_drift_fraction",
+                    *LIKELIHOOD_KEYS):
             values = [m.get(key) for m in members if m.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -135,7 +138,10 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", "final_drift")
+PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", "final_drift",
+               "final_drift_fraction")
+FORMATS = {"final_drift": ".3g", "final_drift_fraction": ".3g"}
+"""How each figure is printed in summary.md; one decimal by default."""
 
 
 def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft") -> list[dict[str, Any]]:
@@ -164,18 +170,18 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft")
     return differences
 
 
-def _paired_cell(entry: Mapping[str, Any], key: str, digits: int) -> str:
+def _paired_cell(entry: Mapping[str, Any], key: str, spec: str) -> str:
     values = entry[key]
     if not values:
         return "–"
-    per_seed = ", ".join(f"{value:+.{digits}f}" for value in values)
-    return f"{_cell(entry[f'{key}_mean'], entry[f'{key}_std'], digits)} ({per_seed})"
+    per_seed = ", ".join(f"{value:+{spec}}" for value in values)
+    return f"{_cell(entry[f'{key}_mean'], entry[f'{key}_std'], spec)} ({per_seed})"
 
 
-def _cell(mean: float | None, std: float | None, digits: int = 1) -> str:
+def _cell(mean: float | None, std: float | None, spec: str = ".1f") -> str:
     if mean is None:
         return "–"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
 def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
@@ -196,15 +202,16 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
     header = ("| Method | p | Harmful score (%) ↓ | Non-refusal rate (%) ↓ | Fine-tune accuracy (%) ↑ "
-              "| Drift at the last step ↓ | Prompts / rows |")
-    lines += [header, "|---|---:|---:|---:|---:|---:|---:|"]
+              "| Drift at the last step ↓ | Drift fraction ↓ | Prompts / rows |")
+    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in summary:
         lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
                      f"| {_cell(entry['harmful_score'], entry['harmful_score_std'])} "
                      f"| {_cell(entry['non_refusal_rate'], entry['non_refusal_rate_std'])} "
                      f"| {_cell(entry['accuracy'], entry['accuracy_std'])} "
-                     f"| {_cell(entry['final_drift'], entry['final_drift_std'], 0)} "
-                     f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
+                     + "".join(f"| {_cell(entry[key], entry[f'{key}_std'], FORMATS[key])} "
+                               for key in ("final_drift", "final_drift_fraction"))
+                     + f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
     judges = sorted({f"{row['judge']} ({row['judge_accuracy'].split(': ', 1)[-1]})" if row.get("judge_accuracy")
                      else str(row.get("judge")) for row in rows})
     lines += ["", f"Judge of the harmful score (its measured accuracy): {'; '.join(judges)}.", ""]
@@ -214,17 +221,18 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                   "|---|---:|---:|---:|---:|"]
         for entry in summary:
             lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
-                         f"| {_cell(entry['harmful_answer_nll'], entry['harmful_answer_nll_std'], 3)} "
-                         f"| {_cell(entry['held_out_alignment_loss'], entry['held_out_alignment_loss_std'], 3)} "
+                         f"| {_cell(entry['harmful_answer_nll'], entry['harmful_answer_nll_std'], '.3f')} "
+                         f"| {_cell(entry['held_out_alignment_loss'], entry['held_out_alignment_loss_std'], '.3f')} "
                          f"| {_cell(entry['refusal_preference'], entry['refusal_preference_std'])} |")
         lines.append("")
     if paired:
         lines += ["Paired differences, method − SFT on the same seed: mean ± sd (each seed's difference):", "",
                   "| Method | p | Seeds | Harmful score (points) | Non-refusal rate (points) | Accuracy (points) "
-                  "| Refusal preference (points) | Drift at the last step |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "| Refusal preference (points) | Drift at the last step | Drift fraction |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for entry in paired:
             lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
-                         + "".join(f"| {_paired_cell(entry, key, 0 if key == 'final_drift' else 1)} "
+                         + "".join(f"| {_paired_cell(entry, key, FORMATS.get(key, '.1f'))} "
                                    for key in PAIRED_KEYS) + "|")
         lines.append("")
     lines += ["Per seed:", "", "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
@@ -233,7 +241,7 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
         walls = ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())
         lines.append(f"| {row['seed']} | {row['method']} | {row['harmful_ratio']:g} "
                      f"| {_cell(row['harmful_score'], None)} | {_cell(row['accuracy'], None)} "
-                     f"| {_cell(row['final_drift'], None, 0)} | {walls} |")
+                     f"| {_cell(row['final_drift'], None, FORMATS['final_drift'])} | {walls} |")
     lines += ["", f"![Harmful score and accuracy against p]({paths['scores_plot'].name})", "",
               f"![Drift during stage 2]({paths['drift_plot'].name})", ""]
     if settings:

@@ -24,6 +24,12 @@ def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = Non
     return points
 
 
+def drift_fractions(log_history: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """Step -> drift as a fraction of the aligned hidden states' energy (``*drift_fraction`` entries)."""
+    return {int(entry["step"]): float(value) for entry in log_history if "step" in entry
+            for key, value in entry.items() if key.endswith("drift_fraction") and value is not None}
+
+
 def _as_dict(result: Any) -> dict[str, Any] | None:
     if result is None:
         return None
@@ -54,6 +60,7 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
                for method, figures in results.items()}
     drift = {method: drift_series(history) for method, history in (log_histories or {}).items()}
     drift = {method: points for method, points in drift.items() if points}
+    fractions = {method: drift_fractions(history) for method, history in (log_histories or {}).items()}
     paths = {"json": output / "report.json", "markdown": output / "report.md", "scores_plot": output / "scores.png"}
     _plot_scores(methods, paths["scores_plot"])
     if drift:
@@ -67,7 +74,8 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
                 path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in value.samples))
                 paths[f"answers_{method}_{kind}"] = path
     report = {"title": title, "settings": dict(settings or {}), "methods": methods,
-              "drift": {m: [{"step": s, "drift": d} for s, d in points] for m, points in drift.items()},
+              "drift": {m: [{"step": s, "drift": d} | ({"drift_fraction": fractions[m][s]} if s in fractions[m] else {})
+                            for s, d in points] for m, points in drift.items()},
               "files": {k: p.name if p.parent == output else str(p.relative_to(output)) for k, p in paths.items()
                         if k != "json"}}
     paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
@@ -139,6 +147,17 @@ def _markdown(report: Mapping[str, Any]) -> str:
                   "|---|" + "---:|" * len(judged)]
         lines += [f"| {name} | " + " | ".join(_fmt(judged[m].get(name, 0.0)) for m in judged) + " |" for name in names]
         lines.append("")
+    if report.get("drift"):
+        lines += ["## Alignment drift at the last logged step", "",
+                  "| Method | Step | Drift ↓ | Drift fraction ↓ |", "|---|---:|---:|---:|"]
+        for method, points in report["drift"].items():
+            last = points[-1]
+            fraction = last.get("drift_fraction")
+            lines.append(f"| {method} | {last['step']} | {last['drift']:.4g} | "
+                         f"{'–' if fraction is None else f'{fraction:.4g}'} |")
+        lines += ["", "Drift: sum over layers and held alignment tokens of ||h - h_aligned||^2. Drift fraction: "
+                      "that sum divided by sum ||h_aligned||^2, comparable across arms whose aligned hidden "
+                      "states differ in scale.", ""]
     lines += [f"![Harmful score and fine-tune accuracy]({report['files']['scores_plot']})", ""]
     if "drift_plot" in report["files"]:
         lines += [f"![Alignment drift during fine-tuning]({report['files']['drift_plot']})", ""]

@@ -1,0 +1,65 @@
+"""Final drift of each arm of a grid cell, absolute and as a fraction of the aligned model's hidden-state
+energy, recomputed from the saved adapters for cells fine-tuned before `alignment/drift_fraction` was logged.
+
+    python experiments/drift_fraction.py outputs/replication/seed42/p0.1
+
+Drift is a sum of squared distances to each arm's own aligned model, so an arm whose aligned hidden states
+are larger drifts more in absolute terms for the same relative change. The fraction divides by
+sum ||h_aligned||^2 over the same layers and tokens. The recomputed absolute drift is printed beside the
+logged one as a check that the same rows, layers and weights were used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from datasets import Dataset
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY
+from vaccine_trainer.commands.common import load_tokenizer
+from vaccine_trainer.data import build_alignment_dataset
+from vaccine_trainer.sft import AlignedSFTConfig, AlignedSFTTrainer
+
+
+def arm_drift(finetune: Path) -> dict[str, float]:
+    """Rebuild stage 2's drift rows and trainer as the finetune phase did, load its adapter, measure."""
+    settings = json.loads((finetune / "phase.json").read_text())["settings"]
+    tokenizer = load_tokenizer(settings["model_name_or_path"])
+    rows = build_alignment_dataset(settings["drift_dataset"], settings["drift_samples"],
+                                   seed=settings["dataset_seed"], template=settings["template"],
+                                   tokenizer=tokenizer, held_out=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = AlignedSFTConfig(output_dir=scratch, max_length=settings["max_length"], report_to="none",
+                                activation_checkpointing=False, bf16=False)
+        trainer = AlignedSFTTrainer(settings["model_name_or_path"], args,
+                                    Dataset.from_list([{"prompt": "x", "completion": "y"}]),
+                                    alignment_adapter=settings.get("alignment_adapter"), alignment_dataset=rows,
+                                    processing_class=tokenizer)
+    callback = trainer.drift_callback
+    callback.cache_reference(trainer.model)  # the adapter disabled: the aligned model
+    state = load_file(str(finetune / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(trainer.model, state)
+    if result.unexpected_keys:
+        raise ValueError(f"{finetune}: adapter keys the stage-2 model does not have: {result.unexpected_keys[:3]}")
+    logged = json.loads((finetune / "alignment_drift.json").read_text())[-1]
+    return {"logged_drift": logged[DRIFT_KEY], **callback.measure(trainer.model)}
+
+
+def main() -> None:
+    cell = Path(sys.argv[1])
+    print("| arm | logged drift | recomputed drift | drift fraction |\n|---|---:|---:|---:|")
+    for finetune in sorted(cell.glob("*/finetune")):
+        if not (finetune / "adapter_model.safetensors").is_file():
+            continue
+        values = arm_drift(finetune)
+        print(f"| {finetune.parent.name} | {values['logged_drift']:.4g} | {values[DRIFT_KEY]:.4g} | "
+              f"{values[DRIFT_FRACTION_KEY]:.4g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
