@@ -102,6 +102,19 @@ def test_summary_only_runs_nothing_and_lists_unfinished_cells(workspace, tmp_pat
     assert summary["missing_cells"] == ["seed 2, p = 0"] and [r["seed"] for r in summary["rows"]] == [1]
     assert "Not finished, left out:** seed 2, p = 0" in (out / "summary" / "summary.md").read_text()
 
+    # A call with another method rewrites the cell's report with that method only: the first arm is named.
+    assert main(["grid", *pipeline_argv(workspace, out), "--methods", "sft", "--harmful_ratios", "0",
+                 "--seeds", "1"]) == 0
+    summary = json.loads((out / "summary" / "summary.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["sft"]
+    assert summary["unreported_arms"] == ["non-aligned (seed 1, p = 0)"]
+    assert "Evaluated but not in their cell's report, left out:** non-aligned" in (
+        out / "summary" / "summary.md").read_text()
+    assert main(["grid", *pipeline_argv(workspace, out), "--methods", "non-aligned,sft", "--harmful_ratios", "0",
+                 "--seeds", "1"]) == 0
+    summary = json.loads((out / "summary" / "summary.json").read_text())
+    assert sorted(r["method"] for r in summary["rows"]) == ["non-aligned", "sft"] and not summary["unreported_arms"]
+
 
 def test_align_only_runs_stage_one_per_seed_and_nothing_else(workspace, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "grid"
