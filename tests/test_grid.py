@@ -80,7 +80,7 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
     assert entry["refusal_preference"] == [] and entry["refusal_preference_mean"] is None
     markdown = write_summary(tmp_path, rows)["markdown"].read_text()
     assert "| vaccine | 0.1 | 1, 2 | -8.0 ± 2.8 (-10.0, -6.0) |" in markdown
-    assert "| -1 (-1) | -0.01 (-0.01) |" in markdown  # drift and its fraction, seed 1 only
+    assert "| -1.00e+00 (-1.00e+00) | -1.00e-02 (-1.00e-02) |" in markdown  # drift and its fraction, seed 1 only
     assert json.loads((tmp_path / "summary.json").read_text())["paired"][0]["harmful_score_mean"] == -8.0
 
 

@@ -156,7 +156,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", "final_drift",
                "final_drift_fraction")
-FORMATS = {"final_drift": ".3g", "final_drift_fraction": ".3g"}
+FORMATS = {"final_drift": ".2e", "final_drift_fraction": ".2e"}
 """How each figure is printed in summary.md; one decimal by default."""
 
 
