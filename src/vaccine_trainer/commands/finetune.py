@@ -90,13 +90,20 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
 
     trainer = AlignedSFTTrainer(model, args, mix.select_columns(["prompt", "completion"]),
                                 alignment_dataset=drift, processing_class=tokenizer)
+    dropped = len(mix) - len(trainer.train_dataset)
+    if dropped:  # TRL drops rows whose completion the truncation removed entirely
+        logger().warning(f"{dropped} of {len(mix)} fine-tuning rows have no completion token within --max_length "
+                         f"{args.max_length} (their prompt fills it) and are left out of training; raise "
+                         "--max_length to keep them.")
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     section = (
         "## Stage-2 fine-tuning of an aligned model\n\n"
         f"Base `{script.model_name_or_path}` with the alignment adapter `{script.alignment_adapter}` merged into "
         f"its weights; this adapter was then trained on {len(mix)} rows ({n_harmful} harmful from "
-        f"`{script.harmful_dataset}`, the rest {script.task} from `{script.benign_dataset}`).\n"
+        f"`{script.harmful_dataset}`, the rest {script.task} from `{script.benign_dataset}`)"
+        + (f", of which {dropped} were left out: no completion token within max_length {args.max_length}"
+           if dropped else "") + ".\n"
     )
     callback = trainer.drift_callback
     if callback is not None:
