@@ -13,6 +13,7 @@ data, at every logging and evaluation step of any `transformers.Trainer`:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,13 +100,10 @@ class AlignmentDriftCallback(TrainerCallback):
     def cache_reference(self, model: nn.Module) -> None:
         """Record h_aligned: the hidden states of `model` as it is now (call before fine-tuning), or of its
         base weights with `reference_without_adapter`."""
-        if self.reference_without_adapter:
-            if not hasattr(model, "disable_adapter"):
-                raise ValueError("reference_without_adapter needs a PEFT model (one with `disable_adapter`), got "
-                                 f"{type(model).__name__}.")
-            with model.disable_adapter():
-                self.reference = [hidden for hidden, _, _ in self._passes(model)]
-        else:
+        if self.reference_without_adapter and not hasattr(model, "disable_adapter"):
+            raise ValueError("reference_without_adapter needs a PEFT model (one with `disable_adapter`), got "
+                             f"{type(model).__name__}.")
+        with model.disable_adapter() if self.reference_without_adapter else contextlib.nullcontext():
             self.reference = [hidden for hidden, _, _ in self._passes(model)]
         self.reference_energy = sum(hidden.double().pow(2).sum().item() for hidden in self.reference)
         self._last = None
