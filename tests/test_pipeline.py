@@ -8,6 +8,7 @@ import pytest
 from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 
 from vaccine_trainer.cli import main
+from vaccine_trainer.commands.pipeline import PipelineArguments
 from vaccine_trainer.evaluation import non_refusal_rate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -116,6 +117,18 @@ def test_a_rho_sweep_runs_one_vaccine_arm_per_rho(workspace, tmp_path):  # noqa:
     for rho in (0.5, 3.0):
         config = json.loads((out / f"vaccine-rho{rho:g}" / "align" / "vaccine_config.json").read_text())
         assert config["settings"]["rho"] == rho
+
+
+@pytest.mark.parametrize(("rho", "labels"), [
+    ("2", ["sft", "vaccine", "t-vaccine"]),
+    ("0.5", ["sft", "vaccine rho=0.5", "t-vaccine rho=0.5"]),  # never the same label as a rho-2 run in that root
+    ("0.5,2,5", ["sft", "vaccine rho=0.5", "vaccine", "vaccine rho=5", "t-vaccine rho=0.5", "t-vaccine",
+                 "t-vaccine rho=5"]),  # the sweep's rho-2 arm pairs with earlier `vaccine` cells
+])
+def test_arm_labels_name_rho_unless_it_is_the_papers(rho, labels):
+    arms = PipelineArguments(methods="sft,vaccine,t-vaccine", rho=rho).arms()
+    assert [arm.label for arm in arms] == labels
+    assert len({arm.folder for arm in arms}) == len(arms)
 
 
 @pytest.mark.parametrize("rho", ["0", "2,2", "-1", "two"])

@@ -24,6 +24,7 @@ from .evaluate import EVALUATION_FILE
 
 METHODS = ("non-aligned", "sft", "vaccine", "t-vaccine")
 PHASE_MARKER = "phase.json"
+DEFAULT_RHO = 2.0  # the paper's; the only rho an arm's label leaves out
 REPORT_DIR = "report"
 
 
@@ -45,8 +46,9 @@ class PipelineArguments:
     methods: str = field(default="non-aligned,sft,vaccine",
                          metadata={"help": "Comma-separated subset of non-aligned, sft, vaccine, t-vaccine."})
     rho: str = field(
-        default="2.0",
-        metadata={"help": "Vaccine's rho (paper: 2); comma-separated values run one Vaccine arm each (a sweep)."},
+        default=str(DEFAULT_RHO),
+        metadata={"help": "Vaccine's rho (paper: 2); comma-separated values run one Vaccine arm each (a sweep). An "
+                          "arm with another rho than 2 is labelled with it (`vaccine rho=0.5`)."},
     )
     vaccine_target: str = field(default="attention", metadata={"help": "Vaccine's target (attention or layer)."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
@@ -124,7 +126,11 @@ class PipelineArguments:
         return rhos
 
     def arms(self) -> list[Arm]:
-        """One arm per method, and one Vaccine (and T-Vaccine) arm per rho."""
+        """One arm per method, and one Vaccine (and T-Vaccine) arm per rho.
+
+        The label names rho unless it is the paper's, whatever else the call runs: a root where `--rho 0.5`
+        ran beside `--rho 2` then keeps two arms, and a sweep's rho-2 arm pairs with earlier `vaccine` cells.
+        """
         rhos = self.rho_list()
         arms = []
         for method in self.method_list():
@@ -133,7 +139,7 @@ class PipelineArguments:
                 continue
             folder = method.replace("-", "")
             for rho in rhos:
-                label = method if len(rhos) == 1 else f"{method} rho={rho:g}"
+                label = method if rho == DEFAULT_RHO else f"{method} rho={rho:g}"
                 arms.append(Arm(label, f"{folder}-rho{rho:g}", rho, layer_sampling=method == "t-vaccine"))
         return arms
 
