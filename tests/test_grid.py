@@ -9,7 +9,7 @@ from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.grid import paired_differences, summarise, write_summary
+from vaccine_trainer.commands.grid import evaluated_arms, paired_differences, summarise, write_summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -102,18 +102,29 @@ def test_summary_only_runs_nothing_and_lists_unfinished_cells(workspace, tmp_pat
     assert summary["missing_cells"] == ["seed 2, p = 0"] and [r["seed"] for r in summary["rows"]] == [1]
     assert "Not finished, left out:** seed 2, p = 0" in (out / "summary" / "summary.md").read_text()
 
-    # A call with another method rewrites the cell's report with that method only: the first arm is named.
+    # A call with another method rewrites the cell's report with that method only; the summary reads every
+    # arm evaluated in the cell from its own phases, so both are there, in the order of the methods.
     assert main(["grid", *pipeline_argv(workspace, out), "--methods", "sft", "--harmful_ratios", "0",
                  "--seeds", "1"]) == 0
+    assert list(json.loads((out / "seed1" / "p0" / "report" / "report.json").read_text())["methods"]) == ["sft"]
     summary = json.loads((out / "summary" / "summary.json").read_text())
-    assert [r["method"] for r in summary["rows"]] == ["sft"]
-    assert summary["unreported_arms"] == ["non-aligned (seed 1, p = 0)"]
-    assert "Evaluated but not in their cell's report, left out:** non-aligned" in (
-        out / "summary" / "summary.md").read_text()
-    assert main(["grid", *pipeline_argv(workspace, out), "--methods", "non-aligned,sft", "--harmful_ratios", "0",
-                 "--seeds", "1"]) == 0
-    summary = json.loads((out / "summary" / "summary.json").read_text())
-    assert sorted(r["method"] for r in summary["rows"]) == ["non-aligned", "sft"] and not summary["unreported_arms"]
+    assert [r["method"] for r in summary["rows"]] == ["non-aligned", "sft"]
+    sft = summary["rows"][1]
+    assert set(sft["wall_time_s"]) == {"align", "finetune", "evaluate"} and sft["drift"]
+    assert sft["final_drift"] == sft["drift"][-1]["drift"]
+
+
+def test_evaluated_arms_are_ordered_by_method_then_rho(tmp_path):
+    for folder, label in (("vaccine-rho5", "vaccine rho=5"), ("tvaccine-rho2", "t-vaccine"),
+                          ("vaccine-rho2", "vaccine"), ("vaccine-rho0.5", "vaccine rho=0.5"), ("sft", "sft"),
+                          ("unfinished", None)):
+        (tmp_path / folder / "evaluate").mkdir(parents=True)
+        if label:
+            (tmp_path / folder / "evaluate" / "phase.json").write_text(json.dumps({"phase": f"{label}/evaluate"}))
+    assert evaluated_arms(tmp_path) == [
+        ("sft", tmp_path / "sft"), ("vaccine rho=0.5", tmp_path / "vaccine-rho0.5"),
+        ("vaccine", tmp_path / "vaccine-rho2"), ("vaccine rho=5", tmp_path / "vaccine-rho5"),
+        ("t-vaccine", tmp_path / "tvaccine-rho2")]
 
 
 def test_align_only_runs_stage_one_per_seed_and_nothing_else(workspace, tmp_path, capsys):  # noqa: F811

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from .common import PROG, logger
-from .pipeline import PHASE_MARKER, REPORT_DIR, PipelineArguments, resolve_model, run_pipeline
+from .pipeline import (
+    DEFAULT_RHO,
+    METHODS,
+    PHASE_MARKER,
+    PipelineArguments,
+    arm_results,
+    resolve_model,
+    run_pipeline,
+)
 
 SUMMARY_DIR = "summary"
 
@@ -75,40 +83,39 @@ def run_grid(args: PipelineArguments, grid: GridArguments) -> dict[str, Path]:
                                  alignment_dir=str(root / f"seed{seed}"), model_name_or_path=model))
     if args.align_only:
         return {}
-    rows, missing, unreported = collect_rows(root, seeds, ratios)
+    rows, missing = collect_rows(root, seeds, ratios)
     if not rows:
         raise ValueError(f"No finished cell under {root} to summarise: run the grid first.")
     settings = {**asdict(args), **asdict(grid), "model": model, "wall_time_s_this_run": round(time.time() - started, 1)}
-    paths = write_summary(root / SUMMARY_DIR, rows, settings=settings, missing=missing, unreported=unreported)
+    paths = write_summary(root / SUMMARY_DIR, rows, settings=settings, missing=missing)
     print(f"{PROG} grid: summary in {paths['markdown']}")
     return paths
 
 
 def collect_rows(root: Path, seeds: Sequence[int],
-                 ratios: Sequence[float]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """One row per (seed, p, method) from the finished cells' reports, the cells not finished yet, and
-    the arms evaluated in a cell but absent from its report (a later `grid` call ran other methods)."""
-    rows, missing, unreported = [], [], []
+                 ratios: Sequence[float]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per (seed, p, arm) for every arm evaluated in a cell, and the cells with none yet.
+
+    Rows are read from the arms' own phases, not from the cell's report: a report lists the methods of the
+    last call there, while separate calls (one process per method, a rho sweep beside rho 2) fill one cell.
+    """
+    from ..evaluation import drift_points
+
+    rows, missing = [], []
     for seed in seeds:
         for ratio in ratios:
             cell = cell_dir(root, seed, ratio)
-            report_file = cell / REPORT_DIR / "report.json"
-            if not report_file.is_file():
-                logger().warning(f"grid: {cell} has no report yet, left out of the summary.")
+            arms = evaluated_arms(cell)
+            if not arms:
+                logger().warning(f"grid: {cell} has no evaluated arm yet, left out of the summary.")
                 missing.append(f"seed {seed}, p = {ratio:g}")
-                continue
-            report = json.loads(report_file.read_text())
-            for label in evaluated_arms(cell):
-                if label not in report["methods"]:
-                    logger().warning(f"grid: {label} was evaluated in {cell} but is not in its report (the last "
-                                     f"call there ran other methods): left out of the summary.")
-                    unreported.append(f"{label} (seed {seed}, p = {ratio:g})")
-            walls = report["settings"].get("phase_wall_time_s", {})
-            for method, figures in report["methods"].items():
+            for label, folder in arms:
+                figures = arm_results(folder)
                 harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
                 likelihood = figures.get("likelihood") or {}
-                drift = report.get("drift", {}).get(method, [])
-                rows.append({"seed": seed, "harmful_ratio": ratio, "method": method,
+                state = folder / "finetune" / "trainer_state.json"
+                drift = drift_points(json.loads(state.read_text())["log_history"]) if state.is_file() else []
+                rows.append({"seed": seed, "harmful_ratio": ratio, "method": label,
                              "harmful_score": harm.get("score"), "num_prompts": harm.get("n"),
                              "non_refusal_rate": harm.get("non_refusal_rate"),
                              "judge": (harm.get("settings") or {}).get("judge"),
@@ -118,18 +125,35 @@ def collect_rows(root: Path, seeds: Sequence[int],
                              "final_drift": drift[-1]["drift"] if drift else None,
                              "final_drift_fraction": drift[-1].get("drift_fraction") if drift else None,
                              "drift": drift,
-                             "wall_time_s": walls.get(method, {})})
-    return rows, missing, unreported
+                             "wall_time_s": phase_wall_times(root / f"seed{seed}" / folder.name / "align", folder)})
+    return rows, missing
 
 
-def evaluated_arms(cell: Path) -> list[str]:
-    """Labels of the arms whose evaluation finished in a cell, from their phase markers."""
-    labels = []
-    for marker in sorted(cell.glob(f"*/evaluate/{PHASE_MARKER}")):
+def evaluated_arms(cell: Path) -> list[tuple[str, Path]]:
+    """(label, folder) of the arms whose evaluation finished in a cell, from their phase markers, in the
+    order of `METHODS` and then of rho."""
+    arms = []
+    for marker in cell.glob(f"*/evaluate/{PHASE_MARKER}"):
         name = json.loads(marker.read_text()).get("phase", "")
         if name.endswith("/evaluate"):
-            labels.append(name.removesuffix("/evaluate"))
-    return labels
+            arms.append((name.removesuffix("/evaluate"), marker.parent.parent))
+
+    def order(arm: tuple[str, Path]) -> tuple[int, float]:
+        method, _, rho = arm[0].partition(" rho=")
+        return (METHODS.index(method) if method in METHODS else len(METHODS), float(rho or DEFAULT_RHO))
+
+    return sorted(arms, key=order)
+
+
+def phase_wall_times(alignment: Path, folder: Path) -> dict[str, float]:
+    """Seconds each finished phase of an arm took, from its markers (stage 1 lives beside the cells)."""
+    walls = {}
+    for phase, directory in (("align", alignment), ("finetune", folder / "finetune"),
+                             ("evaluate", folder / "evaluate")):
+        marker = directory / PHASE_MARKER
+        if marker.is_file():
+            walls[phase] = json.loads(marker.read_text())["wall_time_s"]
+    return walls
 
 
 LIKELIHOOD_KEYS = ("harmful_answer_nll", "held_out_alignment_loss", "refusal_preference")
@@ -201,8 +225,7 @@ def _cell(mean: float | None, std: float | None, spec: str = ".1f") -> str:
 
 
 def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
-                  settings: Mapping[str, Any] | None = None, missing: Sequence[str] = (),
-                  unreported: Sequence[str] = ()) -> dict[str, Path]:
+                  settings: Mapping[str, Any] | None = None, missing: Sequence[str] = ()) -> dict[str, Path]:
     """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2."""
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
@@ -212,17 +235,12 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     _plot_against_ratio(summary, paths["scores_plot"])
     _plot_drift(rows, paths["drift_plot"])
     paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "paired": paired,
-                                         "rows": rows, "missing_cells": list(missing),
-                                         "unreported_arms": list(unreported)}, indent=1, default=str) + "\n")
+                                         "rows": rows, "missing_cells": list(missing)}, indent=1, default=str) + "\n")
     seeds = sorted({row["seed"] for row in rows})
     lines = ["# Vaccine: harmful fine-tuning over seeds and harmful ratios", "",
              f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", ""]
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
-    if unreported:
-        lines += [f"**Evaluated but not in their cell's report, left out:** {'; '.join(unreported)}. One `grid` "
-                  "call with every method rewrites each cell's report with all its arms (finished phases are "
-                  "skipped).", ""]
     header = ("| Method | p | Harmful score (%) ↓ | Non-refusal rate (%) ↓ | Fine-tune accuracy (%) ↑ "
               "| Drift at the last step ↓ | Drift fraction ↓ | Prompts / rows |")
     lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]

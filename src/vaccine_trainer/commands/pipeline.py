@@ -337,11 +337,22 @@ def resolve_model(args: PipelineArguments) -> str:
     return str(offline_model_path(Path(args.output_dir) / "base_model"))
 
 
+def arm_results(folder: Path) -> dict[str, Any]:
+    """An evaluated arm's figures as the report lists them, read back from its `evaluate` phase."""
+    from ..evaluation import non_refusal_rate
+
+    figures = json.loads((folder / "evaluate" / EVALUATION_FILE).read_text())
+    harm = figures["harmful_score"]
+    if harm.get("non_refusal_rate") is None:  # evaluated before the field existed: from the saved answers
+        harm["non_refusal_rate"] = non_refusal_rate([sample["answer"] for sample in harm.get("samples", [])])
+    return {"harmful_score": harm, "accuracy": figures["accuracy"], "likelihood": figures.get("likelihood")}
+
+
 def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
     """Align, fine-tune and evaluate every method, then write the report; returns the report's files."""
     import torch
 
-    from ..evaluation import non_refusal_rate, write_report
+    from ..evaluation import write_report
 
     arms = args.arms()
     check_phase_settings(args)
@@ -407,12 +418,7 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
         settings |= args.evaluate_args
         walls[arm.label]["evaluate"] = run_phase(evaluated, f"{arm.label}/evaluate", "evaluate",
                                                  settings)["wall_time_s"]
-        figures = json.loads((evaluated / EVALUATION_FILE).read_text())
-        harm = figures["harmful_score"]
-        if harm.get("non_refusal_rate") is None:  # evaluated before the field existed: from the saved answers
-            harm["non_refusal_rate"] = non_refusal_rate([sample["answer"] for sample in harm.get("samples", [])])
-        results[arm.label] = {"harmful_score": harm, "accuracy": figures["accuracy"],
-                              "likelihood": figures.get("likelihood")}
+        results[arm.label] = arm_results(folder)
 
     if args.align_only:
         print(f"{PROG} pipeline: stage 1 done for {', '.join(a.label for a in arms if a.aligned)} (--align_only).")

@@ -13,7 +13,7 @@ from .generation import format_all, generate_answers
 from .judge_check import JudgeCheck, check_judge
 from .judges import BARE_DENIAL, JUDGE_NAMES, REFUSAL_PHRASES, ClassifierJudge, Judge, RefusalJudge, make_judge
 from .learned_judge import LearnedJudge, LearnedJudgeSettings, split_labelled_pairs
-from .report import agg_figure, drift_series, write_report
+from .report import agg_figure, drift_points, drift_series, write_report
 from .scores import (
     Accuracy,
     HarmfulScore,
@@ -30,7 +30,7 @@ from .scores import (
 __all__ = [
     "BARE_DENIAL", "JUDGE_NAMES", "REFUSAL_PHRASES", "Accuracy", "ClassifierJudge", "HarmfulScore", "Judge",
     "JudgeCheck", "LearnedJudge", "LearnedJudgeSettings", "RefusalJudge", "agg_figure", "check_judge",
-    "drift_series", "finetune_accuracy", "format_all", "generate_answers", "harmful_score", "is_correct",
-    "make_judge", "non_refusal_rate", "parse_label", "parse_number", "score_answers", "score_task_answers",
-    "split_labelled_pairs", "write_report",
+    "drift_points", "drift_series", "finetune_accuracy", "format_all", "generate_answers", "harmful_score",
+    "is_correct", "make_judge", "non_refusal_rate", "parse_label", "parse_number", "score_answers",
+    "score_task_answers", "split_labelled_pairs", "write_report",
 ]

@@ -30,6 +30,13 @@ def drift_fractions(log_history: Sequence[Mapping[str, Any]]) -> dict[int, float
             for key, value in entry.items() if key.endswith("drift_fraction") and value is not None}
 
 
+def drift_points(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The drift logged during stage 2 as the report stores it: step, drift and, where logged, its fraction."""
+    fractions = drift_fractions(log_history)
+    return [{"step": step, "drift": drift} | ({"drift_fraction": fractions[step]} if step in fractions else {})
+            for step, drift in drift_series(log_history)]
+
+
 def _as_dict(result: Any) -> dict[str, Any] | None:
     if result is None:
         return None
@@ -58,14 +65,14 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
     output.mkdir(parents=True, exist_ok=True)
     methods = {method: {kind: _as_dict(value) for kind, value in figures.items() if value is not None}
                for method, figures in results.items()}
-    drift = {method: drift_series(history) for method, history in (log_histories or {}).items()}
+    drift = {method: drift_points(history) for method, history in (log_histories or {}).items()}
     drift = {method: points for method, points in drift.items() if points}
-    fractions = {method: drift_fractions(history) for method, history in (log_histories or {}).items()}
     paths = {"json": output / "report.json", "markdown": output / "report.md", "scores_plot": output / "scores.png"}
     _plot_scores(methods, paths["scores_plot"])
     if drift:
         paths["drift_plot"] = output / "drift.png"
-        _plot_drift(drift, paths["drift_plot"])
+        _plot_drift({method: [(p["step"], p["drift"]) for p in points] for method, points in drift.items()},
+                    paths["drift_plot"])
     for method, figures in results.items():
         for kind, value in figures.items():
             if getattr(value, "samples", None):
@@ -74,8 +81,7 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
                 path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in value.samples))
                 paths[f"answers_{method}_{kind}"] = path
     report = {"title": title, "settings": dict(settings or {}), "methods": methods,
-              "drift": {m: [{"step": s, "drift": d} | ({"drift_fraction": fractions[m][s]} if s in fractions[m] else {})
-                            for s, d in points] for m, points in drift.items()},
+              "drift": drift,
               "files": {k: p.name if p.parent == output else str(p.relative_to(output)) for k, p in paths.items()
                         if k != "json"}}
     paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
