@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
 from vaccine_trainer import AlignmentDriftCallback
-from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY
+from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -66,6 +68,11 @@ def test_drift_and_loss_match_an_independent_computation(tmp_path, target):
     energy = sum((then ** 2).sum().item() for then in layer_outputs(aligned, rows[:3], attention=attention))
     assert logged[-1][DRIFT_FRACTION_KEY] == pytest.approx(expected_drift / energy, rel=1e-5)
     assert logged[0][DRIFT_FRACTION_KEY] == 0.0
+    per_token = [value for now, then in zip(layer_outputs(model, rows[:3], attention=attention),
+                                            layer_outputs(aligned, rows[:3], attention=attention))
+                 for value in (((now - then) ** 2).sum(-1) / (then ** 2).sum(-1)).flatten().tolist()]
+    assert logged[-1][MEDIAN_TOKEN_DRIFT_KEY] == pytest.approx(statistics.median(per_token), rel=1e-5)
+    assert logged[0][MEDIAN_TOKEN_DRIFT_KEY] == 0.0
     with torch.no_grad():
         expected_loss = model.eval()(**default_data_collator(rows[:3])).loss.item()  # equal lengths: token mean
     assert logged[-1][LOSS_KEY] == pytest.approx(expected_loss, rel=1e-5)
@@ -130,3 +137,11 @@ def test_logged_at_evaluation_steps_too(tmp_path):
     evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]
     assert [log["step"] for log in evaluations] == [2, 4]
     assert all(log[DRIFT_KEY] > 0 and LOSS_KEY in log for log in evaluations)
+
+
+def test_median_token_drift_ignores_nan_and_averages_the_middle_pair():
+    from vaccine_trainer.callbacks import _median
+
+    assert _median(torch.tensor([3.0, float("nan"), 1.0, 2.0])) == 2.0
+    assert _median(torch.tensor([4.0, 1.0, 3.0, 2.0])) == 2.5
+    assert math.isnan(_median(torch.tensor([float("nan")])))

@@ -344,7 +344,8 @@ def test_report_files(tmp_path):
     acc = {m: score_task_answers("sst2", answers, ["positive", "negative"])
            for m, answers in {"sft": ["positive", "negative"], "vaccine": ["positive", "positive"]}.items()}
     histories = {"sft": [{"step": 0, "alignment/drift": 0.0}, {"step": 5, "loss": 1.0},
-                         {"step": 10, "alignment/drift": 2.5, "alignment/drift_fraction": 0.125}],
+                         {"step": 10, "alignment/drift": 2.5, "alignment/drift_fraction": 0.125,
+                          "alignment/median_token_drift": 0.01}],
                  "vaccine": [{"step": 0, "drift": 0.0}, {"step": 10, "drift": 1.0}]}
     paths = write_report(tmp_path / "report", {m: {"harmful_score": harm[m], "accuracy": acc[m]} for m in harm},
                          settings={"model": "tiny", "n": 2, "wall_time_s": 1.5}, log_histories=histories)
@@ -353,9 +354,10 @@ def test_report_files(tmp_path):
     assert report["methods"]["vaccine"]["harmful_score"]["per_category"]["y"]["score"] == 0.0
     assert report["methods"]["vaccine"]["accuracy"]["accuracy"] == 50.0
     assert report["settings"]["model"] == "tiny" and "samples" not in report["methods"]["sft"]["accuracy"]
-    assert report["drift"]["sft"] == [{"step": 0, "drift": 0.0}, {"step": 10, "drift": 2.5, "drift_fraction": 0.125}]
+    assert report["drift"]["sft"] == [{"step": 0, "drift": 0.0},
+                                      {"step": 10, "drift": 2.5, "drift_fraction": 0.125, "median_token_drift": 0.01}]
     markdown = paths["markdown"].read_text()
-    assert "| sft | 10 | 2.5 | 0.125 |" in markdown and "| vaccine | 10 | 1 | – |" in markdown
+    assert "| sft | 10 | 2.5 | 0.125 | 0.01 |" in markdown and "| vaccine | 10 | 1 | – | – |" in markdown
     assert "| sft | 100.0 | <lambda> | 100.0 | 100.0 | sst2 | 2 / 2 |" in markdown  # "bad" refuses nothing
     assert "| y | 100.0 (n=1) | 0.0 (n=1) |" in markdown and "![" in markdown
     for key in ("scores_plot", "drift_plot"):

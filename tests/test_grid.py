@@ -65,6 +65,7 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
         return {"seed": seed, "harmful_ratio": 0.1, "method": method, "harmful_score": harm, "accuracy": accuracy,
                 "non_refusal_rate": harm + 10, "refusal_preference": None, "final_drift": drift,
                 "final_drift_fraction": None if drift is None else drift / 100,
+                "final_median_token_drift": None if drift is None else drift / 1000,
                 "num_prompts": 4, "num_task_samples": 2, "judge": "learned", "judge_accuracy": None,
                 "drift": [], "wall_time_s": {}}
 
@@ -80,7 +81,8 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
     assert entry["refusal_preference"] == [] and entry["refusal_preference_mean"] is None
     markdown = write_summary(tmp_path, rows)["markdown"].read_text()
     assert "| vaccine | 0.1 | 1, 2 | -8.0 ± 2.8 (-10.0, -6.0) |" in markdown
-    assert "| -1.00e+00 (-1.00e+00) | -1.00e-02 (-1.00e-02) |" in markdown  # drift and its fraction, seed 1 only
+    # drift, its fraction and the median token drift, seed 1 only
+    assert "| -1.00e+00 (-1.00e+00) | -1.00e-02 (-1.00e-02) | -1.00e-03 (-1.00e-03) |" in markdown
     assert json.loads((tmp_path / "summary.json").read_text())["paired"][0]["harmful_score_mean"] == -8.0
 
 
@@ -112,6 +114,7 @@ def test_summary_only_runs_nothing_and_lists_unfinished_cells(workspace, tmp_pat
     sft = summary["rows"][1]
     assert set(sft["wall_time_s"]) == {"align", "finetune", "evaluate"} and sft["drift"]
     assert sft["final_drift"] == sft["drift"][-1]["drift"]
+    assert sft["final_median_token_drift"] == sft["drift"][-1]["median_token_drift"] > 0
 
 
 def test_evaluated_arms_are_ordered_by_method_then_rho(tmp_path):

@@ -8,6 +8,10 @@ data, at every logging and evaluation step of any `transformers.Trainer`:
   hidden states of the model when training begins (the aligned model, cached once);
 - `alignment/drift_fraction`: that drift divided by sum ||h_aligned||^2 over the same layers and tokens,
   so that models whose hidden states differ in scale (e.g. aligned by SFT or by Vaccine) can be compared;
+- `alignment/median_token_drift`: the median over tokens and layers of ||h_now - h_aligned||^2 /
+  ||h_aligned||^2, how far a typical token moved. Both sums above are dominated by the few tokens with
+  massive activations (hidden states orders of magnitude larger than the rest, e.g. the first positions
+  of SmolLM2 or Llama); the median is not;
 - `alignment/loss`: the token-averaged language-modelling loss on the same set.
 """
 
@@ -30,6 +34,7 @@ logger = logging.get_logger(__name__)
 DRIFT_KEY = "alignment/drift"
 LOSS_KEY = "alignment/loss"
 DRIFT_FRACTION_KEY = "alignment/drift_fraction"
+MEDIAN_TOKEN_DRIFT_KEY = "alignment/median_token_drift"
 
 
 class AlignmentDriftCallback(TrainerCallback):
@@ -88,6 +93,7 @@ class AlignmentDriftCallback(TrainerCallback):
         self.reference_without_adapter = reference_without_adapter
         self.reference: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers, hidden]
         self.reference_energy: float | None = None  # sum ||h_aligned||^2, the drift fraction's denominator
+        self.reference_token_energy: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers]
         self.history: list[dict[str, float]] = []
         self._last: tuple[int, dict[str, float]] | None = None
 
@@ -105,7 +111,8 @@ class AlignmentDriftCallback(TrainerCallback):
                              f"{type(model).__name__}.")
         with model.disable_adapter() if self.reference_without_adapter else contextlib.nullcontext():
             self.reference = [hidden for hidden, _, _ in self._passes(model)]
-        self.reference_energy = sum(hidden.double().pow(2).sum().item() for hidden in self.reference)
+        self.reference_token_energy = [hidden.double().pow(2).sum(-1) for hidden in self.reference]
+        self.reference_energy = sum(energy.sum().item() for energy in self.reference_token_energy)
         self._last = None
 
     @torch.no_grad()
@@ -116,13 +123,18 @@ class AlignmentDriftCallback(TrainerCallback):
         drift = torch.zeros((), dtype=torch.float64)
         loss_sum = torch.zeros((), dtype=torch.float64)
         loss_tokens = 0
-        for (hidden, batch_loss, tokens), reference in zip(self._passes(model), self.reference, strict=True):
-            drift += (hidden - reference).double().pow(2).sum()
+        token_drifts = []
+        for (hidden, batch_loss, tokens), reference, energy in zip(
+                self._passes(model), self.reference, self.reference_token_energy, strict=True):
+            moved = (hidden - reference).double().pow(2).sum(-1)  # [valid tokens, layers]
+            drift += moved.sum()
+            token_drifts.append((moved / energy.where(energy > 0, torch.nan)).flatten())
             loss_sum += batch_loss
             loss_tokens += tokens
         loss = (loss_sum / loss_tokens).item() if loss_tokens else float("nan")
         fraction = drift.item() / self.reference_energy if self.reference_energy else float("nan")
-        return {DRIFT_KEY: drift.item(), DRIFT_FRACTION_KEY: fraction, LOSS_KEY: loss}
+        median = _median(torch.cat(token_drifts))
+        return {DRIFT_KEY: drift.item(), DRIFT_FRACTION_KEY: fraction, MEDIAN_TOKEN_DRIFT_KEY: median, LOSS_KEY: loss}
 
     def _collate(self, rows: list[dict[str, Any]], model: nn.Module) -> dict[str, torch.Tensor]:
         if self.data_collator is None:
@@ -195,4 +207,13 @@ class AlignmentDriftCallback(TrainerCallback):
             state.log_history[-1].update(values)  # Trainer.log appended a copy of `logs` before calling us
 
 
-__all__ = ["AlignmentDriftCallback", "DRIFT_KEY", "LOSS_KEY"]
+def _median(values: torch.Tensor) -> float:
+    """Median of the non-NaN values (the middle two averaged), at any size (`torch.quantile` stops at 2^24)."""
+    ordered = values[~values.isnan()].sort().values
+    if not len(ordered):
+        return float("nan")
+    middle = len(ordered) // 2
+    return ordered[middle].item() if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]).item() / 2
+
+
+__all__ = ["AlignmentDriftCallback", "DRIFT_FRACTION_KEY", "DRIFT_KEY", "LOSS_KEY", "MEDIAN_TOKEN_DRIFT_KEY"]

@@ -63,7 +63,7 @@ FINETUNE_ARGUMENTS = (FinetuneScriptArguments, AlignedSFTConfig)
 
 def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> None:
     """Merge the alignment adapter, train a fresh LoRA on the mix (tracking drift), save it with its card."""
-    from ..callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY
+    from ..callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
     from ..data import build_alignment_dataset, build_finetune_mix
     from ..sft import AlignedSFTTrainer, merge_alignment_adapter
 
@@ -112,9 +112,9 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
         section += (
             f"\nAlignment drift on {len(drift)} held rows of `{script.drift_dataset}` "
             "(sum over layers and samples of ||h - h_aligned||^2) and alignment loss:\n\n"
-            "| step | drift | drift fraction | alignment loss |\n|---|---|---|---|\n"
-            + "\n".join(f"| {h['step']} | {h[DRIFT_KEY]:.4g} | {h[DRIFT_FRACTION_KEY]:.4g} | {h[LOSS_KEY]:.4f} |"
-                        for h in (first, last))
+            "| step | drift | drift fraction | median token drift | alignment loss |\n|---|---|---|---|---|\n"
+            + "\n".join(f"| {h['step']} | {h[DRIFT_KEY]:.4g} | {h[DRIFT_FRACTION_KEY]:.4g} | "
+                        f"{h[MEDIAN_TOKEN_DRIFT_KEY]:.4g} | {h[LOSS_KEY]:.4f} |" for h in (first, last))
             + "\n"
         )
     save_run(trainer, args.output_dir, script.benign_dataset, section)

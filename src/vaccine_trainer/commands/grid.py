@@ -124,6 +124,7 @@ def collect_rows(root: Path, seeds: Sequence[int],
                              **{key: likelihood.get(key) for key in LIKELIHOOD_KEYS},
                              "final_drift": drift[-1]["drift"] if drift else None,
                              "final_drift_fraction": drift[-1].get("drift_fraction") if drift else None,
+                             "final_median_token_drift": drift[-1].get("median_token_drift") if drift else None,
                              "drift": drift,
                              "wall_time_s": phase_wall_times(root / f"seed{seed}" / folder.name / "align", folder)})
     return rows, missing
@@ -169,8 +170,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"method": method, "harmful_ratio": ratio, "seeds": [m["seed"] for m in members],
                                  "num_prompts": members[0]["num_prompts"],
                                  "num_task_samples": members[0]["num_task_samples"]}
-        for key in ("harmful_score", "non_refusal_rate", "accuracy", "final_drift", "final_drift_fraction",
-                    *LIKELIHOOD_KEYS):
+        for key in ("harmful_score", "non_refusal_rate", "accuracy", *DRIFT_KEYS, *LIKELIHOOD_KEYS):
             values = [m.get(key) for m in members if m.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -178,9 +178,9 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", "final_drift",
-               "final_drift_fraction")
-FORMATS = {"final_drift": ".2e", "final_drift_fraction": ".2e"}
+DRIFT_KEYS = ("final_drift", "final_drift_fraction", "final_median_token_drift")
+PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", *DRIFT_KEYS)
+FORMATS = dict.fromkeys(DRIFT_KEYS, ".2e")
 """How each figure is printed in summary.md; one decimal by default."""
 
 
@@ -242,15 +242,15 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
     header = ("| Method | p | Harmful score (%) ↓ | Non-refusal rate (%) ↓ | Fine-tune accuracy (%) ↑ "
-              "| Drift at the last step ↓ | Drift fraction ↓ | Prompts / rows |")
-    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| Drift at the last step ↓ | Drift fraction ↓ | Median token drift ↓ | Prompts / rows |")
+    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in summary:
         lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
                      f"| {_cell(entry['harmful_score'], entry['harmful_score_std'])} "
                      f"| {_cell(entry['non_refusal_rate'], entry['non_refusal_rate_std'])} "
                      f"| {_cell(entry['accuracy'], entry['accuracy_std'])} "
                      + "".join(f"| {_cell(entry[key], entry[f'{key}_std'], FORMATS[key])} "
-                               for key in ("final_drift", "final_drift_fraction"))
+                               for key in DRIFT_KEYS)
                      + f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
     judges = sorted({f"{row['judge']} ({row['judge_accuracy'].split(': ', 1)[-1]})" if row.get("judge_accuracy")
                      else str(row.get("judge")) for row in rows})
@@ -268,8 +268,8 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     if paired:
         lines += ["Paired differences, method − SFT on the same seed: mean ± sd (each seed's difference):", "",
                   "| Method | p | Seeds | Harmful score (points) | Non-refusal rate (points) | Accuracy (points) "
-                  "| Refusal preference (points) | Drift at the last step | Drift fraction |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| Refusal preference (points) | Drift at the last step | Drift fraction | Median token drift |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for entry in paired:
             lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
                          + "".join(f"| {_paired_cell(entry, key, FORMATS.get(key, '.1f'))} "

@@ -24,16 +24,20 @@ def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = Non
     return points
 
 
-def drift_fractions(log_history: Sequence[Mapping[str, Any]]) -> dict[int, float]:
-    """Step -> drift as a fraction of the aligned hidden states' energy (``*drift_fraction`` entries)."""
+DRIFT_MEASURES = ("drift_fraction", "median_token_drift")  # logged beside the drift, by key suffix
+
+
+def logged_by_step(log_history: Sequence[Mapping[str, Any]], suffix: str) -> dict[int, float]:
+    """Step -> value of the log entries whose key ends with ``suffix`` (e.g. ``alignment/drift_fraction``)."""
     return {int(entry["step"]): float(value) for entry in log_history if "step" in entry
-            for key, value in entry.items() if key.endswith("drift_fraction") and value is not None}
+            for key, value in entry.items() if key.endswith(suffix) and value is not None}
 
 
 def drift_points(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The drift logged during stage 2 as the report stores it: step, drift and, where logged, its fraction."""
-    fractions = drift_fractions(log_history)
-    return [{"step": step, "drift": drift} | ({"drift_fraction": fractions[step]} if step in fractions else {})
+    """The drift logged during stage 2 as the report stores it: step, drift and, where logged, its fraction
+    of the aligned model's energy and the median token's relative drift."""
+    measures = {name: logged_by_step(log_history, name) for name in DRIFT_MEASURES}
+    return [{"step": step, "drift": drift} | {name: values[step] for name, values in measures.items() if step in values}
             for step, drift in drift_series(log_history)]
 
 
@@ -155,15 +159,17 @@ def _markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     if report.get("drift"):
         lines += ["## Alignment drift at the last logged step", "",
-                  "| Method | Step | Drift ↓ | Drift fraction ↓ |", "|---|---:|---:|---:|"]
+                  "| Method | Step | Drift ↓ | Drift fraction ↓ | Median token drift ↓ |", "|---|---:|---:|---:|---:|"]
         for method, points in report["drift"].items():
             last = points[-1]
-            fraction = last.get("drift_fraction")
             lines.append(f"| {method} | {last['step']} | {last['drift']:.4g} | "
-                         f"{'–' if fraction is None else f'{fraction:.4g}'} |")
+                         + " | ".join('–' if last.get(name) is None else f"{last[name]:.4g}" for name in DRIFT_MEASURES)
+                         + " |")
         lines += ["", "Drift: sum over layers and held alignment tokens of ||h - h_aligned||^2. Drift fraction: "
                       "that sum divided by sum ||h_aligned||^2, comparable across arms whose aligned hidden "
-                      "states differ in scale.", ""]
+                      "states differ in scale. Both sums are dominated by the few tokens with massive "
+                      "activations; the median token drift (median over tokens and layers of ||h - h_aligned||^2 / "
+                      "||h_aligned||^2) says how far a typical token moved.", ""]
     lines += [f"![Harmful score and fine-tune accuracy]({report['files']['scores_plot']})", ""]
     if "drift_plot" in report["files"]:
         lines += [f"![Alignment drift during fine-tuning]({report['files']['drift_plot']})", ""]
