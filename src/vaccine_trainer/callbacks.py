@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -208,12 +209,10 @@ class AlignmentDriftCallback(TrainerCallback):
 
 
 def _median(values: torch.Tensor) -> float:
-    """Median of the non-NaN values (the middle two averaged), at any size (`torch.quantile` stops at 2^24)."""
-    ordered = values[~values.isnan()].sort().values
-    if not len(ordered):
-        return float("nan")
-    middle = len(ordered) // 2
-    return ordered[middle].item() if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]).item() / 2
+    """Median of the non-NaN values, the middle two averaged (numpy's; `torch.nanmedian` takes the lower one
+    and `torch.quantile` stops at 2^24 values)."""
+    present = values[~values.isnan()]
+    return float(np.median(present.numpy())) if len(present) else float("nan")
 
 
 __all__ = ["AlignmentDriftCallback", "DRIFT_FRACTION_KEY", "DRIFT_KEY", "LOSS_KEY", "MEDIAN_TOKEN_DRIFT_KEY"]
