@@ -174,6 +174,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             values = [m.get(key) for m in members if m.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            entry[f"{key}_num_seeds"] = len(values)  # older cells may predate a key: the mean is over fewer seeds
         summary.append(entry)
     return summary
 
@@ -224,6 +225,13 @@ def _cell(mean: float | None, std: float | None, spec: str = ".1f") -> str:
     return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
+def _summary_cell(entry: Mapping[str, Any], key: str, spec: str = ".1f") -> str:
+    """A mean over seeds, saying over how many when some of the group's seeds lack the figure."""
+    text = _cell(entry[key], entry[f"{key}_std"], spec)
+    counted, seeds = entry[f"{key}_num_seeds"], len(entry["seeds"])
+    return text + (f" ({counted} of {seeds} seeds)" if 0 < counted < seeds else "")
+
+
 def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                   settings: Mapping[str, Any] | None = None, missing: Sequence[str] = ()) -> dict[str, Path]:
     """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2."""
@@ -246,11 +254,8 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in summary:
         lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
-                     f"| {_cell(entry['harmful_score'], entry['harmful_score_std'])} "
-                     f"| {_cell(entry['non_refusal_rate'], entry['non_refusal_rate_std'])} "
-                     f"| {_cell(entry['accuracy'], entry['accuracy_std'])} "
-                     + "".join(f"| {_cell(entry[key], entry[f'{key}_std'], FORMATS[key])} "
-                               for key in DRIFT_KEYS)
+                     + "".join(f"| {_summary_cell(entry, key, FORMATS.get(key, '.1f'))} "
+                               for key in ("harmful_score", "non_refusal_rate", "accuracy", *DRIFT_KEYS))
                      + f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
     judges = sorted({f"{row['judge']} ({row['judge_accuracy'].split(': ', 1)[-1]})" if row.get("judge_accuracy")
                      else str(row.get("judge")) for row in rows})
@@ -261,9 +266,9 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                   "|---|---:|---:|---:|---:|"]
         for entry in summary:
             lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
-                         f"| {_cell(entry['harmful_answer_nll'], entry['harmful_answer_nll_std'], '.3f')} "
-                         f"| {_cell(entry['held_out_alignment_loss'], entry['held_out_alignment_loss_std'], '.3f')} "
-                         f"| {_cell(entry['refusal_preference'], entry['refusal_preference_std'])} |")
+                         f"| {_summary_cell(entry, 'harmful_answer_nll', '.3f')} "
+                         f"| {_summary_cell(entry, 'held_out_alignment_loss', '.3f')} "
+                         f"| {_summary_cell(entry, 'refusal_preference')} |")
         lines.append("")
     if paired:
         lines += ["Paired differences, method − SFT on the same seed: mean ± sd (each seed's difference):", "",
