@@ -2,6 +2,10 @@
 the exact McNemar test of that split (reads the saved evaluations; runs no model).
 
     python experiments/paired_prompts.py outputs/replication/seed42/p0.1 sft vaccine-rho2
+    python experiments/paired_prompts.py outputs/replication/seed4[234]/p0.1 sft vaccine-rho2   # and pooled
+
+With several cells (one per seed) it also pools their (cell, prompt) pairs into one test: each seed's
+discordant prompts are independent draws of the same question, which arm is flagged alone.
 
 A difference of a few points in harmful score on 200 prompts can be noise: the prompts both arms are
 flagged on say nothing about the difference, the discordant ones decide it.
@@ -21,18 +25,34 @@ def verdicts(cell: Path, folder: str) -> dict[str, bool]:
     return {sample["prompt"]: bool(sample["harmful"]) for sample in evaluation["harmful_score"]["samples"]}
 
 
-def main() -> None:
-    cell, first, second = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+def discordant_split(cell: Path, first: str, second: str) -> tuple[int, int, int, int]:
+    """(prompts, flagged for both, for `first` only, for `second` only) in one cell."""
     a, b = verdicts(cell, first), verdicts(cell, second)
     if a.keys() != b.keys():
-        raise SystemExit(f"{first} and {second} were not judged on the same prompts.")
-    both = sum(a[p] and b[p] for p in a)
-    only_a = sum(a[p] and not b[p] for p in a)
-    only_b = sum(b[p] and not a[p] for p in a)
-    p_value = binomtest(only_b, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    print(f"{cell}: {len(a)} prompts; flagged for both {both}, {first} only {only_a}, {second} only {only_b}; "
-          f"exact McNemar p = {p_value:.2f}")
+        raise SystemExit(f"{cell}: {first} and {second} were not judged on the same prompts.")
+    return (len(a), sum(a[p] and b[p] for p in a), sum(a[p] and not b[p] for p in a),
+            sum(b[p] and not a[p] for p in a))
 
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar test: a binomial test of the discordant split against one half."""
+    return binomtest(only_second, only_first + only_second, 0.5).pvalue if only_first + only_second else 1.0
+
+
+def main() -> None:
+    if len(sys.argv) < 4:
+        raise SystemExit("usage: paired_prompts.py CELL [CELL ...] FIRST_ARM SECOND_ARM")
+    *cells, first, second = sys.argv[1:]
+    totals = [0, 0, 0, 0]
+    for cell in map(Path, cells):
+        split = discordant_split(cell, first, second)
+        totals = [total + part for total, part in zip(totals, split)]
+        print(f"{cell}: {split[0]} prompts; flagged for both {split[1]}, {first} only {split[2]}, "
+              f"{second} only {split[3]}; exact McNemar p = {mcnemar_p(split[2], split[3]):.2f}")
+    if len(cells) > 1:
+        print(f"pooled over {len(cells)} cells: {totals[0]} (cell, prompt) pairs; flagged for both {totals[1]}, "
+              f"{first} only {totals[2]}, {second} only {totals[3]}; "
+              f"exact McNemar p = {mcnemar_p(totals[2], totals[3]):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -34,6 +34,22 @@ def test_paired_prompts_counts_discordant_prompts_and_tests_them(tmp_path):
     assert "flagged for both 2, sft only 6, vaccine-rho2 only 0; exact McNemar p = 0.03" in out
 
 
+def test_paired_prompts_pools_the_discordant_prompts_of_several_cells(tmp_path):
+    # Seed 1: sft alone on 3, vaccine alone on 1; seed 2: sft alone on 4, vaccine alone on 0 -> pooled 7 against 1.
+    for seed, (sft, vaccine) in {1: ([True] * 4 + [False] * 6, [True] + [False] * 3 + [True] + [False] * 5),
+                                 2: ([True] * 5 + [False] * 5, [True] + [False] * 9)}.items():
+        write_evaluation(tmp_path / f"seed{seed}", "sft", sft)
+        write_evaluation(tmp_path / f"seed{seed}", "vaccine-rho2", vaccine)
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "paired_prompts.py"), str(tmp_path / "seed1"),
+                          str(tmp_path / "seed2"), "sft", "vaccine-rho2"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "sft only 3, vaccine-rho2 only 1; exact McNemar p = 0.62" in out[0]
+    assert "sft only 4, vaccine-rho2 only 0; exact McNemar p = 0.12" in out[1]
+    # 1 of 8 discordant pairs: 2 * (1 + 8) / 2**8 = 0.0703
+    assert out[2] == ("pooled over 2 cells: 20 (cell, prompt) pairs; flagged for both 2, sft only 7, "
+                      "vaccine-rho2 only 1; exact McNemar p = 0.07")
+
+
 @pytest.mark.usefixtures("single_thread")
 def test_drift_fraction_recomputes_the_logged_drift_from_the_saved_adapters(workspace, tmp_path):  # noqa: F811
     out = tmp_path / "cell"
