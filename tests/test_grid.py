@@ -96,8 +96,10 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
     assert entry["refusal_preference"] == [] and entry["refusal_preference_mean"] is None
     markdown = write_summary(tmp_path, rows)["markdown"].read_text()
     assert "| vaccine | 0.1 | 1, 2 | -8.0 ± 2.8 (-10.0, -6.0) |" in markdown
-    # drift, its fraction and the median token drift, seed 1 only
-    assert "| -1.00e+00 (-1.00e+00) | -1.00e-02 (-1.00e-02) | -1.00e-03 (-1.00e-03) |" in markdown
+    # drift, its fraction and the median token drift, seed 1 only, named as such
+    assert entry["final_drift_seeds"] == [1] and entry["harmful_score_seeds"] == [1, 2]
+    assert ("| -1.00e+00 (seed 1: -1.00e+00) | -1.00e-02 (seed 1: -1.00e-02) | -1.00e-03 (seed 1: -1.00e-03) |"
+            in markdown)
     assert json.loads((tmp_path / "summary.json").read_text())["paired"][0]["harmful_score_mean"] == -8.0
 
 

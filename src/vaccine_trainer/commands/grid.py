@@ -202,9 +202,11 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft")
         entry: dict[str, Any] = {"method": method, "baseline": baseline, "harmful_ratio": ratio,
                                  "seeds": [row["seed"] for row, _ in pairs]}
         for key in PAIRED_KEYS:
-            values = [row[key] - reference[key] for row, reference in pairs
-                      if row.get(key) is not None and reference.get(key) is not None]
+            both = [(row, reference) for row, reference in pairs
+                    if row.get(key) is not None and reference.get(key) is not None]
+            values = [row[key] - reference[key] for row, reference in both]
             entry[key] = values
+            entry[f"{key}_seeds"] = [row["seed"] for row, _ in both]
             entry[f"{key}_mean"] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         differences.append(entry)
@@ -215,7 +217,11 @@ def _paired_cell(entry: Mapping[str, Any], key: str, spec: str) -> str:
     values = entry[key]
     if not values:
         return "–"
-    per_seed = ", ".join(f"{value:+{spec}}" for value in values)
+    seeds = entry[f"{key}_seeds"]
+    if len(seeds) < len(entry["seeds"]):  # older cells predate the key: name the seeds the figure comes from
+        per_seed = ", ".join(f"seed {seed}: {value:+{spec}}" for seed, value in zip(seeds, values))
+    else:
+        per_seed = ", ".join(f"{value:+{spec}}" for value in values)
     return f"{_cell(entry[f'{key}_mean'], entry[f'{key}_std'], spec)} ({per_seed})"
 
 
