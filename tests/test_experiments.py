@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import VOCAB, tiny_model
 from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
 
 from vaccine_trainer.cli import main
+from vaccine_trainer.layers import find_vaccine_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +71,30 @@ def test_drift_fraction_recomputes_the_logged_drift_from_the_saved_adapters(work
         assert fraction == pytest.approx(last["alignment/drift_fraction"], rel=1e-3)
         assert median == pytest.approx(last["alignment/median_token_drift"], rel=1e-3) and median > 0
 
+
+
+def _load_experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_perturbed_loss_is_the_clean_loss_plus_a_first_order_ascent_of_size_rho():
+    perturbed_loss = _load_experiment("perturbed_loss")
+    torch.manual_seed(0)
+    model = tiny_model("llama").requires_grad_(False)
+    modules = [module for _, module in find_vaccine_modules(model, "attention")]
+    tokenized = [(torch.randint(3, VOCAB, (length,)).tolist(), first) for length, first in ((9, 4), (12, 5), (7, 2))]
+    batch_list = list(perturbed_loss.batches(tokenized, 2, 0))
+    assert [b[0].shape for b in batch_list] == [(2, 12), (1, 7)] and (batch_list[0][2][0, :4] == -100).all()
+    losses = perturbed_loss.perturbed_losses(model, modules, batch_list, [1e-3, 0.5])
+    # clean: the token-weighted mean of the model's own loss on each batch
+    counts = [int((labels[:, 1:] != -100).sum()) for _, _, labels in batch_list]
+    with torch.no_grad():
+        clean = [model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+                 for ids, mask, labels in batch_list]
+    assert losses[0.0] == pytest.approx(sum(c * v for c, v in zip(counts, clean)) / sum(counts), rel=1e-5)
+    # along the gradient: a tiny rho raises the loss a little, a larger one more
+    assert 0 < losses[1e-3] - losses[0.0] < 1e-2 and losses[0.5] > losses[1e-3]
+    assert not any(module._forward_hooks for module in modules)  # no hook left behind
