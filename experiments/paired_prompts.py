@@ -54,5 +54,6 @@ def main() -> None:
               f"{first} only {totals[2]}, {second} only {totals[3]}; "
               f"exact McNemar p = {mcnemar_p(totals[2], totals[3]):.2f}")
 
+
 if __name__ == "__main__":
     main()
