@@ -103,6 +103,7 @@ def main() -> None:
                                    template=settings["template"], tokenizer=tokenizer, held_out=True)
     tokenized = tokenize_rows(tokenizer, rows, settings["max_length"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch_list = list(batches(tokenized, options.batch_size, pad_id))  # the same batches for every arm
     print(f"{options.seed_dir}: {len(tokenized)} held-out alignment rows, batch {options.batch_size}, "
           f"perturbation on every attention output, one global norm per batch\n")
     print("| arm | clean loss | " + " | ".join(f"rho {rho:g}" for rho in rhos) + " | "
@@ -112,7 +113,7 @@ def main() -> None:
         model = load_evaluated_model(settings["model_name_or_path"], str(folder) if folder else None)
         model.float().requires_grad_(False)
         modules = [module for _, module in find_vaccine_modules(model, "attention")]
-        losses = perturbed_losses(model, modules, list(batches(tokenized, options.batch_size, pad_id)), rhos)
+        losses = perturbed_losses(model, modules, batch_list, rhos)
         if not all(math.isfinite(value) for value in losses.values()):
             raise SystemExit(f"{name}: a non-finite loss {losses}")
         print(f"| {name} | {losses[0.0]:.3f} | " + " | ".join(f"{losses[rho]:.3f}" for rho in rhos) + " | "
