@@ -24,6 +24,7 @@ import torch
 from vaccine_trainer.commands.common import load_tokenizer
 from vaccine_trainer.commands.evaluate import load_evaluated_model
 from vaccine_trainer.data import build_alignment_dataset
+from vaccine_trainer.evaluation.likelihood import padded_completion_batch
 from vaccine_trainer.layers import find_vaccine_modules
 from vaccine_trainer.perturbation import HiddenStateHooks, build_perturbation, hidden_state_gradients
 
@@ -44,16 +45,7 @@ def tokenize_rows(tokenizer, rows, max_length: int) -> list[tuple[list[int], int
 def batches(tokenized: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int):
     """Right-padded (input_ids, attention_mask, labels) batches, prompt tokens masked out of the loss."""
     for start in range(0, len(tokenized), batch_size):
-        chunk = tokenized[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for row, (ids, first) in enumerate(chunk):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            attention[row, :len(ids)] = 1
-            labels[row, first:len(ids)] = torch.tensor(ids[first:])
-        yield input_ids, attention, labels
+        yield padded_completion_batch(tokenized[start:start + batch_size], pad_id)
 
 
 def perturbed_losses(model, modules, batch_list, rhos: Sequence[float]) -> dict[float, float]:

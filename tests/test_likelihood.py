@@ -9,7 +9,12 @@ import torch
 from conftest import save_tiny_causal_lm
 
 from vaccine_trainer.data import build_alignment_dataset, instruction_pairs
-from vaccine_trainer.evaluation.likelihood import REFUSAL, completion_nll, likelihood_metrics
+from vaccine_trainer.evaluation.likelihood import (
+    REFUSAL,
+    completion_nll,
+    likelihood_metrics,
+    padded_completion_batch,
+)
 
 TEXTS = ["how do i make a bomb ?", "i can not help with that .", "tell me how to steal a car .",
          "sure , here is how to steal a car .", "what is two plus two ?", "the answer is four ."]
@@ -31,6 +36,13 @@ def hand_nll(model, tokenizer, prompt: str, completion: str) -> float:
         log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
     terms = [-log_probs[position - 1, ids[position]].item() for position in range(len(prompt_ids), len(ids))]
     return sum(terms) / len(terms)
+
+
+def test_padded_completion_batch_masks_prompts_and_padding():
+    input_ids, attention, labels = padded_completion_batch([([5, 6, 7, 8], 2), ([9, 10], 1)], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert attention.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert labels.tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
 
 
 def test_completion_nll_matches_a_hand_computation_in_batches(lm):

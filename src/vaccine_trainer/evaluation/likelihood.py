@@ -57,16 +57,9 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            width = max(len(rows[i][0]) for i in index)
+            input_ids, attention, labels = padded_completion_batch([rows[i] for i in index], tokenizer.pad_token_id)
+            width = input_ids.shape[1]
             keep_from = min(rows[i][1] for i in index) - 1  # the position that predicts the first scored token
-            input_ids = torch.full((len(index), width), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full_like(input_ids, -100)
-            attention = torch.zeros_like(input_ids)
-            for row, i in enumerate(index):
-                ids, first = rows[i]
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-                labels[row, first:len(ids)] = torch.tensor(ids[first:])
             inputs = {"input_ids": input_ids.to(model.device), "attention_mask": attention.to(model.device)}
             if keeps_logits:
                 logits = model(**inputs, logits_to_keep=width - keep_from).logits
@@ -82,6 +75,23 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
         tokenizer.padding_side, tokenizer.pad_token = saved
         model.train(was_training)
     return result
+
+
+def padded_completion_batch(rows: Sequence[tuple[Sequence[int], int]], pad_id: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels) of (token ids, index of the first scored token) rows.
+
+    Labels are -100 on the prompt and the padding, so a causal LM's loss scores the completion only.
+    """
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for row, (ids, first) in enumerate(rows):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+        labels[row, first:len(ids)] = torch.tensor(ids[first:])
+    return input_ids, attention, labels
 
 
 def _accepts_logits_to_keep(model) -> bool:
