@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, load_script, tiny_model
 from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
 
@@ -72,16 +71,8 @@ def test_drift_fraction_recomputes_the_logged_drift_from_the_saved_adapters(work
         assert median == pytest.approx(last["alignment/median_token_drift"], rel=1e-3) and median > 0
 
 
-
-def _load_experiment(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_perturbed_loss_is_the_clean_loss_plus_a_first_order_ascent_of_size_rho():
-    perturbed_loss = _load_experiment("perturbed_loss")
+    perturbed_loss = load_script("experiments/perturbed_loss.py")
     torch.manual_seed(0)
     model = tiny_model("llama").requires_grad_(False)
     modules = [module for _, module in find_vaccine_modules(model, "attention")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    LORA_TARGETS, relative_error, tiny_lora_model, tiny_model, tiny_tokenizer, token_rows, trainable_state,
+    LORA_TARGETS, load_script, relative_error, tiny_lora_model, tiny_model, tiny_tokenizer, token_rows, trainable_state,
     training_args,
 )
 from datasets import Dataset
@@ -218,14 +218,9 @@ def test_drift_is_zero_at_start_and_grows_on_harmful_data(tmp_path):
 
 def test_trl_example_script_runs_with_vaccine(tmp_path):
     """examples/trl_sft_align.py: TRL's SFT script with the two classes swapped, on a local model and data."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "trl_sft_align", Path(__file__).resolve().parents[1] / "examples" / "trl_sft_align.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/trl_sft_align.py")
     tokenizer = tiny_tokenizer()
     tiny_model().save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
