@@ -2,7 +2,11 @@
 energy and for the median token, recomputed from the saved adapters for cells fine-tuned before
 `alignment/drift_fraction` and `alignment/median_token_drift` were logged.
 
-    python experiments/drift_fraction.py outputs/replication/seed42/p0.1
+    python experiments/drift_fraction.py outputs/replication/seed42/p0.1 [more cells] [--force]
+
+Each arm's figures are saved in its stage-2 folder (`alignment_drift_recomputed.json`), where `vaccine-trainer
+grid --summary_only` takes the ones the arm's log lacks; an arm with that file is read back, not recomputed,
+unless --force.
 
 Drift is a sum of squared distances to each arm's own aligned model, so an arm whose aligned hidden states
 are larger drifts more in absolute terms for the same relative change. The fraction divides by
@@ -16,8 +20,8 @@ hidden states orders of magnitude larger than the rest), so the median over toke
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from safetensors.torch import load_file
 
 from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, MEDIAN_TOKEN_DRIFT_KEY
 from vaccine_trainer.commands.common import load_tokenizer
+from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE
 from vaccine_trainer.data import build_alignment_dataset
 from vaccine_trainer.sft import AlignedSFTConfig, AlignedSFTTrainer
 
@@ -55,15 +60,34 @@ def arm_drift(finetune: Path) -> dict[str, float]:
     return {"logged_drift": logged[DRIFT_KEY], **callback.measure(trainer.model)}
 
 
+def saved_arm_drift(finetune: Path, force: bool = False) -> dict[str, float]:
+    """`arm_drift`, read from the arm's recomputed file when there is one, else computed and saved there."""
+    path = finetune / RECOMPUTED_DRIFT_FILE
+    if path.is_file() and not force:
+        stored = json.loads(path.read_text())
+        return {"logged_drift": stored["logged_drift"], DRIFT_KEY: stored["drift"],
+                DRIFT_FRACTION_KEY: stored["drift_fraction"], MEDIAN_TOKEN_DRIFT_KEY: stored["median_token_drift"]}
+    values = arm_drift(finetune)
+    path.write_text(json.dumps({"logged_drift": values["logged_drift"], "drift": values[DRIFT_KEY],
+                                "drift_fraction": values[DRIFT_FRACTION_KEY],
+                                "median_token_drift": values[MEDIAN_TOKEN_DRIFT_KEY]}, indent=1) + "\n")
+    return values
+
+
 def main() -> None:
-    cell = Path(sys.argv[1])
-    print("| arm | logged drift | recomputed drift | drift fraction | median token drift |\n|---|---:|---:|---:|---:|")
-    for finetune in sorted(cell.glob("*/finetune")):
-        if not (finetune / "adapter_model.safetensors").is_file():
-            continue
-        values = arm_drift(finetune)
-        print(f"| {finetune.parent.name} | {values['logged_drift']:.4g} | {values[DRIFT_KEY]:.4g} | "
-              f"{values[DRIFT_FRACTION_KEY]:.4g} | {values[MEDIAN_TOKEN_DRIFT_KEY]:.4g} |", flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cells", nargs="+", type=Path)
+    parser.add_argument("--force", action="store_true", help="recompute arms that already have the file")
+    options = parser.parse_args()
+    print("| cell | arm | logged drift | recomputed drift | drift fraction | median token drift |\n"
+          "|---|---|---:|---:|---:|---:|")
+    for cell in options.cells:
+        for finetune in sorted(cell.glob("*/finetune")):
+            if not (finetune / "adapter_model.safetensors").is_file():
+                continue
+            values = saved_arm_drift(finetune, options.force)
+            print(f"| {cell} | {finetune.parent.name} | {values['logged_drift']:.4g} | {values[DRIFT_KEY]:.4g} | "
+                  f"{values[DRIFT_FRACTION_KEY]:.4g} | {values[MEDIAN_TOKEN_DRIFT_KEY]:.4g} |", flush=True)
 
 
 if __name__ == "__main__":

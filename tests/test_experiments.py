@@ -15,6 +15,7 @@ from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
 
 from vaccine_trainer.cli import main
+from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE, cell_dir, collect_rows, write_summary
 from vaccine_trainer.layers import find_vaccine_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +55,19 @@ def test_paired_prompts_pools_the_discordant_prompts_of_several_cells(tmp_path):
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_drift_fraction_recomputes_the_logged_drift_from_the_saved_adapters(workspace, tmp_path):  # noqa: F811
-    out = tmp_path / "cell"
+def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_old_logs_lack(
+        workspace, tmp_path):  # noqa: F811
+    out = cell_dir(tmp_path, 42, 0.25)
     assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "non-aligned,sft"]) == 0
-    table = subprocess.run([sys.executable, str(ROOT / "experiments" / "drift_fraction.py"), str(out)],
-                           capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           ).stdout.splitlines()
-    rows = {line.split("|")[1].strip(): [float(cell) for cell in line.split("|")[2:6]]
-            for line in table if line.startswith("| ") and not line.startswith("| arm")}
+
+    def table() -> dict[str, list[float]]:
+        lines = subprocess.run([sys.executable, str(ROOT / "experiments" / "drift_fraction.py"), str(out)],
+                               capture_output=True, text=True, check=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.splitlines()
+        return {line.split("|")[2].strip(): [float(cell) for cell in line.split("|")[3:7]]
+                for line in lines if line.startswith("| ") and not line.startswith("| cell")}
+
+    rows = table()
     assert set(rows) == {"non-aligned", "sft"}
     for arm, (logged, recomputed, fraction, median) in rows.items():
         last = json.loads((out / arm / "finetune" / "alignment_drift.json").read_text())[-1]
@@ -69,6 +75,27 @@ def test_drift_fraction_recomputes_the_logged_drift_from_the_saved_adapters(work
         assert recomputed == pytest.approx(logged, rel=1e-3)
         assert fraction == pytest.approx(last["alignment/drift_fraction"], rel=1e-3)
         assert median == pytest.approx(last["alignment/median_token_drift"], rel=1e-3) and median > 0
+
+    saved = out / "sft" / "finetune" / RECOMPUTED_DRIFT_FILE
+    stored = json.loads(saved.read_text())
+    saved.write_text(json.dumps(stored | {"median_token_drift": 123.0}))
+    assert table()["sft"][3] == 123.0  # read back from the file, not recomputed
+
+    # An old cell: its stage-2 log predates the fraction and the median; the summary takes the saved ones.
+    state_path = out / "sft" / "finetune" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    for log in state["log_history"]:
+        log.pop("alignment/drift_fraction", None)
+        log.pop("alignment/median_token_drift", None)
+    state_path.write_text(json.dumps(state))
+    summary_rows, _ = collect_rows(tmp_path, [42], [0.25])
+    by_arm = {row["method"]: row for row in summary_rows}
+    assert by_arm["sft"]["final_median_token_drift"] == 123.0
+    assert by_arm["sft"]["final_drift_fraction"] == pytest.approx(stored["drift_fraction"])
+    assert sorted(by_arm["sft"]["drift_recomputed"]) == ["drift_fraction", "median_token_drift"]
+    assert by_arm["non-aligned"]["drift_recomputed"] == []  # its log has both: the log wins
+    markdown = write_summary(tmp_path / "summary", summary_rows)["markdown"].read_text()
+    assert "Recomputed from the saved stage-2 adapter for 1 arm(s)" in markdown
 
 
 def test_perturbed_loss_is_the_clean_loss_plus_a_first_order_ascent_of_size_rho():

@@ -29,6 +29,9 @@ from .pipeline import (
 )
 
 SUMMARY_DIR = "summary"
+RECOMPUTED_DRIFT_FILE = "alignment_drift_recomputed.json"
+"""Written into a stage-2 folder by `experiments/drift_fraction.py`: the final drift fraction and median
+token drift, recomputed from the saved adapter for an arm fine-tuned before those were logged."""
 
 
 @dataclass
@@ -115,6 +118,7 @@ def collect_rows(root: Path, seeds: Sequence[int],
                 likelihood = figures.get("likelihood") or {}
                 state = folder / "finetune" / "trainer_state.json"
                 drift = drift_points(json.loads(state.read_text())["log_history"]) if state.is_file() else []
+                final, recomputed = final_drift(drift, folder / "finetune" / RECOMPUTED_DRIFT_FILE)
                 rows.append({"seed": seed, "harmful_ratio": ratio, "method": label,
                              "harmful_score": harm.get("score"), "num_prompts": harm.get("n"),
                              "non_refusal_rate": harm.get("non_refusal_rate"),
@@ -122,12 +126,23 @@ def collect_rows(root: Path, seeds: Sequence[int],
                              "judge_accuracy": (harm.get("settings") or {}).get("judge_accuracy"),
                              "accuracy": acc.get("accuracy"), "num_task_samples": acc.get("n"),
                              **{key: likelihood.get(key) for key in LIKELIHOOD_KEYS},
-                             "final_drift": drift[-1]["drift"] if drift else None,
-                             "final_drift_fraction": drift[-1].get("drift_fraction") if drift else None,
-                             "final_median_token_drift": drift[-1].get("median_token_drift") if drift else None,
-                             "drift": drift,
+                             **{f"final_{name}": value for name, value in final.items()},
+                             "drift_recomputed": recomputed, "drift": drift,
                              "wall_time_s": phase_wall_times(root / f"seed{seed}" / folder.name / "align", folder)})
     return rows, missing
+
+
+def final_drift(drift: Sequence[Mapping[str, Any]], recomputed_file: Path) -> tuple[dict[str, Any], list[str]]:
+    """The last logged drift, its fraction and median token drift, and the names of those taken from the
+    recomputed file because the stage-2 log predates them (older cells logged the absolute drift only)."""
+    last = drift[-1] if drift else {}
+    final = {name: last.get(name) for name in ("drift", "drift_fraction", "median_token_drift")}
+    absent = [name for name, value in final.items() if value is None]
+    if not absent or not recomputed_file.is_file():
+        return final, []
+    stored = json.loads(recomputed_file.read_text())
+    taken = [name for name in absent if stored.get(name) is not None]
+    return final | {name: stored[name] for name in taken}, taken
 
 
 def evaluated_arms(cell: Path) -> list[tuple[str, Path]]:
@@ -263,6 +278,11 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                      + "".join(f"| {_summary_cell(entry, key, FORMATS.get(key, '.1f'))} "
                                for key in ("harmful_score", "non_refusal_rate", "accuracy", *DRIFT_KEYS))
                      + f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
+    recomputed = [row for row in rows if row.get("drift_recomputed")]
+    if recomputed:
+        names = sorted({name.replace("_", " ") for row in recomputed for name in row["drift_recomputed"]})
+        lines += ["", f"Recomputed from the saved stage-2 adapter for {len(recomputed)} arm(s) fine-tuned before "
+                  f"these were logged (`experiments/drift_fraction.py`): {', '.join(names)}."]
     judges = sorted({f"{row['judge']} ({row['judge_accuracy'].split(': ', 1)[-1]})" if row.get("judge_accuracy")
                      else str(row.get("judge")) for row in rows})
     lines += ["", f"Judge of the harmful score (its measured accuracy): {'; '.join(judges)}.", ""]
