@@ -15,7 +15,10 @@ logged one as a check that the same rows, layers and weights were used.
 
 Both sums are dominated by the few tokens with massive activations (SmolLM2's first positions carry
 hidden states orders of magnitude larger than the rest), so the median over tokens and layers of
-||h - h_aligned||^2 / ||h_aligned||^2 is printed too: how far a typical token's hidden state moved.
+||h - h_aligned||^2 / ||h_aligned||^2 is printed too: how far a typical token's hidden state moved. So is
+the drift summed over every token but each row's first: in a causal model the first token's hidden state is
+the same for every row that opens with it (the chat template's `<|im_start|>`), and it carries the largest
+activations.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from datasets import Dataset
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, MEDIAN_TOKEN_DRIFT_KEY
+from vaccine_trainer.callbacks import (
+    DRIFT_EXCLUDING_FIRST_TOKEN_KEY,
+    DRIFT_FRACTION_KEY,
+    DRIFT_KEY,
+    MEDIAN_TOKEN_DRIFT_KEY,
+)
 from vaccine_trainer.commands.common import load_tokenizer
 from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE
 from vaccine_trainer.data import build_alignment_dataset
@@ -60,17 +68,21 @@ def arm_drift(finetune: Path) -> dict[str, float]:
     return {"logged_drift": logged[DRIFT_KEY], **callback.measure(trainer.model)}
 
 
+SAVED = {"drift": DRIFT_KEY, "drift_fraction": DRIFT_FRACTION_KEY, "median_token_drift": MEDIAN_TOKEN_DRIFT_KEY,
+         "drift_excluding_first_token": DRIFT_EXCLUDING_FIRST_TOKEN_KEY}
+"""The saved file's names (the summary's, `DRIFT_MEASURES`) and the callback's keys."""
+
+
 def saved_arm_drift(finetune: Path, force: bool = False) -> dict[str, float]:
-    """`arm_drift`, read from the arm's recomputed file when there is one, else computed and saved there."""
+    """`arm_drift`, read from the arm's recomputed file when it has every figure, else computed and saved."""
     path = finetune / RECOMPUTED_DRIFT_FILE
     if path.is_file() and not force:
         stored = json.loads(path.read_text())
-        return {"logged_drift": stored["logged_drift"], DRIFT_KEY: stored["drift"],
-                DRIFT_FRACTION_KEY: stored["drift_fraction"], MEDIAN_TOKEN_DRIFT_KEY: stored["median_token_drift"]}
+        if all(name in stored for name in SAVED):
+            return {"logged_drift": stored["logged_drift"], **{key: stored[name] for name, key in SAVED.items()}}
     values = arm_drift(finetune)
-    path.write_text(json.dumps({"logged_drift": values["logged_drift"], "drift": values[DRIFT_KEY],
-                                "drift_fraction": values[DRIFT_FRACTION_KEY],
-                                "median_token_drift": values[MEDIAN_TOKEN_DRIFT_KEY]}, indent=1) + "\n")
+    path.write_text(json.dumps({"logged_drift": values["logged_drift"],
+                                **{name: values[key] for name, key in SAVED.items()}}, indent=1) + "\n")
     return values
 
 
@@ -79,15 +91,16 @@ def main() -> None:
     parser.add_argument("cells", nargs="+", type=Path)
     parser.add_argument("--force", action="store_true", help="recompute arms that already have the file")
     options = parser.parse_args()
-    print("| cell | arm | logged drift | recomputed drift | drift fraction | median token drift |\n"
-          "|---|---|---:|---:|---:|---:|")
+    print("| cell | arm | logged drift | recomputed drift | drift fraction | median token drift "
+          "| drift excluding first token |\n|---|---|---:|---:|---:|---:|---:|")
     for cell in options.cells:
         for finetune in sorted(cell.glob("*/finetune")):
             if not (finetune / "adapter_model.safetensors").is_file():
                 continue
             values = saved_arm_drift(finetune, options.force)
             print(f"| {cell} | {finetune.parent.name} | {values['logged_drift']:.4g} | {values[DRIFT_KEY]:.4g} | "
-                  f"{values[DRIFT_FRACTION_KEY]:.4g} | {values[MEDIAN_TOKEN_DRIFT_KEY]:.4g} |", flush=True)
+                  f"{values[DRIFT_FRACTION_KEY]:.4g} | {values[MEDIAN_TOKEN_DRIFT_KEY]:.4g} | "
+                  f"{values[DRIFT_EXCLUDING_FIRST_TOKEN_KEY]:.4g} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
 from vaccine_trainer import AlignmentDriftCallback
-from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
+from vaccine_trainer.callbacks import (
+    DRIFT_EXCLUDING_FIRST_TOKEN_KEY,
+    DRIFT_FRACTION_KEY,
+    DRIFT_KEY,
+    LOSS_KEY,
+    MEDIAN_TOKEN_DRIFT_KEY,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -73,6 +79,10 @@ def test_drift_and_loss_match_an_independent_computation(tmp_path, target):
                  for value in (((now - then) ** 2).sum(-1) / (then ** 2).sum(-1)).flatten().tolist()]
     assert logged[-1][MEDIAN_TOKEN_DRIFT_KEY] == pytest.approx(statistics.median(per_token), rel=1e-5)
     assert logged[0][MEDIAN_TOKEN_DRIFT_KEY] == 0.0
+    after_first = sum(((now - then)[:, 1:] ** 2).sum().item() for now, then in zip(
+        layer_outputs(model, rows[:3], attention=attention), layer_outputs(aligned, rows[:3], attention=attention)))
+    assert logged[-1][DRIFT_EXCLUDING_FIRST_TOKEN_KEY] == pytest.approx(after_first, rel=1e-5)
+    assert 0 < after_first < expected_drift
     with torch.no_grad():
         expected_loss = model.eval()(**default_data_collator(rows[:3])).loss.item()  # equal lengths: token mean
     assert logged[-1][LOSS_KEY] == pytest.approx(expected_loss, rel=1e-5)
@@ -111,6 +121,36 @@ def test_drift_counts_only_real_tokens_and_uses_the_labels(tmp_path):
         nll_short = torch.nn.functional.cross_entropy(logits, torch.tensor(short["input_ids"][1:]), reduction="sum")
     expected = (nll_long + nll_short).item() / (5 + 4)
     assert callback.measure(model)[LOSS_KEY] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_drift_excluding_first_token_leaves_out_each_rows_first_real_token(padding_side):
+    """Rows of different lengths, padded on either side: the first token left out is each row's first real
+    one, and the value is the sum of the rows measured one by one without padding."""
+    model = tiny_model()
+    rows = [{"input_ids": ids} for ids in (token_rows(1, length=5)[0]["input_ids"],
+                                           token_rows(1, length=9, seed=1)[0]["input_ids"])]
+
+    def collate(batch):
+        width = max(len(row["input_ids"]) for row in batch)
+        ids, mask = [], []
+        for row in batch:
+            pad = [0] * (width - len(row["input_ids"]))
+            ids.append(pad + row["input_ids"] if padding_side == "left" else row["input_ids"] + pad)
+            mask.append([0] * len(pad) + [1] * len(row["input_ids"]) if padding_side == "left"
+                        else [1] * len(row["input_ids"]) + [0] * len(pad))
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+    callback = AlignmentDriftCallback(rows, batch_size=2, data_collator=collate)
+    callback.cache_reference(model)
+    aligned = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    expected = sum(((now - then)[:, 1:] ** 2).sum().item()
+                   for row in rows
+                   for now, then in zip(layer_outputs(model, [row]), layer_outputs(aligned, [row])))
+    assert callback.measure(model)[DRIFT_EXCLUDING_FIRST_TOKEN_KEY] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("build, error, message", [

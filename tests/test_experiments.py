@@ -64,17 +64,19 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
         lines = subprocess.run([sys.executable, str(ROOT / "experiments" / "drift_fraction.py"), str(out)],
                                capture_output=True, text=True, check=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.splitlines()
-        return {line.split("|")[2].strip(): [float(cell) for cell in line.split("|")[3:7]]
+        return {line.split("|")[2].strip(): [float(cell) for cell in line.split("|")[3:8]]
                 for line in lines if line.startswith("| ") and not line.startswith("| cell")}
 
     rows = table()
     assert set(rows) == {"non-aligned", "sft"}
-    for arm, (logged, recomputed, fraction, median) in rows.items():
+    for arm, (logged, recomputed, fraction, median, after_first) in rows.items():
         last = json.loads((out / arm / "finetune" / "alignment_drift.json").read_text())[-1]
         assert logged == pytest.approx(last["alignment/drift"], rel=1e-3) and logged > 0
         assert recomputed == pytest.approx(logged, rel=1e-3)
         assert fraction == pytest.approx(last["alignment/drift_fraction"], rel=1e-3)
         assert median == pytest.approx(last["alignment/median_token_drift"], rel=1e-3) and median > 0
+        assert after_first == pytest.approx(last["alignment/drift_excluding_first_token"], rel=1e-3)
+        assert 0 < after_first < recomputed
 
     saved = out / "sft" / "finetune" / RECOMPUTED_DRIFT_FILE
     stored = json.loads(saved.read_text())
@@ -87,12 +89,15 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
     for log in state["log_history"]:
         log.pop("alignment/drift_fraction", None)
         log.pop("alignment/median_token_drift", None)
+        log.pop("alignment/drift_excluding_first_token", None)
     state_path.write_text(json.dumps(state))
     summary_rows, _ = collect_rows(tmp_path, [42], [0.25])
     by_arm = {row["method"]: row for row in summary_rows}
     assert by_arm["sft"]["final_median_token_drift"] == 123.0
     assert by_arm["sft"]["final_drift_fraction"] == pytest.approx(stored["drift_fraction"])
-    assert sorted(by_arm["sft"]["drift_recomputed"]) == ["drift_fraction", "median_token_drift"]
+    assert sorted(by_arm["sft"]["drift_recomputed"]) == [
+        "drift_excluding_first_token", "drift_fraction", "median_token_drift"]
+    assert by_arm["sft"]["final_drift_excluding_first_token"] == pytest.approx(stored["drift_excluding_first_token"])
     assert by_arm["non-aligned"]["drift_recomputed"] == []  # its log has both: the log wins
     markdown = write_summary(tmp_path / "summary", summary_rows)["markdown"].read_text()
     assert "Recomputed from the saved stage-2 adapter for 1 arm(s)" in markdown

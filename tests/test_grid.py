@@ -64,7 +64,8 @@ def test_a_mean_over_fewer_seeds_than_its_group_says_so(tmp_path):
     """Older cells predate some logged keys: their group's mean must not pass for a mean over every seed."""
     rows = [{"seed": s, "harmful_ratio": 0.1, "method": "sft", "harmful_score": h, "accuracy": 80.0,
              "non_refusal_rate": h, "final_drift": 2.0, "final_drift_fraction": fraction,
-             "final_median_token_drift": None, "num_prompts": 4, "num_task_samples": 2, "judge": "learned",
+             "final_median_token_drift": None, "final_drift_excluding_first_token": None,
+             "num_prompts": 4, "num_task_samples": 2, "judge": "learned",
              "judge_accuracy": None, "drift": [], "wall_time_s": {}}
             for s, h, fraction in ((1, 50.0, None), (2, 70.0, None), (3, 60.0, 4e-4))]
     (entry,) = summarise(rows)
@@ -72,7 +73,7 @@ def test_a_mean_over_fewer_seeds_than_its_group_says_so(tmp_path):
     assert entry["harmful_score_num_seeds"] == 3 and entry["final_median_token_drift_num_seeds"] == 0
     markdown = write_summary(tmp_path, rows)["markdown"].read_text()
     assert "| sft | 0.1 | 60.0 ± 10.0 | 60.0 ± 10.0 | 80.0 ± 0.0 | 2.00e+00 ± 0.00e+00 " \
-           "| 4.00e-04 (1 of 3 seeds) | – | 4 / 2 |" in markdown
+           "| 4.00e-04 (1 of 3 seeds) | – | – | 4 / 2 |" in markdown
 
 
 def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):

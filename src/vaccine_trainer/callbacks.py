@@ -12,6 +12,11 @@ data, at every logging and evaluation step of any `transformers.Trainer`:
   ||h_aligned||^2, how far a typical token moved. Both sums above are dominated by the few tokens with
   massive activations (hidden states orders of magnitude larger than the rest, e.g. the first positions
   of SmolLM2 or Llama); the median is not;
+- `alignment/drift_excluding_first_token`: the drift summed over every token but each row's first. In
+  a causal model the first token's hidden state does not depend on the rest of the row (it is the same
+  vector in every row that opens with the same token, e.g. a chat template's `<|im_start|>`), and it is
+  where the massive activations sit, so it can carry most of the summed drift without saying anything
+  about how the alignment data's embeddings moved;
 - `alignment/loss`: the token-averaged language-modelling loss on the same set.
 """
 
@@ -36,6 +41,7 @@ DRIFT_KEY = "alignment/drift"
 LOSS_KEY = "alignment/loss"
 DRIFT_FRACTION_KEY = "alignment/drift_fraction"
 MEDIAN_TOKEN_DRIFT_KEY = "alignment/median_token_drift"
+DRIFT_EXCLUDING_FIRST_TOKEN_KEY = "alignment/drift_excluding_first_token"
 
 
 class AlignmentDriftCallback(TrainerCallback):
@@ -111,7 +117,7 @@ class AlignmentDriftCallback(TrainerCallback):
             raise ValueError("reference_without_adapter needs a PEFT model (one with `disable_adapter`), got "
                              f"{type(model).__name__}.")
         with model.disable_adapter() if self.reference_without_adapter else contextlib.nullcontext():
-            self.reference = [hidden for hidden, _, _ in self._passes(model)]
+            self.reference = [hidden for hidden, _, _, _ in self._passes(model)]
         self.reference_token_energy = [hidden.double().pow(2).sum(-1) for hidden in self.reference]
         self.reference_energy = sum(energy.sum().item() for energy in self.reference_token_energy)
         self._last = None
@@ -122,20 +128,23 @@ class AlignmentDriftCallback(TrainerCallback):
         if self.reference is None:
             raise RuntimeError("No reference hidden states: call cache_reference(model) before fine-tuning.")
         drift = torch.zeros((), dtype=torch.float64)
+        drift_after_first = torch.zeros((), dtype=torch.float64)
         loss_sum = torch.zeros((), dtype=torch.float64)
         loss_tokens = 0
         token_drifts = []
-        for (hidden, batch_loss, tokens), reference, energy in zip(
+        for (hidden, batch_loss, tokens, first), reference, energy in zip(
                 self._passes(model), self.reference, self.reference_token_energy, strict=True):
             moved = (hidden - reference).double().pow(2).sum(-1)  # [valid tokens, layers]
             drift += moved.sum()
+            drift_after_first += moved[~first].sum()
             token_drifts.append((moved / energy.where(energy > 0, torch.nan)).flatten())
             loss_sum += batch_loss
             loss_tokens += tokens
         loss = (loss_sum / loss_tokens).item() if loss_tokens else float("nan")
         fraction = drift.item() / self.reference_energy if self.reference_energy else float("nan")
         median = _median(torch.cat(token_drifts))
-        return {DRIFT_KEY: drift.item(), DRIFT_FRACTION_KEY: fraction, MEDIAN_TOKEN_DRIFT_KEY: median, LOSS_KEY: loss}
+        return {DRIFT_KEY: drift.item(), DRIFT_FRACTION_KEY: fraction, MEDIAN_TOKEN_DRIFT_KEY: median,
+                DRIFT_EXCLUDING_FIRST_TOKEN_KEY: drift_after_first.item(), LOSS_KEY: loss}
 
     def _collate(self, rows: list[dict[str, Any]], model: nn.Module) -> dict[str, torch.Tensor]:
         if self.data_collator is None:
@@ -146,7 +155,8 @@ class AlignmentDriftCallback(TrainerCallback):
         return self.data_collator(rows)
 
     def _passes(self, model: nn.Module):
-        """Yield (hidden states of valid tokens, summed token loss, loss tokens) per batch."""
+        """Yield (hidden states of valid tokens, summed token loss, loss tokens, which valid tokens open
+        their row) per batch."""
         modules = [module for _, module in find_vaccine_modules(model, self.target, self.layers, self.modules)]
         device = next(model.parameters()).device
         was_training = model.training
@@ -178,7 +188,8 @@ class AlignmentDriftCallback(TrainerCallback):
                 token_loss = nn.functional.cross_entropy(
                     logits[:, :-1].float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100, reduction="sum"
                 )
-                yield hidden, token_loss.double().cpu(), int((shift_labels != -100).sum())
+                first = (valid & (valid.cumsum(dim=1) == 1))[valid].cpu()  # whatever side the padding is on
+                yield hidden, token_loss.double().cpu(), int((shift_labels != -100).sum()), first
         finally:
             for handle in handles:
                 handle.remove()

@@ -30,8 +30,9 @@ from .pipeline import (
 
 SUMMARY_DIR = "summary"
 RECOMPUTED_DRIFT_FILE = "alignment_drift_recomputed.json"
-"""Written into a stage-2 folder by `experiments/drift_fraction.py`: the final drift fraction and median
-token drift, recomputed from the saved adapter for an arm fine-tuned before those were logged."""
+"""Written into a stage-2 folder by `experiments/drift_fraction.py`: the final drift fraction, median token
+drift and drift excluding first token, recomputed from the saved adapter for an arm fine-tuned before those
+were logged."""
 
 
 @dataclass
@@ -133,10 +134,12 @@ def collect_rows(root: Path, seeds: Sequence[int],
 
 
 def final_drift(drift: Sequence[Mapping[str, Any]], recomputed_file: Path) -> tuple[dict[str, Any], list[str]]:
-    """The last logged drift, its fraction and median token drift, and the names of those taken from the
+    """The last logged drift and its other measures (`DRIFT_MEASURES`), and the names of those taken from the
     recomputed file because the stage-2 log predates them (older cells logged the absolute drift only)."""
+    from ..evaluation.report import DRIFT_MEASURES
+
     last = drift[-1] if drift else {}
-    final = {name: last.get(name) for name in ("drift", "drift_fraction", "median_token_drift")}
+    final = {name: last.get(name) for name in ("drift", *DRIFT_MEASURES)}
     absent = [name for name, value in final.items() if value is None]
     if not absent or not recomputed_file.is_file():
         return final, []
@@ -194,7 +197,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-DRIFT_KEYS = ("final_drift", "final_drift_fraction", "final_median_token_drift")
+DRIFT_KEYS = ("final_drift", "final_drift_fraction", "final_median_token_drift", "final_drift_excluding_first_token")
 PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", *DRIFT_KEYS)
 FORMATS = dict.fromkeys(DRIFT_KEYS, ".2e")
 """How each figure is printed in summary.md; one decimal by default."""
@@ -271,8 +274,9 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
     header = ("| Method | p | Harmful score (%) ↓ | Non-refusal rate (%) ↓ | Fine-tune accuracy (%) ↑ "
-              "| Drift at the last step ↓ | Drift fraction ↓ | Median token drift ↓ | Prompts / rows |")
-    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| Drift at the last step ↓ | Drift fraction ↓ | Median token drift ↓ | Drift excluding first token ↓ "
+              "| Prompts / rows |")
+    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in summary:
         lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
                      + "".join(f"| {_summary_cell(entry, key, FORMATS.get(key, '.1f'))} "
@@ -299,8 +303,9 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     if paired:
         lines += ["Paired differences, method − SFT on the same seed: mean ± sd (each seed's difference):", "",
                   "| Method | p | Seeds | Harmful score (points) | Non-refusal rate (points) | Accuracy (points) "
-                  "| Refusal preference (points) | Drift at the last step | Drift fraction | Median token drift |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| Refusal preference (points) | Drift at the last step | Drift fraction | Median token drift "
+                  "| Drift excluding first token |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for entry in paired:
             lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
                          + "".join(f"| {_paired_cell(entry, key, FORMATS.get(key, '.1f'))} "

@@ -24,7 +24,7 @@ def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = Non
     return points
 
 
-DRIFT_MEASURES = ("drift_fraction", "median_token_drift")  # logged beside the drift, by key suffix
+DRIFT_MEASURES = ("drift_fraction", "median_token_drift", "drift_excluding_first_token")  # by key suffix
 
 
 def logged_by_step(log_history: Sequence[Mapping[str, Any]], suffix: str) -> dict[int, float]:
@@ -35,7 +35,8 @@ def logged_by_step(log_history: Sequence[Mapping[str, Any]], suffix: str) -> dic
 
 def drift_points(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The drift logged during stage 2 as the report stores it: step, drift and, where logged, its fraction
-    of the aligned model's energy and the median token's relative drift."""
+    of the aligned model's energy, the median token's relative drift and the drift without the rows' first
+    tokens."""
     measures = {name: logged_by_step(log_history, name) for name in DRIFT_MEASURES}
     return [{"step": step, "drift": drift} | {name: values[step] for name, values in measures.items() if step in values}
             for step, drift in drift_series(log_history)]
@@ -159,7 +160,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     if report.get("drift"):
         lines += ["## Alignment drift at the last logged step", "",
-                  "| Method | Step | Drift ↓ | Drift fraction ↓ | Median token drift ↓ |", "|---|---:|---:|---:|---:|"]
+                  "| Method | Step | Drift ↓ | Drift fraction ↓ | Median token drift ↓ "
+                  "| Drift excluding first token ↓ |", "|---|---:|---:|---:|---:|---:|"]
         for method, points in report["drift"].items():
             last = points[-1]
             lines.append(f"| {method} | {last['step']} | {last['drift']:.4g} | "
@@ -169,7 +171,9 @@ def _markdown(report: Mapping[str, Any]) -> str:
                       "that sum divided by sum ||h_aligned||^2, comparable across arms whose aligned hidden "
                       "states differ in scale. Both sums are dominated by the few tokens with massive "
                       "activations; the median token drift (median over tokens and layers of ||h - h_aligned||^2 / "
-                      "||h_aligned||^2) says how far a typical token moved.", ""]
+                      "||h_aligned||^2) says how far a typical token moved. The drift excluding first token "
+                      "leaves out each row's first token, whose hidden state does not depend on the row in a "
+                      "causal model.", ""]
     lines += [f"![Harmful score and fine-tune accuracy]({report['files']['scores_plot']})", ""]
     if "drift_plot" in report["files"]:
         lines += [f"![Alignment drift during fine-tuning]({report['files']['drift_plot']})", ""]
