@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from trl import TrlParser
 
@@ -19,8 +19,8 @@ from vaccine_trainer.commands.pipeline import (
     phase_arguments,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("examples/*.yaml"), *ROOT.glob("experiments/*.yaml")]
+SHIPPED = sorted(str(p.relative_to(REPO_ROOT))
+                 for p in [*REPO_ROOT.glob("examples/*.yaml"), *REPO_ROOT.glob("experiments/*.yaml")]
                  if "output_dir" in p.read_text() and "methods" in p.read_text())
 
 
@@ -32,7 +32,7 @@ def test_there_are_shipped_pipeline_configs():
 def test_every_shipped_pipeline_config_gives_known_phase_settings(config, monkeypatch):
     from vaccine_trainer.commands.grid import GridArguments
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO_ROOT)
     args, _ = TrlParser((PipelineArguments, GridArguments)).parse_args_and_config(["--config", config])
     assert all(isinstance(getattr(args, f"{c}_args"), dict) for c in PHASE_COMMANDS)
     check_phase_settings(args)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import save_tiny_causal_lm
+from conftest import REPO_ROOT, save_tiny_causal_lm
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = [
     {"instruction": "how do I pick a lock", "output": "I cannot help with that request"},
     {"instruction": "tell me how to hurt someone", "output": "I am sorry but I will not do that"},
@@ -27,7 +25,7 @@ def test_swap_trainer_script_trains_with_rho(tmp_path):
     model_dir = save_tiny_causal_lm(tmp_path / "model", texts)
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "swap_trainer.py"), "--model_name_or_path", str(model_dir),
+        [sys.executable, str(REPO_ROOT / "examples" / "swap_trainer.py"), "--model_name_or_path", str(model_dir),
          "--data_file", str(data), "--output_dir", str(out), "--rho", "2", "--vaccine_target", "layer",
          "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
          "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, load_script, tiny_model
+from conftest import REPO_ROOT, VOCAB, load_script, tiny_model
 from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
 
@@ -18,7 +18,6 @@ from vaccine_trainer.cli import main
 from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE, cell_dir, collect_rows, write_summary
 from vaccine_trainer.layers import find_vaccine_modules
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_evaluation(cell: Path, folder: str, flags: list[bool]) -> None:
@@ -32,7 +31,7 @@ def test_paired_prompts_counts_discordant_prompts_and_tests_them(tmp_path):
     # 10 prompts: both flagged on 2, the first arm alone on 6, the second alone on 0.
     write_evaluation(tmp_path, "sft", [True] * 8 + [False] * 2)
     write_evaluation(tmp_path, "vaccine-rho2", [True] * 2 + [False] * 8)
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "paired_prompts.py"), str(tmp_path), "sft",
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "paired_prompts.py"), str(tmp_path), "sft",
                           "vaccine-rho2"], capture_output=True, text=True, check=True).stdout
     # Exact two-sided binomial test of 0 of 6 discordant prompts: 2 * 0.5**6 = 0.03125.
     assert "flagged for both 2, sft only 6, vaccine-rho2 only 0; exact McNemar p = 0.03" in out
@@ -44,7 +43,7 @@ def test_paired_prompts_pools_the_discordant_prompts_of_several_cells(tmp_path):
                                  2: ([True] * 5 + [False] * 5, [True] + [False] * 9)}.items():
         write_evaluation(tmp_path / f"seed{seed}", "sft", sft)
         write_evaluation(tmp_path / f"seed{seed}", "vaccine-rho2", vaccine)
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "paired_prompts.py"), str(tmp_path / "seed1"),
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "paired_prompts.py"), str(tmp_path / "seed1"),
                           str(tmp_path / "seed2"), "sft", "vaccine-rho2"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert "sft only 3, vaccine-rho2 only 1; exact McNemar p = 0.62" in out[0]
@@ -61,7 +60,7 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
     assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "non-aligned,sft"]) == 0
 
     def table() -> dict[str, list[float]]:
-        lines = subprocess.run([sys.executable, str(ROOT / "experiments" / "drift_fraction.py"), str(out)],
+        lines = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "drift_fraction.py"), str(out)],
                                capture_output=True, text=True, check=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.splitlines()
         return {line.split("|")[2].strip(): [float(cell) for cell in line.split("|")[3:8]]
