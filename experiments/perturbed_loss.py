@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from trl import SFTConfig, SFTTrainer
 
 from vaccine_trainer.commands.common import load_tokenizer
 from vaccine_trainer.commands.evaluate import load_evaluated_model
@@ -29,17 +31,19 @@ from vaccine_trainer.layers import find_vaccine_modules
 from vaccine_trainer.perturbation import HiddenStateHooks, build_perturbation, hidden_state_gradients
 
 
-def tokenize_rows(tokenizer, rows, max_length: int) -> list[tuple[list[int], int]]:
-    """(token ids, index of the first completion token) of conversational prompt-completion rows."""
-    tokenized = []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-        if len(prompt_ids) < len(ids):  # a prompt that fills max_length leaves nothing to score
-            tokenized.append((ids, len(prompt_ids)))
-    return tokenized
+def tokenize_rows(model_name_or_path: str, tokenizer, rows, max_length: int) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first completion token) of each row, as stage 1 trained on it.
+
+    TRL's SFTTrainer tokenizes, truncates and drops the rows (a prompt that fills max_length leaves nothing
+    to score), with the same defaults as stage 1's config, so the loss here is the one stage 1 minimised.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(output_dir=scratch, max_length=max_length, report_to="none", bf16=False,
+                         activation_checkpointing=False)
+        prepared = SFTTrainer(model_name_or_path, args=args, train_dataset=rows,
+                              processing_class=tokenizer).train_dataset
+    return [(row["input_ids"], next(i for i, label in enumerate(row["labels"]) if label != -100))
+            for row in prepared]
 
 
 def batches(tokenized: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int):
@@ -93,7 +97,7 @@ def main() -> None:
     tokenizer = load_tokenizer(settings["model_name_or_path"])
     rows = build_alignment_dataset(settings["dataset"], options.rows, seed=settings["dataset_seed"],
                                    template=settings["template"], tokenizer=tokenizer, held_out=True)
-    tokenized = tokenize_rows(tokenizer, rows, settings["max_length"])
+    tokenized = tokenize_rows(settings["model_name_or_path"], tokenizer, rows, settings["max_length"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch_list = list(batches(tokenized, options.batch_size, pad_id))  # the same batches for every arm
     print(f"{options.seed_dir}: {len(tokenized)} held-out alignment rows, batch {options.batch_size}, "

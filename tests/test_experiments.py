@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOCAB, load_script, tiny_model
+from conftest import REPO_ROOT, VOCAB, load_script, save_tiny_causal_lm, tiny_model
+from datasets import Dataset
 from test_cli import workspace  # noqa: F401  (the tiny model and data files)
 from test_pipeline import pipeline_argv
+from transformers import AutoTokenizer
 
 from vaccine_trainer.cli import main
 from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE, cell_dir, collect_rows, write_summary
@@ -100,6 +102,22 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
     assert by_arm["non-aligned"]["drift_recomputed"] == []  # its log has both: the log wins
     markdown = write_summary(tmp_path / "summary", summary_rows)["markdown"].read_text()
     assert "Recomputed from the saved stage-2 adapter for 1 arm(s)" in markdown
+
+
+def test_perturbed_loss_scores_the_rows_as_stage_1_tokenized_them(tmp_path):
+    perturbed_loss = load_script("experiments/perturbed_loss.py")
+    words = "how do i bake bread mix flour water salt and yeast then bake it".split()
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_causal_lm(tmp_path / "model", [" ".join(words)]))
+    rows = [{"prompt": [{"role": "user", "content": " ".join(words[:4])}],
+             "completion": [{"role": "assistant", "content": " ".join(words[4:])}]},
+            {"prompt": [{"role": "user", "content": " ".join(words * 3)}],  # fills max_length on its own
+             "completion": [{"role": "assistant", "content": "bake"}]}]
+    tokenized = perturbed_loss.tokenize_rows(str(tmp_path / "model"), tokenizer, Dataset.from_list(rows), 24)
+    ids = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["completion"], return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+    assert len(prompt_ids) < len(ids) <= 24
+    assert tokenized == [(ids, len(prompt_ids))]  # the second row has nothing left to score: dropped
 
 
 def test_perturbed_loss_is_the_clean_loss_plus_a_first_order_ascent_of_size_rho():
