@@ -2,7 +2,7 @@
 the worst-case perturbation of size rho that Vaccine's step builds (first order: rho times the normalised
 gradient of the loss with respect to every attention output, one global norm per batch).
 
-    python experiments/perturbed_loss.py outputs/replication/seed42 [--rhos 0.5,2,5] [--rows 200]
+    python experiments/perturbed_loss.py outputs/replication/seed42 [--rhos 0.5,2,5] [--rows 200] [--arms a,b]
 
 Vaccine minimises the perturbed loss during alignment, so its aligned model should lose less to the
 perturbation than SFT's. If it does and its fine-tuned model still drifts as much, the robustness
@@ -74,11 +74,20 @@ def perturbed_losses(model, modules, batch_list, rhos: Sequence[float]) -> dict[
     return {rho: total / tokens for rho, total in totals.items()}
 
 
-def aligned_arms(seed_dir: Path) -> list[tuple[str, Path | None]]:
-    """("non-aligned", None) and (arm, stage-1 folder) of every finished stage 1 of a seed."""
+def aligned_arms(seed_dir: Path, names: Sequence[str] = ()) -> list[tuple[str, Path | None]]:
+    """("non-aligned", None) and (arm, stage-1 folder) of every finished stage 1 of a seed, or of `names`.
+
+    Every arm is measured on the same rows, so an arm added later can be measured alone and set beside
+    the others' figures.
+    """
     arms = [("non-aligned", None)]
     for marker in sorted(seed_dir.glob("*/align/phase.json")):
         arms.append((marker.parent.parent.name, marker.parent))
+    if names:
+        unknown = sorted(set(names) - {name for name, _ in arms})
+        if unknown:
+            raise SystemExit(f"{seed_dir}: no finished stage 1 for {unknown}; there are {[n for n, _ in arms]}.")
+        arms = [arm for arm in arms if arm[0] in names]
     return arms
 
 
@@ -88,12 +97,14 @@ def main() -> None:
     parser.add_argument("--rhos", default="0.5,2,5")
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=5)
+    parser.add_argument("--arms", default="", help="comma-separated arms to measure (default: every one)")
     options = parser.parse_args()
     rhos = [float(value) for value in options.rhos.split(",")]
-    arms = aligned_arms(options.seed_dir)
-    if len(arms) == 1:
+    every_arm = aligned_arms(options.seed_dir)
+    if len(every_arm) == 1:
         raise SystemExit(f"{options.seed_dir}: no finished stage 1 (*/align/phase.json).")
-    settings = json.loads((arms[1][1] / "phase.json").read_text())["settings"]
+    arms = aligned_arms(options.seed_dir, [name for name in options.arms.split(",") if name])
+    settings = json.loads((every_arm[1][1] / "phase.json").read_text())["settings"]
     tokenizer = load_tokenizer(settings["model_name_or_path"])
     rows = build_alignment_dataset(settings["dataset"], options.rows, seed=settings["dataset_seed"],
                                    template=settings["template"], tokenizer=tokenizer, held_out=True)

@@ -104,6 +104,20 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
     assert "Recomputed from the saved stage-2 adapter for 1 arm(s)" in markdown
 
 
+def test_perturbed_loss_measures_every_finished_stage_1_or_the_arms_named(tmp_path):
+    perturbed_loss = load_script("experiments/perturbed_loss.py")
+    for arm in ("sft", "vaccine-rho5"):
+        (tmp_path / arm / "align").mkdir(parents=True)
+        (tmp_path / arm / "align" / "phase.json").write_text("{}")
+    (tmp_path / "vaccine-rho2" / "align").mkdir(parents=True)  # no marker: stage 1 not finished
+    assert perturbed_loss.aligned_arms(tmp_path) == [("non-aligned", None), ("sft", tmp_path / "sft" / "align"),
+                                                     ("vaccine-rho5", tmp_path / "vaccine-rho5" / "align")]
+    assert perturbed_loss.aligned_arms(tmp_path, ["vaccine-rho5"]) == [
+        ("vaccine-rho5", tmp_path / "vaccine-rho5" / "align")]
+    with pytest.raises(SystemExit, match=r"no finished stage 1 for \['vaccine-rho2'\]"):
+        perturbed_loss.aligned_arms(tmp_path, ["sft", "vaccine-rho2"])
+
+
 def test_perturbed_loss_scores_the_rows_as_stage_1_tokenized_them(tmp_path):
     perturbed_loss = load_script("experiments/perturbed_loss.py")
     words = "how do i bake bread mix flour water salt and yeast then bake it".split()
