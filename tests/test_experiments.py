@@ -21,7 +21,6 @@ from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE, cell_dir, colle
 from vaccine_trainer.layers import find_vaccine_modules
 
 
-
 def write_evaluation(cell: Path, folder: str, flags: list[bool]) -> None:
     path = cell / folder / "evaluate" / "evaluation.json"
     path.parent.mkdir(parents=True)
