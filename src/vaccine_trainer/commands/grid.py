@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..drift_measures import DRIFT_MEASURES
 from .common import PROG, logger
 from .pipeline import (
     DEFAULT_RHO,
@@ -136,8 +137,6 @@ def collect_rows(root: Path, seeds: Sequence[int],
 def final_drift(drift: Sequence[Mapping[str, Any]], recomputed_file: Path) -> tuple[dict[str, Any], list[str]]:
     """The last logged drift and its other measures (`DRIFT_MEASURES`), and the names of those taken from the
     recomputed file because the stage-2 log predates them (older cells logged the absolute drift only)."""
-    from ..evaluation.report import DRIFT_MEASURES
-
     last = drift[-1] if drift else {}
     final = {name: last.get(name) for name in ("drift", *DRIFT_MEASURES)}
     absent = [name for name, value in final.items() if value is None]
@@ -197,7 +196,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-DRIFT_KEYS = ("final_drift", "final_drift_fraction", "final_median_token_drift", "final_drift_excluding_first_token")
+DRIFT_KEYS = tuple(f"final_{name}" for name in ("drift", *DRIFT_MEASURES))  # as `collect_rows` names them
 PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", *DRIFT_KEYS)
 FORMATS = dict.fromkeys(DRIFT_KEYS, ".2e")
 """How each figure is printed in summary.md; one decimal by default."""

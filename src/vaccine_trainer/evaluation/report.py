@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ..drift_measures import DRIFT_MEASURES
+
 logger = logging.get_logger(__name__)
 
 def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = None) -> list[tuple[int, float]]:
@@ -24,7 +26,6 @@ def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = Non
     return points
 
 
-DRIFT_MEASURES = ("drift_fraction", "median_token_drift", "drift_excluding_first_token")  # by key suffix
 
 
 def logged_by_step(log_history: Sequence[Mapping[str, Any]], suffix: str) -> dict[int, float]:

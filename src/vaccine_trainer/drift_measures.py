@@ -1,0 +1,8 @@
+"""The names of the drift measures `AlignmentDriftCallback` logs beside the absolute drift.
+
+One list for the reports' columns, the grid summary's figures and the recomputed-drift file, kept in a
+module without heavy imports so that `vaccine-trainer grid` can read it without loading torch.
+"""
+
+DRIFT_MEASURES = ("drift_fraction", "median_token_drift", "drift_excluding_first_token")
+"""Logged as `alignment/<name>`, next to `alignment/drift`."""
