@@ -155,7 +155,22 @@ def test_help_and_package_import_load_no_torch():
     lazy = subprocess.run([sys.executable, "-c", "import sys; from vaccine_trainer import VaccineTrainer; "
                            "print('trl' in sys.modules)"], capture_output=True, text=True, timeout=300)
     assert lazy.stdout.strip().splitlines()[-1] == "False"  # TRL only when the TRL classes are asked for
-    assert "kernels-community" not in lazy.stderr  # no bitsandbytes notice for users without 4-bit models
+
+
+def test_the_optional_kernel_notice_of_bitsandbytes_is_dropped_and_nothing_else():
+    """What the package does to third-party logs, tested on records: their wording is not ours to assert on."""
+    import logging
+
+    import vaccine_trainer  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def kept(message: str) -> bool:
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)
+        return all(f.filter(record) for f in logger.filters)
+
+    assert not kept("Failed to load CPU gemm_4bit_forward from kernels-community: not in the local cache")
+    assert kept("Some other bitsandbytes warning")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only default")
