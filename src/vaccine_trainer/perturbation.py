@@ -24,6 +24,10 @@ class HookNotCalledError(RuntimeError):
     """A perturbed module's hook did not run (e.g. hooks added after `torch.compile`)."""
 
 
+class MissingHiddenStateGradientError(RuntimeError):
+    """A hook ran in pass 1 but the loss has no gradient with respect to its output: never a silent plain step."""
+
+
 @dataclass
 class PerturbationResult:
     """What pass 1 produced: eps per module (None: leave the output alone) and its diagnostics."""
@@ -52,6 +56,17 @@ def _replace_hidden(output, hidden: torch.Tensor):
     return hidden
 
 
+def run_eagerly(hook: Callable) -> Callable:
+    """`hook` as a graph break of `torch.compile`, run in eager mode.
+
+    Traced into a compiled graph (AOTAutograd: aot_eager, inductor), a captured output is a sibling output of
+    one compiled autograd node, with no path from the loss to it, and `autograd.grad` finds no gradient. At a
+    graph break it is an input of the next graph, so the loss depends on it as in eager mode; and the
+    off / capture / perturb switch is never guarded on, so switching it recompiles nothing.
+    """
+    return torch.compiler.disable(hook)
+
+
 class HiddenStateHooks:
     """Forward hooks on `modules` that capture (pass 1) or perturb (pass 2) their outputs."""
 
@@ -77,7 +92,7 @@ class HiddenStateHooks:
     def install(self) -> None:
         if not self._handles:
             self._handles = [
-                module.register_forward_hook(functools.partial(self._hook, index))
+                module.register_forward_hook(run_eagerly(functools.partial(self._hook, index)))
                 for index, module in enumerate(self.modules)
             ]
 
@@ -213,24 +228,33 @@ def hidden_state_gradients(
     the lowest captured output. With gradient hooks (reentrant checkpointing) a full `backward()`
     runs instead; the parameters' `.grad` are stashed before and restored after.
     """
+    result: list[torch.Tensor | None] = [None] * len(hooks.modules)
     if not hooks._gradient_hooks:
         wanted = [i for i, out in enumerate(hooks.outputs) if out is not None]
-        if not wanted:
-            return [None] * len(hooks.modules)
-        grads = torch.autograd.grad(loss, [hooks.outputs[i] for i in wanted], allow_unused=True)
-        result: list[torch.Tensor | None] = [None] * len(hooks.modules)
-        for i, grad in zip(wanted, grads):
-            result[i] = grad
-        return result
-    stashed = [p.grad for p in trainable_parameters]
-    for p in trainable_parameters:
-        p.grad = None
-    try:
-        loss.backward()
-    finally:
-        for p, grad in zip(trainable_parameters, stashed):
-            p.grad = grad
-    return list(hooks.gradients)
+        if wanted:
+            grads = torch.autograd.grad(loss, [hooks.outputs[i] for i in wanted], allow_unused=True)
+            for i, grad in zip(wanted, grads):
+                result[i] = grad
+    else:
+        stashed = [p.grad for p in trainable_parameters]
+        for p in trainable_parameters:
+            p.grad = None
+        try:
+            loss.backward()
+        finally:
+            for p, grad in zip(trainable_parameters, stashed):
+                p.grad = grad
+        result = list(hooks.gradients)
+    missing = [i for i, calls in enumerate(hooks.calls) if calls and result[i] is None]
+    if missing:
+        raise MissingHiddenStateGradientError(
+            f"Vaccine's hooks on {len(missing)} module(s) (indices {missing}) ran in pass 1, but the loss has no "
+            "gradient with respect to their outputs, so the step cannot be perturbed. This happens when a "
+            "compiler traces the hooks into its graph (pass the uncompiled model and set `torch_compile=True`), "
+            "when pass 1 runs with gradients disabled, or when the chosen modules do not feed the loss "
+            "(check `vaccine_modules`)."
+        )
+    return result
 
 
 def build_perturbation(
