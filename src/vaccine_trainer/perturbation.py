@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 Perturbation = list["torch.Tensor | None"]
+LOSS_SCALE_OVERFLOW = "loss-scale overflow"  # the skip reason of a pass 1 whose scaled gradient overflowed fp16
 
 
 class HookNotCalledError(RuntimeError):
@@ -81,6 +82,7 @@ class HiddenStateHooks:
         self.calls = [0] * len(self.modules)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self.gradients: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.applied: list[torch.Tensor | None] = [None] * len(self.modules)
         self._gradient_hooks = False
         self._eps: Perturbation | Callable[[torch.Tensor], torch.Tensor] | None = None
         self.active: list[bool] | None = None  # T-Vaccine: only these modules capture and perturb (None: all)
@@ -119,6 +121,7 @@ class HiddenStateHooks:
         self.calls = [0] * len(self.modules)
         self.outputs = [None] * len(self.modules)
         self.gradients = [None] * len(self.modules)
+        self.applied = [None] * len(self.modules)
         self._eps = None
 
     @contextlib.contextmanager
@@ -140,7 +143,7 @@ class HiddenStateHooks:
         """Add `eps[i]` (or `eps(hidden)` for a noise function) to each module's output.
 
         Stays on until the block ends, so the recompute of checkpointed layers in backward sees the
-        same perturbation as the forward.
+        same perturbation as the forward. Read `applied_norm()` inside the block.
         """
         self._reset(self.PERTURB)
         self._eps = eps
@@ -148,6 +151,15 @@ class HiddenStateHooks:
             yield
         finally:
             self._reset(self.OFF)
+
+    def applied_norm(self) -> torch.Tensor | None:
+        """L2 norm, over every perturbed output, of what the hooks really added: `(e + eps) - e` after rounding.
+
+        In bf16 or fp16 adding a small eps to a large hidden state rounds part of it away, so this can be well
+        below rho. A 0-dim fp32 tensor (no host sync); None when nothing was added.
+        """
+        present = [sq for sq in self.applied if sq is not None]
+        return torch.stack(present).sum().sqrt() if present else None
 
     def check_called(self, expected: Sequence[bool] | None = None) -> None:
         """Raise if a hook that should have run did not (by default: every active module's)."""
@@ -178,7 +190,12 @@ class HiddenStateHooks:
                 f"Perturbation of shape {tuple(eps.shape)} does not fit the output of shape "
                 f"{tuple(hidden.shape)}: the batch changed between the two passes."
             )
-        return _replace_hidden(output, hidden + eps)
+        perturbed = hidden + eps
+        if self.applied[index] is None:  # a recompute under checkpointing adds the same eps again
+            with torch.no_grad():  # one fp32 copy, freed at once; the difference of bf16/fp16 values is exact in it
+                added = perturbed.to(torch.float32, copy=True).sub_(hidden)
+                self.applied[index] = torch.linalg.vector_norm(added).square()
+        return _replace_hidden(output, perturbed)
 
     def _capture(self, index: int, hidden: torch.Tensor) -> None:
         # A second call is the recompute of a checkpointed layer: the first output is the one in the
@@ -262,7 +279,7 @@ def build_perturbation(
 ) -> PerturbationResult:
     """eps_l = rho * g_l / ||g|| (global norm over all layers) or rho * g_l / ||g_l|| (per layer).
 
-    Norms are taken in fp32 and eps is cast to each gradient's dtype. A non-finite or zero norm
+    Norms are taken in fp32 and eps has each gradient's dtype. A non-finite or zero norm
     gives no perturbation (`skipped_reason` says why): the step then trains on the clean loss.
     """
     present = [g for g in gradients if g is not None]
@@ -286,10 +303,9 @@ def build_perturbation(
             eps.append(None)  # a layer the loss does not depend on stays unperturbed
             continue
         scale = rho / (global_norm if norm == "global" else layer_norm)
-        if grad.dtype == torch.float32:
-            eps.append(grad.mul_(scale))  # pass 1's gradient is ours to overwrite
-        else:
-            eps.append(grad.float().mul_(scale).to(grad.dtype))
+        # In place: pass 1's gradient is ours to overwrite, and no second hidden-sized copy is made. For bf16 and
+        # fp16 the product is computed in fp32 and rounded once, as `grad.float().mul_(scale).to(dtype)` would be.
+        eps.append(grad.mul_(scale))
     return PerturbationResult(eps, global_norm)
 
 

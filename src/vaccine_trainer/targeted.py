@@ -104,7 +104,7 @@ class TargetedLayersMixin:
         self._vaccine_hooks.active = None  # every candidate layer, frozen or not
         # The AMP scale keeps fp16 gradients from underflowing; it cancels in the normalised probabilities.
         gradients, _ = self._vaccine_hidden_state_gradients(
-            model, self.data_collator([dataset[i] for i in rows]), loss_scale=self._vaccine_loss_scale())
+            model, self.data_collator([dataset[i] for i in rows]), loss_scale=self._vaccine_loss_scale() or 1.0)
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) if g is not None
                              else torch.zeros((), device=self.args.device) for g in gradients]).to(self.args.device)
         if self.args.world_size > 1:

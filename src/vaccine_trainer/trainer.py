@@ -26,6 +26,7 @@ from .layer_sampling import LayerFreezer
 from .layers import find_vaccine_modules
 from .targeted import TargetedLayersMixin
 from .perturbation import (
+    LOSS_SCALE_OVERFLOW,
     HiddenStateHooks,
     PerturbationResult,
     build_perturbation,
@@ -91,7 +92,7 @@ class VaccineMixin(TargetedLayersMixin):
                 f"Vaccine ({settings.vaccine_perturbation}, rho={settings.rho}, norm={settings.vaccine_norm}) "
                 f"perturbs the outputs of {len(named)} modules: {_summarise(self.vaccine_modules)}"
             )
-        self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0}
+        self._vaccine_log_sums = _empty_log_sums()
         self._vaccine_state = VaccineStateCallback(self.vaccine_args.vaccine_kwargs(), self.vaccine_modules)
         self.add_callback(self._vaccine_state)
         self._vaccine_freezer: LayerFreezer | None = None
@@ -172,6 +173,13 @@ class VaccineMixin(TargetedLayersMixin):
                 return self._vaccine_pass_two(model, inputs, num_items_in_batch,
                                               gaussian_noise(math.sqrt(self.vaccine_args.rho)))
             result = self._vaccine_pass_one(model, inputs, num_items_in_batch)
+            if result.skipped_reason == LOSS_SCALE_OVERFLOW:
+                logger.info(
+                    f"Vaccine: pass 1 overflowed at loss scale {self._vaccine_loss_scale():g}; pass 2 carries the "
+                    "overflow to the loss scaler, which skips this optimizer step and lowers its scale, as for any "
+                    "overflow."
+                )
+                return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps, measure=False)
             if result.skipped_reason is not None:
                 self._vaccine_state.skipped_steps += 1
                 logger.warning(
@@ -181,8 +189,10 @@ class VaccineMixin(TargetedLayersMixin):
                 return self._vaccine_pass_two(model, inputs, num_items_in_batch, None)
             return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps)
 
-    def _vaccine_pass_two(self, model, inputs, num_items_in_batch, eps) -> torch.Tensor:
+    def _vaccine_pass_two(self, model, inputs, num_items_in_batch, eps, measure: bool = True) -> torch.Tensor:
         """The parent's step with `eps` applied; a failure drops this accumulation window's gradients.
+
+        With `measure`, the norm of what the hooks really added is summed for `vaccine/perturbation_norm`.
 
         A backward that raised half way leaves a partial sum in `.grad`; rather than step on it, the
         window's gradients are cleared (set to None), so the next optimizer step starts clean.
@@ -193,6 +203,10 @@ class VaccineMixin(TargetedLayersMixin):
                 loss = super().training_step(model, inputs, num_items_in_batch)
                 if eps is not None:
                     hooks.check_called(None if callable(eps) else [e is not None for e in eps])
+                    applied = hooks.applied_norm() if measure else None
+                    if applied is not None:  # a tensor: read back only when logging, not every step
+                        self._vaccine_log_sums["perturbation_norm"] += applied
+                        self._vaccine_log_sums["perturbation_applied"] += 1
             return loss
         except BaseException:
             cleared = 0
@@ -210,11 +224,21 @@ class VaccineMixin(TargetedLayersMixin):
     def _vaccine_pass_one(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
     ) -> PerturbationResult:
-        """Forward and input-gradient backward on the clean batch; returns eps."""
-        loss_scale = self._vaccine_loss_scale()
+        """Forward and input-gradient backward on the clean batch; returns eps.
+
+        Under a dynamic loss scaler (fp16), a non-finite gradient is an overflow of the scale, not a bad batch: the
+        result then carries an infinite eps (`LOSS_SCALE_OVERFLOW`), so that pass 2's gradients overflow too, on
+        every process after the reduction, and the scaler skips the step and lowers the scale as it does for its
+        own overflows. Without a scaler, the micro-batch trains unperturbed and is counted as skipped.
+        """
+        scaler_scale = self._vaccine_loss_scale()
+        loss_scale = 1.0 if scaler_scale is None else scaler_scale
         gradients, loss = self._vaccine_hidden_state_gradients(model, inputs, num_items_in_batch, loss_scale)
         self._record_clean_loss(loss, num_items_in_batch)
         result = build_perturbation(gradients, self.vaccine_args.rho, self.vaccine_args.vaccine_norm)
+        if scaler_scale is not None and not math.isfinite(result.grad_norm):
+            overflow = [None if g is None else torch.full_like(g, math.inf) for g in gradients]
+            return PerturbationResult(overflow, result.grad_norm, LOSS_SCALE_OVERFLOW)
         # Logged on the scale of one process's loss: the AMP scale and compute_loss's factor for averaging
         # tokens across processes divided out, so the figure does not depend on the number of processes.
         result.grad_norm /= loss_scale * self._vaccine_process_factor(num_items_in_batch)
@@ -271,20 +295,30 @@ class VaccineMixin(TargetedLayersMixin):
             return float(max(self.accelerator.num_processes // tp_size, 1))
         return 1.0
 
-    def _vaccine_loss_scale(self) -> float:
-        """fp16 gradients of hidden states underflow like weight gradients: reuse the AMP scale."""
+    def _vaccine_loss_scale(self) -> float | None:
+        """The loss scale pass 2's backward uses (fp16), for pass 1 too; None where no loss scaling runs.
+
+        fp16 gradients of hidden states underflow like weight gradients. The Trainer's own AMP keeps the scale in
+        the accelerator's `GradScaler`; DeepSpeed scales fp16 losses itself, and every fp16 optimizer it builds
+        (ZeRO-1/2/3 and the non-ZeRO fused and unfused ones) exposes the scale in use as `loss_scale`.
+        """
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             return float(scaler.get_scale())
         engine = self.model_wrapped if getattr(self, "is_deepspeed_enabled", False) else None
         if engine is not None and callable(getattr(engine, "fp16_enabled", None)) and engine.fp16_enabled():
-            # DeepSpeed scales fp16 losses itself: its ZeRO optimizers keep the scale in `loss_scaler`.
-            optimizer = getattr(engine, "optimizer", None)
-            scale = getattr(getattr(optimizer, "loss_scaler", None), "cur_scale", None)
-            scale = scale if scale is not None else getattr(optimizer, "cur_scale", None)
-            if scale:
-                return float(scale)
-        return 1.0
+            scale = getattr(getattr(engine, "optimizer", None), "loss_scale", None)
+            if isinstance(scale, torch.Tensor):
+                scale = scale.item()
+            if not isinstance(scale, (int, float)) or not scale > 0:
+                raise RuntimeError(
+                    f"Vaccine cannot read the fp16 loss scale of DeepSpeed's optimizer "
+                    f"({type(getattr(engine, 'optimizer', None)).__name__}: loss_scale={scale!r}); without it pass 1's "
+                    "fp16 gradients underflow. Use bf16 (`bf16: enabled` in the DeepSpeed config) or report the "
+                    "DeepSpeed version."
+                )
+            return float(scale)
+        return None
 
     def _record_clean_loss(self, loss: torch.Tensor, num_items_in_batch) -> None:
         # The same normalisation as Trainer.training_step, so vaccine/clean_loss is comparable to loss.
@@ -307,18 +341,20 @@ class VaccineMixin(TargetedLayersMixin):
             # the micro-batches that were perturbed, and skipped micro-batches are counted on every rank.
             values = torch.tensor(
                 [float(sums["clean_loss"]), sums["grad_norm"], sums["micro_batches"], sums["perturbed"],
-                 self.vaccine_skipped_steps],
+                 self.vaccine_skipped_steps, float(sums["perturbation_norm"]), sums["perturbation_applied"]],
                 dtype=torch.float64, device=self.args.device,
             )
             if self.args.world_size > 1:
                 values = self.accelerator.reduce(values, reduction="sum")
-            clean_loss, grad_norm, micro_batches, perturbed, skipped = values.tolist()
+            clean_loss, grad_norm, micro_batches, perturbed, skipped, applied_norm, applied = values.tolist()
             if micro_batches > 0:
                 logs["vaccine/clean_loss"] = clean_loss * self.args.gradient_accumulation_steps / micro_batches
             if perturbed > 0:
                 logs["vaccine/grad_norm"] = grad_norm / perturbed
+            if applied > 0:
+                logs["vaccine/perturbation_norm"] = applied_norm / applied
             logs["vaccine/skipped_steps"] = int(skipped)
-            self._vaccine_log_sums = {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0}
+            self._vaccine_log_sums = _empty_log_sums()
             logs.update(self._vaccine_sampling_logs)  # after a probe or a draw: probabilities and active layers
             self._vaccine_sampling_logs = {}
         super().log(logs, start_time)
@@ -361,6 +397,12 @@ class VaccineMixin(TargetedLayersMixin):
             f"(non-finite or zero pass-1 gradient): {self.vaccine_skipped_steps}.\n"
         )
         card.save(path)
+
+
+def _empty_log_sums() -> dict:
+    """What `log` averages since the last log: losses and norms are kept as sums, with their counts."""
+    return {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0,
+            "perturbation_norm": 0.0, "perturbation_applied": 0}
 
 
 def _summarise(names: list[str], keep: int = 3) -> str:
