@@ -40,6 +40,16 @@ TINY_CONFIGS = {
     "gemma": lambda: transformers.GemmaConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    # Gemma2/3 and OLMo2 normalise the attention output before the residual add (post_attention_layernorm).
+    "gemma2": lambda: transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=8),
+    "olmo2": lambda: transformers.Olmo2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=HIDDEN, n_layer=3, n_head=4, n_positions=64,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
@@ -68,6 +78,9 @@ LAYER_PATHS = {
     "qwen2": ("model.layers", "self_attn"),
     "mistral": ("model.layers", "self_attn"),
     "gemma": ("model.layers", "self_attn"),
+    "gemma2": ("model.layers", "self_attn"),
+    "gemma3": ("model.layers", "self_attn"),
+    "olmo2": ("model.layers", "self_attn"),
     "gpt2": ("transformer.h", "attn"),
     "opt": ("model.decoder.layers", "self_attn"),
     "gpt_neox": ("gpt_neox.layers", "attention"),

@@ -476,22 +476,49 @@ def test_example_configs_select_the_backend(monkeypatch, config, expected):
             check_distributed_support(trainer)
 
 
+def deepspeed_fp16_optimizer(kind: str, scale: float):
+    """One of DeepSpeed's own fp16 optimizer classes, holding a real loss scaler at `scale`.
+
+    Their constructors need a GPU (DeepSpeed's fp16 runs only there), so the instance is made without
+    `__init__` and given the loss-scale state its constructor would build; the `loss_scale` property that
+    pass 1 reads is DeepSpeed's own code."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, LossScaleConfig
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    classes = {"zero1/2": DeepSpeedZeroOptimizer, "zero3": DeepSpeedZeroOptimizer_Stage3,
+               "fused": FP16_Optimizer, "unfused": FP16_UnfusedOptimizer}
+    optimizer = classes[kind].__new__(classes[kind])
+    optimizer.custom_loss_scaler = False
+    if kind.startswith("zero"):
+        optimizer.loss_scaler = CreateLossScaler(dtype=torch.float16, static_loss_scale=scale, dynamic_scaling=False,
+                                                 dynamic_loss_args=None)
+    else:
+        optimizer.loss_scale_config = LossScaleConfig(low_precision_dtype=torch.float16, dynamic_loss_scale=False,
+                                                      static_loss_scale=scale, dynamic_loss_args=None)
+    return optimizer
 
 
-def test_pass_one_uses_deepspeeds_fp16_loss_scale(tmp_path):
+@pytest.mark.parametrize("kind", ["zero1/2", "zero3", "fused", "unfused"])
+def test_pass_one_uses_deepspeeds_fp16_loss_scale(tmp_path, kind):
     """fp16 hidden-state gradients underflow like weight gradients: pass 1 scales by DeepSpeed's own scale.
 
-    DeepSpeed's fp16 runs only on GPUs, so this checks the read on the engine's attributes."""
+    The non-ZeRO optimizers keep it in `loss_scale_config`, not in a `loss_scaler`: an earlier read gave 1.0
+    for them silently."""
     from conftest import token_rows, training_args
 
     trainer = VaccineTrainer(model=tiny_lora_model("llama"), args=worker.VaccineTrainingArguments(
         **training_args(tmp_path), rho=2.0), train_dataset=token_rows(4))
-    assert trainer._vaccine_loss_scale() == 1.0
+    assert trainer._vaccine_loss_scale() is None  # no loss scaling in fp32
     trainer.is_deepspeed_enabled = True
-    zero_optimizer = SimpleNamespace(loss_scaler=SimpleNamespace(cur_scale=1024.0))
-    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=zero_optimizer)
+    optimizer = deepspeed_fp16_optimizer(kind, 1024.0)
+    assert optimizer.loss_scale == 1024.0
+    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=optimizer)
     assert trainer._vaccine_loss_scale() == 1024.0
-    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(cur_scale=64.0))
-    assert trainer._vaccine_loss_scale() == 64.0
-    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: False, optimizer=zero_optimizer)  # bf16/fp32
-    assert trainer._vaccine_loss_scale() == 1.0
+    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: False, optimizer=optimizer)  # bf16/fp32
+    assert trainer._vaccine_loss_scale() is None
+    trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace())
+    with pytest.raises(RuntimeError, match="cannot read the fp16 loss scale"):
+        trainer._vaccine_loss_scale()

@@ -259,3 +259,24 @@ def test_drift_after_a_resume_is_measured_from_the_aligned_model(tmp_path):
     assert expected[4] > expected[2] > 0
     for step in (2, 3, 4):
         assert drifts(resumed)[step] == pytest.approx(expected[step], rel=1e-4)
+
+
+def test_pass_one_runs_in_the_activation_offloading_context_of_pass_two(tmp_path):
+    """TRL's `training_step` puts pass 2 in its activation-offloading context; pass 1 must not keep every activation
+    on the device. TRL's offloading needs an accelerator, so the context here records which forwards ran inside."""
+    model = tiny_lora_model()
+    trainer = VaccineSFTTrainer(model=model, args=VaccineSFTConfig(**training_args(tmp_path), **SFT_EXACT),
+                                train_dataset=token_dataset(token_rows(4)), processing_class=tiny_tokenizer())
+    inside, forwards = [], []
+
+    class Recording:
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    trainer.maybe_activation_offload_context = Recording()
+    model.register_forward_hook(lambda module, args, output: forwards.append(bool(inside)))
+    trainer.train()
+    assert forwards == [True, True]  # pass 1 and pass 2 of the one step

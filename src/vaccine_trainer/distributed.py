@@ -168,34 +168,37 @@ def pass_one_without_sync(trainer: Any, model: nn.Module) -> contextlib.Abstract
 
     * DDP: `no_sync`, which the reentrant-checkpointing fallback (a full `backward()`) needs.
     * FSDP2: every group's post-backward hook that the partial backward crosses would reduce-scatter the
-      gradients accumulated by earlier micro-batches of the window, i.e. sync early. Sync is paused and
-      each group's flag restored after (accelerate's `no_sync` sets it to True on exit instead).
+      gradients accumulated by earlier micro-batches of the window, i.e. sync early. Sync is paused, then set
+      to what the Trainer chose for this micro-batch's pass 2: on for the window's last micro-batch (or with
+      `sync_each_batch`), off inside its `no_sync` for the others.
     * DeepSpeed: nothing; pass 1 runs through the engine's module, whose backward reduces nothing.
     """
     if trainer.accelerator.is_fsdp2:
-        return fsdp2_gradient_sync_paused(model)
+        plugin_kwargs = trainer.accelerator.gradient_state.plugin_kwargs
+        return fsdp2_gradient_sync_paused(
+            model, sync_after=trainer.accelerator.sync_gradients or plugin_kwargs.get("sync_each_batch", False))
     if getattr(trainer, "is_deepspeed_enabled", False):
         return contextlib.nullcontext()
     return trainer.accelerator.no_sync(model)
 
 
 @contextlib.contextmanager
-def fsdp2_gradient_sync_paused(model: nn.Module) -> Iterator[None]:
-    """Turn off FSDP2's gradient reduction in every `fully_shard` group of `model`, then restore each flag."""
+def fsdp2_gradient_sync_paused(model: nn.Module, sync_after: bool) -> Iterator[None]:
+    """Turn off FSDP2's gradient reduction in every `fully_shard` module of `model`, then set it to `sync_after`.
+
+    Through the public `FSDPModule.set_requires_gradient_sync` (torch >= 2.6), which has no getter: the caller
+    says which state the next backward expects.
+    """
     from torch.distributed.fsdp import FSDPModule
 
-    groups = []
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            groups.extend(module._get_fsdp_state()._fsdp_param_groups)
-    saved = [(group.reduce_grads, group.all_reduce_grads) for group in groups]
-    for group in groups:
-        group.reduce_grads = group.all_reduce_grads = False
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in sharded:
+        module.set_requires_gradient_sync(False, recurse=False)
     try:
         yield
     finally:
-        for group, (reduce_grads, all_reduce_grads) in zip(groups, saved):
-            group.reduce_grads, group.all_reduce_grads = reduce_grads, all_reduce_grads
+        for module in sharded:
+            module.set_requires_gradient_sync(sync_after, recurse=False)
 
 
 def _activation_checkpointing(args: Any) -> bool:

@@ -130,12 +130,14 @@ class VaccineSFTTrainer(VaccineMixin, SFTTrainer):
 
     @contextlib.contextmanager
     def _vaccine_pass_one_context(self) -> Iterator[None]:
-        """Undo what TRL's `compute_loss` records in pass 1, keeping its values for `training_step`."""
+        """Pass 1 in TRL's activation offloading, as `SFTTrainer.training_step` puts pass 2; and undo what TRL's
+        `compute_loss` records in pass 1, keeping its values for `training_step`."""
         metrics = self._metrics["train"]
         saved_metrics = {key: list(values) for key, values in metrics.items()}
         saved_tokens = self._total_train_tokens
         try:
-            yield
+            with self.maybe_activation_offload_context:
+                yield
         finally:
             self._vaccine_clean_metrics = {
                 key: values[len(saved_metrics.get(key, ())):] for key, values in metrics.items()

@@ -264,7 +264,7 @@ class VaccineMixin(TargetedLayersMixin):
         trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
         with self._vaccine_pass_one_context(), pass_one_without_sync(self, model), \
                 hooks.capturing(gradient_hooks=reentrant):
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), self._vaccine_engine_autocast():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             hooks.check_called()
             gradients = hidden_state_gradients(loss * loss_scale, hooks, trainable)
@@ -284,7 +284,17 @@ class VaccineMixin(TargetedLayersMixin):
         return model
 
     def _vaccine_pass_one_context(self):
-        """Hook for subclasses to protect state that `compute_loss` changes (e.g. TRL's metrics)."""
+        """Hook for subclasses: the contexts their `training_step` puts pass 2 in, and protection of state that
+        `compute_loss` changes (e.g. TRL's metrics)."""
+        return contextlib.nullcontext()
+
+    def _vaccine_engine_autocast(self):
+        """DeepSpeed's `torch_autocast`: its engine's forward enters it, and pass 1 (through `.module`) must too,
+        or the two passes run at different precisions."""
+        if getattr(self, "is_deepspeed_enabled", False) and callable(getattr(self.model_wrapped, "module", None)):
+            from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+            return autocast_if_enabled(self.model_wrapped)
         return contextlib.nullcontext()
 
     def _vaccine_process_factor(self, num_items_in_batch) -> float:
@@ -302,10 +312,11 @@ class VaccineMixin(TargetedLayersMixin):
         the accelerator's `GradScaler`; DeepSpeed scales fp16 losses itself, and every fp16 optimizer it builds
         (ZeRO-1/2/3 and the non-ZeRO fused and unfused ones) exposes the scale in use as `loss_scale`.
         """
-        scaler = getattr(self.accelerator, "scaler", None)
+        engine = self.model_wrapped if getattr(self, "is_deepspeed_enabled", False) else None
+        # DeepSpeed's `torch_autocast` in fp16 without ZeRO scales with a GradScaler of its own engine.
+        scaler = getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             return float(scaler.get_scale())
-        engine = self.model_wrapped if getattr(self, "is_deepspeed_enabled", False) else None
         if engine is not None and callable(getattr(engine, "fp16_enabled", None)) and engine.fp16_enabled():
             scale = getattr(getattr(engine, "optimizer", None), "loss_scale", None)
             if isinstance(scale, torch.Tensor):
