@@ -10,6 +10,7 @@ pass 1 must reduce no gradient, and pass 2 must reduce exactly as the plain Trai
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -522,3 +523,19 @@ def test_pass_one_uses_deepspeeds_fp16_loss_scale(tmp_path, kind):
     trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace())
     with pytest.raises(RuntimeError, match="cannot read the fp16 loss scale"):
         trainer._vaccine_loss_scale()
+
+
+def test_pass_one_runs_under_deepspeeds_torch_autocast(tmp_path):
+    """DeepSpeed's engine enters its `torch_autocast` in forward; pass 1 goes through `engine.module` and must enter
+    it too, or it runs in fp32 while pass 2 runs in bf16 (one process: the context, not communication, is tested)."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for this one process's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, str(TESTS / "deepspeed_autocast_worker.py"), "1", str(tmp_path), str(port)],
+                          cwd=REPO, env=worker_environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [["capture", "torch.bfloat16"],
+                                                                ["perturb", "torch.bfloat16"]]
+
