@@ -68,3 +68,19 @@ def test_without_the_graph_break_the_compiled_step_fails_loudly(tmp_path, monkey
     assert all(torch.equal(p, before[n]) for n, p in trainable_state(model).items())
     assert all(p.grad is None for p in model.parameters())  # pass 1 left no gradient behind
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # nor a hook
+
+
+def test_code_compiled_earlier_without_the_hooks_is_not_reused(tmp_path):
+    """torch.compile does not guard on hooks by default: a plain compiled run of the same model class earlier in
+    the process, and an evaluation of the same model compiled before `train`, must not hand Vaccine hookless code."""
+    rows = token_rows(4)
+    run(tiny_lora_model(), tmp_path / "plain", rows, rho=0.0, torch_compile=True, torch_compile_backend="aot_eager")
+    update, trainer = run(tiny_lora_model(), tmp_path / "vaccine", rows, torch_compile=True,
+                          torch_compile_backend="aot_eager")
+    model = tiny_lora_model().train()
+    grads, _ = reference_gradients(model, perturbed_modules(model, "llama", "attention"), default_data_collator(rows),
+                                   2.0, "global")
+    assert relative_error(update, -LR * flat(grads)) < 1e-4
+    trainer.evaluate(rows)  # the trained model, compiled, without hooks: then trained again with them
+    trainer.train()
+    assert trainer.vaccine_skipped_steps == 0

@@ -119,6 +119,7 @@ def test_bf16_end_to_end_within_bf16_tolerance_with_the_applied_norm_logged(tmp_
     assert relative_error(plain, expected) > 1.0
     logged = next(e for e in trainer.state.log_history if "vaccine/perturbation_norm" in e)
     assert logged["vaccine/perturbation_norm"] == pytest.approx(RHO, rel=0.05)  # small hidden states: little lost
+    assert 0.5 < logged["vaccine/perturbation_kept"] <= 1.01
 
 
 class Constant(nn.Module):
@@ -151,3 +152,16 @@ def test_eps_is_built_in_place_with_one_rounding(dtype):
     result = build_perturbation(gradients, RHO)
     assert [e.untyped_storage().data_ptr() for e in result.eps] == storage  # no second hidden-sized copy
     assert all(torch.equal(e, h) for e, h in zip(result.eps, by_hand))
+
+
+def test_the_kept_fraction_is_the_median_over_layers_of_added_over_intended():
+    """Two outputs, around 256 and around 1 in bf16: the first keeps nothing of +0.5, the second all of it."""
+    modules = [Constant(256.0, torch.bfloat16), Constant(1.0, torch.bfloat16), Constant(1.0, torch.bfloat16)]
+    hooks = HiddenStateHooks(modules)
+    eps = [torch.full((2, 3), 0.5, dtype=torch.bfloat16) for _ in modules]
+    norm = 0.5 * math.sqrt(6)
+    with hooks.installed_for(), hooks.perturbing(eps):
+        for module in modules:
+            module(None)
+        assert hooks.kept_fraction_median([norm, norm, norm]).item() == pytest.approx(1.0)  # kept: 0, 1, 1
+        assert hooks.kept_fraction_median([norm, None, norm]).item() == pytest.approx(0.0)  # lower middle of 0, 1

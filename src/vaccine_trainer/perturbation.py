@@ -36,6 +36,7 @@ class PerturbationResult:
     eps: Perturbation
     grad_norm: float
     skipped_reason: str | None = None
+    eps_norms: list[float | None] | None = None  # the norm each eps_l has in exact arithmetic (None: no eps)
 
 
 def hidden_output(output) -> torch.Tensor:
@@ -151,6 +152,15 @@ class HiddenStateHooks:
             yield
         finally:
             self._reset(self.OFF)
+
+    def kept_fraction_median(self, eps_norms: Sequence[float | None]) -> torch.Tensor | None:
+        """Median over the perturbed outputs of (norm really added) / (norm of eps): what rounding left, layer by
+        layer. The global `applied_norm` can hide it: the global norm puts most of rho on a few layers."""
+        pairs = [(sq, n) for sq, n in zip(self.applied, eps_norms) if sq is not None and n]
+        if not pairs:
+            return None
+        added = torch.stack([sq for sq, _ in pairs]).sqrt()
+        return (added / torch.tensor([n for _, n in pairs], device=added.device)).median()
 
     def applied_norm(self) -> torch.Tensor | None:
         """L2 norm, over every perturbed output, of what the hooks really added: `(e + eps) - e` after rounding.
@@ -294,19 +304,23 @@ def build_perturbation(
         return PerturbationResult([None] * len(gradients), global_norm, "zero hidden-state gradient")
     remaining = iter(layer_norms)
     eps: Perturbation = []
+    eps_norms: list[float | None] = []
     for grad in gradients:
         if grad is None:
             eps.append(None)
+            eps_norms.append(None)
             continue
         layer_norm = next(remaining)
         if norm == "layer" and layer_norm == 0.0:
             eps.append(None)  # a layer the loss does not depend on stays unperturbed
+            eps_norms.append(None)
             continue
         scale = rho / (global_norm if norm == "global" else layer_norm)
         # In place: pass 1's gradient is ours to overwrite, and no second hidden-sized copy is made. For bf16 and
         # fp16 the product is computed in fp32 and rounded once, as `grad.float().mul_(scale).to(dtype)` would be.
         eps.append(grad.mul_(scale))
-    return PerturbationResult(eps, global_norm)
+        eps_norms.append(layer_norm * scale)
+    return PerturbationResult(eps, global_norm, eps_norms=eps_norms)
 
 
 def gaussian_noise(std: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -144,13 +144,18 @@ class VaccineMixin(TargetedLayersMixin):
     def train(self, *args, **kwargs):
         """Train with the hooks registered for the whole run, so `torch.compile` sees them.
 
+        `torch.compile` does not guard on module hooks by default: code it compiled for this model (an evaluation
+        before `train`) or for another model of the same class (a plain run earlier in the process) would be
+        reused without the hooks. So a compiled run starts from an empty compile cache, and during `train` the
+        hooks are guarded on: code compiled with them is not reused once they are removed, nor the reverse.
+
         T-Vaccine's frozen layers are trainable again when `train` returns or fails.
         """
         if self._vaccine_hooks is None:
             return super().train(*args, **kwargs)
         self._vaccine_seen_step = None
         try:
-            with self._vaccine_hooks.installed_for():
+            with self._vaccine_hooks.installed_for(), compiled_with_hooks(self.args.torch_compile, self.model):
                 return super().train(*args, **kwargs)
         finally:
             if self._vaccine_freezer is not None:
@@ -187,12 +192,14 @@ class VaccineMixin(TargetedLayersMixin):
                     f"trains without perturbation ({self.vaccine_skipped_steps} skipped so far)."
                 )
                 return self._vaccine_pass_two(model, inputs, num_items_in_batch, None)
-            return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps)
+            return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps, result.eps_norms)
 
-    def _vaccine_pass_two(self, model, inputs, num_items_in_batch, eps, measure: bool = True) -> torch.Tensor:
+    def _vaccine_pass_two(self, model, inputs, num_items_in_batch, eps, eps_norms=None,
+                          measure: bool = True) -> torch.Tensor:
         """The parent's step with `eps` applied; a failure drops this accumulation window's gradients.
 
-        With `measure`, the norm of what the hooks really added is summed for `vaccine/perturbation_norm`.
+        With `measure`, the norm of what the hooks really added is summed for `vaccine/perturbation_norm`, and,
+        given the intended `eps_norms`, the median fraction of it each layer kept for `vaccine/perturbation_kept`.
 
         A backward that raised half way leaves a partial sum in `.grad`; rather than step on it, the
         window's gradients are cleared (set to None), so the next optimizer step starts clean.
@@ -207,6 +214,10 @@ class VaccineMixin(TargetedLayersMixin):
                     if applied is not None:  # a tensor: read back only when logging, not every step
                         self._vaccine_log_sums["perturbation_norm"] += applied
                         self._vaccine_log_sums["perturbation_applied"] += 1
+                    kept = hooks.kept_fraction_median(eps_norms) if measure and eps_norms is not None else None
+                    if kept is not None:
+                        self._vaccine_log_sums["perturbation_kept"] += kept
+                        self._vaccine_log_sums["perturbation_kept_count"] += 1
             return loss
         except BaseException:
             cleared = 0
@@ -352,18 +363,22 @@ class VaccineMixin(TargetedLayersMixin):
             # the micro-batches that were perturbed, and skipped micro-batches are counted on every rank.
             values = torch.tensor(
                 [float(sums["clean_loss"]), sums["grad_norm"], sums["micro_batches"], sums["perturbed"],
-                 self.vaccine_skipped_steps, float(sums["perturbation_norm"]), sums["perturbation_applied"]],
+                 self.vaccine_skipped_steps, float(sums["perturbation_norm"]), sums["perturbation_applied"],
+                 float(sums["perturbation_kept"]), sums["perturbation_kept_count"]],
                 dtype=torch.float64, device=self.args.device,
             )
             if self.args.world_size > 1:
                 values = self.accelerator.reduce(values, reduction="sum")
-            clean_loss, grad_norm, micro_batches, perturbed, skipped, applied_norm, applied = values.tolist()
+            (clean_loss, grad_norm, micro_batches, perturbed, skipped, applied_norm, applied, kept,
+             kept_count) = values.tolist()
             if micro_batches > 0:
                 logs["vaccine/clean_loss"] = clean_loss * self.args.gradient_accumulation_steps / micro_batches
             if perturbed > 0:
                 logs["vaccine/grad_norm"] = grad_norm / perturbed
             if applied > 0:
                 logs["vaccine/perturbation_norm"] = applied_norm / applied
+            if kept_count > 0:
+                logs["vaccine/perturbation_kept"] = kept / kept_count
             logs["vaccine/skipped_steps"] = int(skipped)
             self._vaccine_log_sums = _empty_log_sums()
             logs.update(self._vaccine_sampling_logs)  # after a probe or a draw: probabilities and active layers
@@ -410,10 +425,24 @@ class VaccineMixin(TargetedLayersMixin):
         card.save(path)
 
 
+@contextlib.contextmanager
+def compiled_with_hooks(torch_compile: bool, model: nn.Module):
+    """For a compiled run: drop code compiled without the hooks, and guard the code compiled now on them."""
+    from accelerate.utils import is_compiled_module
+
+    if not (torch_compile or is_compiled_module(model)):
+        yield
+        return
+    logger.info("Vaccine: clearing torch.compile's cache, so that no code compiled without its hooks is reused.")
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        yield
+
+
 def _empty_log_sums() -> dict:
     """What `log` averages since the last log: losses and norms are kept as sums, with their counts."""
     return {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0,
-            "perturbation_norm": 0.0, "perturbation_applied": 0}
+            "perturbation_norm": 0.0, "perturbation_applied": 0, "perturbation_kept": 0.0, "perturbation_kept_count": 0}
 
 
 def _summarise(names: list[str], keep: int = 3) -> str:
