@@ -123,7 +123,7 @@ def _no_model_flag(ws, tmp):
 
 @pytest.mark.parametrize("argv, code, stream, message", [
     (_missing_adapter, 1, "err", "Alignment adapter"),
-    (_missing_model, 1, "err", "Could not load a causal language model"),
+    (_missing_model, 1, "err", "no such local folder"),
     (_empty_dataset, 1, "err", "empty"),
     (_no_model_flag, 1, "err", "--model_name_or_path is required"),
     (lambda ws, tmp: ["evaluat"], 2, "err", "unknown command 'evaluat'"),
@@ -273,3 +273,42 @@ def test_align_runs_t_vaccine_with_harmful_probe_data(workspace, tmp_path, templ
     assert "T-Vaccine, rho=2.0, 1 sampled layers" in (out / "README.md").read_text()
     settings = json.loads((out / "vaccine_config.json").read_text())["settings"]
     assert settings["vaccine_layer_sampling"] is True and settings["vaccine_sampled_layers"] == 1
+
+
+def _misspelled_align(ws, tmp):
+    return ["align", "--model_name_or_path", ws["model"], "--dataset", str(tmp / "alignmnet.jsonl"),
+            "--output_dir", str(tmp / "a"), *FAST]
+
+
+def _misspelled_finetune(ws, tmp):
+    return finetune_argv(ws, None, tmp / "f", **{"--benign_dataset": str(tmp / "sst2.jsnol")})
+
+
+def _misspelled_drift(ws, tmp):
+    return finetune_argv(ws, None, tmp / "f", **{"--drift_dataset": str(tmp / "held.jsonl")})
+
+
+def _misspelled_judge(ws, tmp):
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": i} for i, _ in HARMFUL])
+    return ["evaluate", "--model_name_or_path", ws["model"], "--harmful_prompts", prompts, "--num_prompts", "2",
+            "--task", "", "--judge", "lerned", "--output_file", str(tmp / "e.json")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (_misspelled_align, "does not exist"), (_misspelled_finetune, "Unsupported data file"),
+    (_misspelled_drift, "does not exist"), (_misspelled_judge, "lerned")],
+    ids=["align", "finetune-benign", "finetune-drift", "evaluate-judge"])
+def test_a_misspelled_dataset_fails_before_any_model_is_loaded(workspace, tmp_path, capsys, monkeypatch, argv,
+                                                                message):
+    """A typo in a data path must not cost a (70B) model's load: the model loaders fail loudly if they are reached."""
+    import vaccine_trainer.sft as sft
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data were read")
+
+    monkeypatch.setattr(sft, "load_causal_lm", loaded)
+    monkeypatch.setattr(sft, "merge_alignment_adapter", loaded)
+    assert main(argv(workspace, tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert message in err and "a model was loaded" not in err
+

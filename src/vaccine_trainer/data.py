@@ -102,7 +102,7 @@ def load_records(source: str, split: str = "train", *, name: str | None = None) 
     except Exception as error:  # network, auth, unknown name or split: all need the same advice
         raise RuntimeError(
             f"Could not load {source!r} (split {hub_split!r}) from the Hugging Face hub: {error}. Without "
-            "network access, pass a local .json/.jsonl/.csv file instead (see ../shared/data/README.md)."
+            "network access, pass a local .json/.jsonl/.csv file instead, with the fields the command's help names."
         ) from error
 
 

@@ -64,9 +64,9 @@ def run_align(script: AlignScriptArguments, args: VaccineSFTConfig, model_args: 
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         load_kwargs["quantization_config"] = quantization
-    model = load_causal_lm(model_args.model_name_or_path, **{k: v for k, v in load_kwargs.items() if v is not None})
     tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
 
+    # Every input is read before the model is loaded: a misspelled file should not cost a large model's load.
     check_source(script.dataset, "dataset")
     dataset = build_alignment_dataset(script.dataset, script.num_samples, seed=script.dataset_seed,
                                       template=script.template, tokenizer=tokenizer)
@@ -79,6 +79,7 @@ def run_align(script: AlignScriptArguments, args: VaccineSFTConfig, model_args: 
         require_rows(probe, "probe", "probe_dataset")
     elif script.probe_dataset:
         logger().warning("--probe_dataset is read by T-Vaccine only (--vaccine_layer_sampling true); ignored.")
+    model = load_causal_lm(model_args.model_name_or_path, **{k: v for k, v in load_kwargs.items() if v is not None})
     peft_config = get_peft_config(model_args)
     if peft_config is not None and model_args.lora_target_modules is None:
         peft_config.target_modules = "all-linear"  # every projection, on any architecture (the paper's choice)

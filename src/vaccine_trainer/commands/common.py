@@ -36,9 +36,11 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
+        where = "a folder without tokenizer files" if Path(name_or_path).is_dir() else "no such local folder"
         raise ValueError(
-            f"Could not load a tokenizer from {name_or_path!r}: save it beside the model "
-            f"(`tokenizer.save_pretrained(folder)`) or pass a hub id. Cause: {error}"
+            f"Could not load the model's tokenizer from {name_or_path!r} ({where}): pass a folder written by "
+            "`save_pretrained` with its tokenizer saved beside the model (`tokenizer.save_pretrained(folder)`), or "
+            f"a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct' (with network access). Cause: {error}"
         ) from error
 
 

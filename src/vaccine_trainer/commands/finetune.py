@@ -73,8 +73,7 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
     for flag in ("harmful_dataset", "benign_dataset", "drift_dataset", "second_dataset"):
         check_source(getattr(script, flag), flag)
 
-    model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
-                                    **(args.model_init_kwargs or {}))
+    # Every input is read before the model is loaded and merged: a misspelled file should not cost that.
     tokenizer = load_tokenizer(script.model_name_or_path)
     mix = build_finetune_mix(script.harmful_dataset, script.benign_dataset, task=script.task,
                              n=script.num_samples, p=script.harmful_ratio, seed=script.dataset_seed,
@@ -87,6 +86,8 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
         drift = build_alignment_dataset(script.drift_dataset, script.drift_samples, seed=script.dataset_seed,
                                         template=script.template, tokenizer=tokenizer, held_out=True)
         require_rows(drift, "drift", "drift_dataset")
+    model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
+                                    **(args.model_init_kwargs or {}))
 
     trainer = AlignedSFTTrainer(model, args, mix.select_columns(["prompt", "completion"]),
                                 alignment_dataset=drift, processing_class=tokenizer)
