@@ -106,11 +106,13 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model_name_or_path)
     started = time.time()
     harmful = harmful_score(model, tokenizer, prompts, judge, template=args.template,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            cache=answer_cache(args, "harmful", args.max_new_tokens))
     accuracy = None
     if task_rows is not None:
         accuracy = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
-                                     batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens)
+                                     batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens,
+                                     cache=answer_cache(args, args.task, args.task_max_new_tokens))
     if judge_check is not None:
         harmful.settings["judge_accuracy"] = judge_check.summary()
     likelihood = None
@@ -141,6 +143,18 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         summary += f", {args.task} accuracy {accuracy.accuracy:.1f}% ({accuracy.correct}/{accuracy.n})"
     print(f"{PROG} evaluate: {summary}; written to {output}")
     return result
+
+
+def answer_cache(args: EvaluateArguments, what: str, max_new_tokens: int):
+    """The answers of this evaluation, kept beside its output file as they are generated (see `AnswerCache`)."""
+    from ..evaluation.answer_cache import AnswerCache, weights_fingerprint
+
+    output = Path(args.output_file)
+    settings = {name: [path, weights_fingerprint(path)] for name, path in (
+        ("model", args.model_name_or_path), ("alignment_adapter", args.alignment_adapter), ("adapter", args.adapter))}
+    settings.update(template=args.template, max_new_tokens=max_new_tokens, batch_size=args.batch_size,
+                    decoding="greedy")
+    return AnswerCache(output.with_name(f"{output.stem}.{what}_answers.jsonl"), settings)
 
 
 def build_judge(spec: str, data_dir: str):

@@ -12,6 +12,7 @@ import datasets
 from transformers.utils import logging
 
 from ..data import GSM8K_ANSWER_PROMPT, TASK_LABELS
+from .answer_cache import AnswerCache
 from .generation import format_all, generate_answers
 from .judges import RefusalJudge, judge_name, normalise_text
 
@@ -91,7 +92,8 @@ def score_answers(prompts: Sequence[str], answers: Sequence[str], judge: Callabl
 
 def harmful_score(model, tokenizer, prompts: Sequence[str] | datasets.Dataset, judge: Callable | None = None, *,
                   categories: Sequence[Sequence[str]] | None = None, template: str = "alpaca",
-                  batch_size: int = 8, max_new_tokens: int = 128, show_progress: bool = True) -> HarmfulScore:
+                  batch_size: int = 8, max_new_tokens: int = 128, show_progress: bool = True,
+                  cache: AnswerCache | None = None) -> HarmfulScore:
     """Generate greedy answers to harmful prompts and judge them (default judge: :class:`RefusalJudge`).
 
     ``prompts`` are raw instructions (they are put in ``template`` here), or the dataset of
@@ -105,7 +107,7 @@ def harmful_score(model, tokenizer, prompts: Sequence[str] | datasets.Dataset, j
     formatted = format_all(prompts, [""] * len(prompts), template, tokenizer)
     answers = generate_answers(model, tokenizer, formatted, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                add_special_tokens=template != "chat", show_progress=show_progress,
-                               desc="Harmful prompts")
+                               desc="Harmful prompts", cache=cache)
     settings = {"template": template, "max_new_tokens": max_new_tokens, "decoding": "greedy",
                 "batch_size": batch_size}
     result = score_answers(prompts, answers, judge, categories=categories, settings=settings)
@@ -200,13 +202,15 @@ def score_task_answers(task: str, answers: Sequence[str], labels: Sequence[str],
 
 
 def finetune_accuracy(model, tokenizer, task: str, rows: datasets.Dataset, *, template: str = "alpaca",
-                      batch_size: int = 8, max_new_tokens: int = 128, show_progress: bool = True) -> Accuracy:
+                      batch_size: int = 8, max_new_tokens: int = 128, show_progress: bool = True,
+                      cache: AnswerCache | None = None) -> Accuracy:
     """Generate greedy answers for labelled rows (:func:`vaccine_trainer.data.load_task_eval`) and score them."""
     if task not in (*TASK_LABELS, "gsm8k"):
         raise ValueError(f"Fine-tune accuracy is defined for sst2, agnews and gsm8k, not {task!r}.")
     formatted = format_all(rows["instruction"], rows["input"], template, tokenizer)
     answers = generate_answers(model, tokenizer, formatted, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               add_special_tokens=template != "chat", show_progress=show_progress, desc=task)
+                               add_special_tokens=template != "chat", show_progress=show_progress, desc=task,
+                               cache=cache)
     settings = {"template": template, "max_new_tokens": max_new_tokens, "decoding": "greedy",
                 "batch_size": batch_size}
     result = score_task_answers(task, answers, rows["label"], settings=settings)
