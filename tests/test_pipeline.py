@@ -175,6 +175,15 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
     aligned_only = logits(load_evaluated_model(str(base_path), str(stage1)))
     assert torch.allclose(aligned_only, logits(merged_stage_one()), atol=1e-5)
     assert not torch.allclose(evaluated, aligned_only, atol=1e-3)
+    # The model flags reach from_pretrained: bf16 weights on an explicit device map, the same model within bf16.
+    from vaccine_trainer.commands.evaluate import EvaluateArguments
+
+    flags = EvaluateArguments(dtype="bfloat16", device_map="cpu", attn_implementation="eager").load_kwargs()
+    assert flags == {"dtype": "bfloat16", "device_map": "cpu", "attn_implementation": "eager"}
+    in_bf16 = load_evaluated_model(str(base_path), str(stage1), str(stage2), **flags)
+    assert {p.dtype for p in in_bf16.parameters()} == {torch.bfloat16}
+    assert in_bf16.config._attn_implementation == "eager"
+    assert torch.allclose(logits(in_bf16).float(), evaluated, atol=0.05 * evaluated.abs().max().item())
 
 
 def test_a_t_vaccine_arm_aligns_with_sampled_layers_probed_on_the_harmful_data(workspace, tmp_path):  # noqa: F811

@@ -42,7 +42,10 @@ class EvaluateArguments:
             alignment loss is taken on rows stage 1 did not draw. num_likelihood_rows (`int`, defaults to `200`).
         max_new_tokens (`int`, defaults to `128`) and task_max_new_tokens (`int`, defaults to `32`): greedy lengths.
         batch_size (`int`, defaults to `16`), template (`str`, defaults to `"alpaca"`).
-        output_file (`str`): where the JSON goes.
+        output_file (`str`): where the JSON goes; the answers are written beside it as they are generated
+            (`<name>.harmful_answers.jsonl`, `<name>.<task>_answers.jsonl`), and a run started again reuses them.
+        dtype, device_map, attn_implementation, load_in_4bit, trust_remote_code, model_revision: how the model
+            is loaded, as in TRL's `ModelConfig`; without a device_map it goes to the first GPU if there is one.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (path or hub id)."})
@@ -69,20 +72,51 @@ class EvaluateArguments:
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     output_file: str = field(default=EVALUATION_FILE, metadata={"help": "JSON file with every figure."})
+    # How the model is loaded, named as in TRL's ModelConfig.
+    dtype: str | None = field(default=None, metadata={
+        "help": "Weights' dtype (auto, bfloat16, float16, float32); transformers' default if unset.",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
+    device_map: str | None = field(default=None, metadata={
+        "help": "Where the weights go ('auto' spreads a large model over the GPUs); unset: the first GPU if any."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4-bit (bitsandbytes, nf4)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own modelling code."})
+    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub model."})
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` keyword arguments of the model flags (only those given)."""
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "device_map": self.device_map,
+                                  "attn_implementation": self.attn_implementation, "revision": self.model_revision}
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        if self.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        return kwargs
 
 
-def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapter: str | None = None):
-    """Base weights, with the stage-1 adapter merged and the stage-2 adapter merged on top."""
+def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapter: str | None = None,
+                         **load_kwargs: Any):
+    """Base weights, with the stage-1 adapter merged and the stage-2 adapter merged on top.
+
+    `load_kwargs` go to `from_pretrained` (dtype, device_map, ...). Without a device_map the model goes to the
+    first GPU when there is one: generation runs where the model is.
+    """
+    import torch
     from peft import PeftModel
 
     from ..sft import merge_alignment_adapter
 
-    model = merge_alignment_adapter(base, alignment_adapter)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter!r} has no adapter_config.json: give the output folder of "
+                                f"`{PROG} finetune`.")
+    model = merge_alignment_adapter(base, alignment_adapter, **load_kwargs)
     if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--adapter {adapter!r} has no adapter_config.json: give the output folder of "
-                                    f"`{PROG} finetune`.")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if "device_map" not in load_kwargs and "quantization_config" not in load_kwargs and torch.cuda.is_available():
+        model = model.to("cuda")
     return model.eval()
 
 
@@ -102,8 +136,9 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         task_rows = load_task_eval(args.task, args.task_dataset, args.num_task_samples)
     judge = build_judge(args.judge, args.judge_data_dir)
     judge_check = measure_judge(judge, args.judge_data_dir)
-    model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter)
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter, **args.load_kwargs())
+    tokenizer = load_tokenizer(args.model_name_or_path, revision=args.model_revision,
+                               trust_remote_code=args.trust_remote_code)
     started = time.time()
     harmful = harmful_score(model, tokenizer, prompts, judge, template=args.template,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
