@@ -312,3 +312,17 @@ def test_a_misspelled_dataset_fails_before_any_model_is_loaded(workspace, tmp_pa
     err = capsys.readouterr().err
     assert message in err and "a model was loaded" not in err
 
+
+
+def test_env_prints_what_a_bug_report_needs(capsys, tmp_path, monkeypatch):
+    import accelerate.commands.config as accelerate_config
+    import torch
+
+    config = tmp_path / "default_config.yaml"
+    config.write_text("distributed_type: DEEPSPEED\nnum_processes: 8\n")
+    monkeypatch.setattr(accelerate_config, "default_config_file", str(config))
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"- torch: {torch.__version__}" in out and "- transformers: " in out and "- vaccine-trainer: " in out
+    assert ("CUDA device" if torch.cuda.is_available() else "- Accelerator: none (CPU)") in out
+    assert "distributed_type: DEEPSPEED" in out and str(config) in out

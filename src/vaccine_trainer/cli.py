@@ -48,6 +48,7 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
             "vaccine_trainer.commands.pipeline:main"),
     Command("grid", "The pipeline over seeds and harmful ratios (alignment shared across p), with a summary table.",
             "vaccine_trainer.commands.grid:main"),
+    Command("env", "Versions, accelerator and accelerate config, for a bug report.", "vaccine_trainer.commands.env:main"),
 )}
 
 
