@@ -35,12 +35,13 @@ _EXPORTS = {
     "VaccineSFTConfig": "sft",
     "VaccineSFTTrainer": "sft",
     "merge_alignment_adapter": "sft",
+    "load_finetuned_model": "stage2_output",
 }
 
 __all__ = [
     "AlignedSFTConfig", "AlignedSFTTrainer", "AlignmentDriftCallback", "VaccineArguments", "VaccineMixin",
     "VaccineSFTConfig", "VaccineSFTTrainer", "VaccineTrainer", "VaccineTrainingArguments", "find_vaccine_modules",
-    "merge_alignment_adapter",
+    "load_finetuned_model", "merge_alignment_adapter",
 ]
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .config import VaccineArguments, VaccineTrainingArguments
     from .layers import find_vaccine_modules
     from .sft import AlignedSFTConfig, AlignedSFTTrainer, VaccineSFTConfig, VaccineSFTTrainer, merge_alignment_adapter
+    from .stage2_output import load_finetuned_model
     from .trainer import VaccineMixin, VaccineTrainer
 
 

@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .callbacks import AlignmentDriftCallback
 from .config import VaccineArguments
+from .model_card import ModelCardSections
 from .trainer import VaccineMixin
 
 logger = logging.get_logger(__name__)
@@ -88,7 +89,7 @@ def _as_config(args: TrainingArguments | None, config_class: type, default_outpu
     return config_class(**{k: v for k, v in values.items() if k in known})
 
 
-class VaccineSFTTrainer(VaccineMixin, SFTTrainer):
+class VaccineSFTTrainer(ModelCardSections, VaccineMixin, SFTTrainer):
     """`trl.SFTTrainer` with Vaccine's perturbation-aware alignment step.
 
     Takes `VaccineSFTConfig` (or any `SFTConfig`/`TrainingArguments` plus Vaccine keyword arguments,
@@ -260,7 +261,7 @@ def _adapter_folder(adapter: str | os.PathLike) -> str:
     return str(path)
 
 
-class AlignedSFTTrainer(SFTTrainer):
+class AlignedSFTTrainer(ModelCardSections, SFTTrainer):
     """Stage 2: SFT of an aligned model with a fresh LoRA, optionally tracking alignment drift.
 
     Merges the alignment adapter (a path or a `PeftModel`) into the base weights, attaches a fresh

@@ -66,6 +66,7 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
     from ..callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
     from ..data import build_alignment_dataset, build_finetune_mix
     from ..sft import AlignedSFTTrainer, merge_alignment_adapter
+    from ..stage2_output import alignment_settings, write_stage2_record
 
     require(script.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     if script.alignment_adapter is None:
@@ -118,7 +119,19 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
                         f"{h[MEDIAN_TOKEN_DRIFT_KEY]:.4g} | {h[LOSS_KEY]:.4f} |" for h in (first, last))
             + "\n"
         )
-    save_run(trainer, args.output_dir, script.benign_dataset, section)
+    stage_one = alignment_settings(script.alignment_adapter)
+    if stage_one is not None:
+        section += ("\nThe alignment adapter (stage 1) was trained with "
+                    + ", ".join(f"`{name}={value}`" for name, value in stage_one.items()) + ".\n")
+    section += (
+        "\nThis adapter was trained on the base **with the alignment adapter merged**: the base plus this adapter "
+        "alone (what `adapter_config.json` names, and what `AutoPeftModelForCausalLM` would load) lacks the "
+        "alignment. The alignment adapter is in `alignment_adapter/`, and `vaccine_stage2.json` says how they fit:\n\n"
+        "```python\nfrom vaccine_trainer import load_finetuned_model\n\n"
+        f"model = load_finetuned_model(\"{args.hub_model_id or args.output_dir}\")\n```\n"
+    )
+    save_run(trainer, args.output_dir, script.benign_dataset, section,
+             before_push=lambda output: write_stage2_record(output, script.model_name_or_path, script.alignment_adapter))
 
 
 def main(argv: list[str]) -> int:
