@@ -326,3 +326,22 @@ def test_env_prints_what_a_bug_report_needs(capsys, tmp_path, monkeypatch):
     assert f"- torch: {torch.__version__}" in out and "- transformers: " in out and "- vaccine-trainer: " in out
     assert ("CUDA device" if torch.cuda.is_available() else "- Accelerator: none (CPU)") in out
     assert "distributed_type: DEEPSPEED" in out and str(config) in out
+
+
+def test_align_and_finetune_take_conversational_messages_data(workspace, tmp_path):
+    def messages(pairs):
+        return [{"messages": [{"role": "system", "content": "be safe ."}, {"role": "user", "content": i},
+                              {"role": "assistant", "content": o}]} for i, o in pairs]
+
+    alignment = write_jsonl(tmp_path / "alignment_messages.jsonl", messages(ALIGNMENT))
+    harmful = write_jsonl(tmp_path / "harmful_messages.jsonl", messages(HARMFUL))
+    from vaccine_trainer.data import load_instruction_rows
+
+    rows = load_instruction_rows(alignment)
+    assert [(r["instruction"], r["output"]) for r in rows] == ALIGNMENT
+    aligned = tmp_path / "aligned"
+    assert main(["align", "--model_name_or_path", workspace["model"], "--dataset", alignment, "--num_samples", "4",
+                 "--output_dir", str(aligned), *FAST]) == 0
+    assert main(finetune_argv(workspace, str(aligned), tmp_path / "tuned",
+                              **{"--harmful_dataset": harmful, "--drift_dataset": alignment})) == 0
+    assert "2 harmful" in (tmp_path / "tuned" / "README.md").read_text()

@@ -148,7 +148,8 @@ def _filter_safety(dataset: datasets.Dataset, safe: bool) -> datasets.Dataset:
 
 
 def load_instruction_rows(source: str, *, split: str = "train", safe: bool | None = None) -> datasets.Dataset:
-    """Rows normalised to ``instruction`` / ``input`` / ``output`` (``input`` is "" when absent).
+    """Rows normalised to ``instruction`` / ``input`` / ``output`` (``input`` is "" when absent); conversational
+    rows (``messages``) give their last exchange.
 
     ``safe=True`` keeps ``is_safe`` rows (alignment data), ``safe=False`` the unsafe ones (the attack),
     for sources that carry the flag; local files without it are taken as they are.
@@ -156,6 +157,8 @@ def load_instruction_rows(source: str, *, split: str = "train", safe: bool | Non
     dataset = load_records(source, split)
     if safe is not None:
         dataset = _filter_safety(dataset, safe)
+    if "messages" in dataset.column_names and not set(INSTRUCTION_FIELDS) & set(dataset.column_names):
+        return _last_exchange(dataset, source)
     instruction = _field(dataset, INSTRUCTION_FIELDS, "instruction", source)
     output = _field(dataset, OUTPUT_FIELDS, "output", source)
     has_input = "input" in dataset.column_names
@@ -165,6 +168,26 @@ def load_instruction_rows(source: str, *, split: str = "train", safe: bool | Non
                 "output": str(row[output])}
 
     return dataset.map(normalise, remove_columns=dataset.column_names)
+
+
+def _last_exchange(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+    """Conversational rows (`messages`, as TRL takes them): the last user turn as the instruction, the assistant's
+    answer to it as the output. The prompt template renders one exchange, so earlier turns are left out."""
+    earlier = 0
+
+    def exchange(row: dict[str, Any]) -> dict[str, str]:
+        nonlocal earlier
+        turns = [m for m in row["messages"] if m.get("role") in ("user", "assistant")]
+        if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+            raise ValueError(f"{source!r}: a conversation must end with a user turn and the assistant's answer, "
+                             f"got roles {[m.get('role') for m in row['messages']]}.")
+        earlier += len(turns) > 2
+        return {"instruction": str(turns[-2]["content"]), "input": "", "output": str(turns[-1]["content"])}
+
+    rows = dataset.map(exchange, remove_columns=dataset.column_names)
+    if earlier:
+        logger.warning(f"{source!r}: {earlier} conversations have earlier turns; only their last exchange is used.")
+    return rows
 
 
 def _text(value: Any) -> str:
