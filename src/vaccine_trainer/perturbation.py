@@ -253,7 +253,8 @@ def hidden_state_gradients(
 
     The normal path is `torch.autograd.grad`, which touches no `.grad` and prunes the graph below
     the lowest captured output. With gradient hooks (reentrant checkpointing) a full `backward()`
-    runs instead; the parameters' `.grad` are stashed before and restored after.
+    runs instead; the parameters' `.grad` are stashed before and restored after. A module whose hook ran
+    but whose output got no gradient raises `MissingHiddenStateGradientError`: never a silent plain step.
     """
     result: list[torch.Tensor | None] = [None] * len(hooks.modules)
     if not hooks._gradient_hooks:
