@@ -185,3 +185,22 @@ def test_median_token_drift_ignores_nan_and_averages_the_middle_pair():
     assert _median(torch.tensor([3.0, float("nan"), 1.0, 2.0])) == 2.0
     assert _median(torch.tensor([4.0, 1.0, 3.0, 2.0])) == 2.5
     assert math.isnan(_median(torch.tensor([float("nan")])))
+
+
+def test_recomputing_the_reference_without_the_adapter_gives_the_cached_values():
+    """Stage 2's drift keeps no reference on the host: it recomputes h_aligned with the adapter disabled, batch by
+    batch, and must give exactly what the cached reference of the same base model gives."""
+    model = tiny_lora_model()  # init_lora_weights=False: the adapter moves the hidden states
+    rows = [{"input_ids": row["input_ids"]} for row in token_rows(5, length=7)] + [
+        {"input_ids": token_rows(1, length=4, seed=2)[0]["input_ids"]}]
+    recomputed = AlignmentDriftCallback(rows, batch_size=2, reference_without_adapter=True)
+    recomputed.cache_reference(model)
+    assert recomputed.reference is None  # nothing cached
+    cached = AlignmentDriftCallback(rows, batch_size=2)
+    with model.disable_adapter():
+        cached.cache_reference(model)
+    got, want = recomputed.measure(model), cached.measure(model)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert got[DRIFT_KEY] > 0

@@ -22,7 +22,6 @@ data, at every logging and evaluation step of any `transformers.Trainer`:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,9 +59,12 @@ class AlignmentDriftCallback(TrainerCallback):
             fine-tuned one. The reference is then right even when training resumes from a checkpoint,
             whose weights are loaded before `on_train_begin`.
 
-    The reference h_aligned is cached when training begins (or by calling `cache_reference(model)`
-    earlier). References are kept on the CPU in fp32: about rows x tokens x layers x hidden x 4 bytes.
-    The passes run in eval mode under `no_grad`, and the model's train/eval mode is restored after.
+    With `reference_without_adapter`, h_aligned is computed again at each measurement, batch by batch, with
+    the adapter disabled, and reduced on the model's device: nothing grows with the rows, and host memory holds
+    only per-token scalars (at 70B, a cache would take about 40 GB a process). Otherwise h_aligned is cached
+    when training begins (or by calling `cache_reference(model)` earlier), on the CPU in fp32: about rows x
+    tokens x layers x hidden x 4 bytes. The passes run in eval mode under `no_grad`, and the model's
+    train/eval mode is restored after.
 
     Values are added to the Trainer's logs in `on_log`, so they are kept in `state.log_history`; the
     `report_to` integrations see them when this callback runs before them: add it with
@@ -98,7 +100,8 @@ class AlignmentDriftCallback(TrainerCallback):
         self.batch_size = batch_size
         self.data_collator = data_collator
         self.reference_without_adapter = reference_without_adapter
-        self.reference: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers, hidden]
+        self.reference: list[torch.Tensor] | None = None  # cached mode, per batch: [valid tokens, layers, hidden]
+        self.ready = False  # a reference is there (cached) or can be recomputed (reference_without_adapter)
         self.reference_energy: float | None = None  # sum ||h_aligned||^2, the drift fraction's denominator
         self.reference_token_energy: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers]
         self.history: list[dict[str, float]] = []
@@ -116,32 +119,38 @@ class AlignmentDriftCallback(TrainerCallback):
         if self.reference_without_adapter and not hasattr(model, "disable_adapter"):
             raise ValueError("reference_without_adapter needs a PEFT model (one with `disable_adapter`), got "
                              f"{type(model).__name__}.")
-        with model.disable_adapter() if self.reference_without_adapter else contextlib.nullcontext():
-            self.reference = [hidden for hidden, _, _, _ in self._passes(model)]
+        self.ready, self._last = True, None
+        if self.reference_without_adapter:
+            return  # recomputed at each measurement: the base weights do not change
+        self.reference = [torch.stack([h.float().cpu() for h in hidden], dim=1)
+                          for hidden, _, _, _ in self._passes(model)]
         self.reference_token_energy = [hidden.double().pow(2).sum(-1) for hidden in self.reference]
         self.reference_energy = sum(energy.sum().item() for energy in self.reference_token_energy)
-        self._last = None
 
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
         """Drift (absolute, and as a fraction of the reference's energy) and alignment loss of `model` now."""
-        if self.reference is None:
+        if not self.ready:
             raise RuntimeError("No reference hidden states: call cache_reference(model) before fine-tuning.")
-        drift = torch.zeros((), dtype=torch.float64)
-        drift_after_first = torch.zeros((), dtype=torch.float64)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        device = next(model.parameters()).device
+        drift = torch.zeros((), dtype=torch.float64, device=device)
+        drift_after_first = torch.zeros((), dtype=torch.float64, device=device)
+        reference_energy = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         loss_tokens = 0
         token_drifts = []
-        for (hidden, batch_loss, tokens, first), reference, energy in zip(
-                self._passes(model), self.reference, self.reference_token_energy, strict=True):
-            moved = (hidden - reference).double().pow(2).sum(-1)  # [valid tokens, layers]
+        for hidden, batch_loss, tokens, first, reference, energy in self._against_reference(model):
+            moved = torch.stack([(h.float() - r.float()).double().pow(2).sum(-1)
+                                 for h, r in zip(hidden, reference)], dim=1)  # [valid tokens, layers]
             drift += moved.sum()
             drift_after_first += moved[~first].sum()
-            token_drifts.append((moved / energy.where(energy > 0, torch.nan)).flatten())
+            reference_energy += energy.sum()
+            token_drifts.append((moved / energy.where(energy > 0, torch.nan)).flatten().cpu())  # scalars per token
             loss_sum += batch_loss
             loss_tokens += tokens
         loss = (loss_sum / loss_tokens).item() if loss_tokens else float("nan")
-        fraction = drift.item() / self.reference_energy if self.reference_energy else float("nan")
+        reference_energy = reference_energy.item()
+        fraction = drift.item() / reference_energy if reference_energy else float("nan")
         median = _median(torch.cat(token_drifts))
         return {DRIFT_KEY: drift.item(), DRIFT_FRACTION_KEY: fraction, MEDIAN_TOKEN_DRIFT_KEY: median,
                 DRIFT_EXCLUDING_FIRST_TOKEN_KEY: drift_after_first.item(), LOSS_KEY: loss}
@@ -154,9 +163,25 @@ class AlignmentDriftCallback(TrainerCallback):
             self.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad if isinstance(pad, int) else 0)
         return self.data_collator(rows)
 
-    def _passes(self, model: nn.Module):
-        """Yield (hidden states of valid tokens, summed token loss, loss tokens, which valid tokens open
-        their row) per batch."""
+    def _against_reference(self, model: nn.Module):
+        """Per batch: what `_passes` yields, then the reference's hidden states of the same tokens (a list per
+        layer) and their squared norms [valid tokens, layers] -- recomputed with the adapter disabled, or cached."""
+        if not self.reference_without_adapter:
+            for (hidden, *rest), reference, energy in zip(self._passes(model), self.reference,
+                                                          self.reference_token_energy, strict=True):
+                yield (hidden, *rest, reference.to(hidden[0].device).unbind(1), energy.to(hidden[0].device))
+            return
+        for start in range(0, len(self.rows), self.batch_size):
+            rows = self.rows[start:start + self.batch_size]
+            with model.disable_adapter():
+                (reference, *_), = self._passes(model, rows)
+            energy = torch.stack([r.float().double().pow(2).sum(-1) for r in reference], dim=1)
+            (current,) = self._passes(model, rows)
+            yield (*current, reference, energy)
+
+    def _passes(self, model: nn.Module, rows: list[dict[str, Any]] | None = None):
+        """Yield (hidden states of valid tokens, a list per layer on the model's device, summed token loss,
+        loss tokens, which valid tokens open their row) per batch of `rows` (default: all of them)."""
         modules = [module for _, module in find_vaccine_modules(model, self.target, self.layers, self.modules)]
         device = next(model.parameters()).device
         was_training = model.training
@@ -167,11 +192,12 @@ class AlignmentDriftCallback(TrainerCallback):
                 captured[index] = hidden_output(output)
             return store
 
+        rows = self.rows if rows is None else rows
         handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]
         model.eval()
         try:
-            for start in range(0, len(self.rows), self.batch_size):
-                batch = self._collate(self.rows[start : start + self.batch_size], model)
+            for start in range(0, len(rows), self.batch_size):
+                batch = self._collate(rows[start : start + self.batch_size], model)
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
@@ -183,13 +209,14 @@ class AlignmentDriftCallback(TrainerCallback):
                 if missing:
                     raise RuntimeError(f"Drift hooks on modules {missing} did not run; check `target`/`modules`.")
                 valid = mask.bool()
-                hidden = torch.stack([h[valid].float().cpu() for h in captured], dim=1)
+                hidden = [h[valid] for h in captured]
+                captured[:] = [None] * len(modules)
                 shift_labels = labels[:, 1:]
                 token_loss = nn.functional.cross_entropy(
                     logits[:, :-1].float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100, reduction="sum"
                 )
-                first = (valid & (valid.cumsum(dim=1) == 1))[valid].cpu()  # whatever side the padding is on
-                yield hidden, token_loss.double().cpu(), int((shift_labels != -100).sum()), first
+                first = valid & (valid.cumsum(dim=1) == 1)  # whatever side the padding is on
+                yield hidden, token_loss.double(), int((shift_labels != -100).sum()), first[valid]
         finally:
             for handle in handles:
                 handle.remove()
@@ -204,14 +231,14 @@ class AlignmentDriftCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
-        if self.reference is None:
+        if not self.ready:
             self.cache_reference(model)
         values = self._values(model, state.global_step)
         state.log_history.append({**values, "step": state.global_step})
         logger.info(f"Alignment drift at step {state.global_step}: {values}")
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if logs is None or self.reference is None or "train_runtime" in logs:
+        if logs is None or not self.ready or "train_runtime" in logs:
             return
         values = self._values(kwargs["model"], state.global_step)
         logs.update(values)
