@@ -194,7 +194,9 @@ def test_finetune_without_a_drift_dataset_trains_and_tracks_nothing(workspace, t
     assert main(["finetune", *[item for pair in settings.items() for item in pair]]) == 0
     out = tmp_path / "tuned"
     assert (out / "adapter_model.safetensors").is_file() and not (out / "alignment_drift.json").exists()
-    assert "Alignment drift" not in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Alignment drift" not in card and "no alignment adapter" in card and "load_finetuned_model" not in card
+    assert json.loads((out / "vaccine_stage2.json").read_text())["alignment_adapter"] is None
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert history and not any("alignment/drift" in entry for entry in history)
 

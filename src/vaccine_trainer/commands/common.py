@@ -44,16 +44,16 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
         ) from error
 
 
-def save_run(trainer, output_dir: str, dataset_name: str, card_section: str, before_push=None) -> None:
+def save_run(trainer, output_dir: str, dataset_name: str, card_section: str, write_extras=None) -> None:
     """Save the adapter, the tokenizer, the log history and a model card in `output_dir`; with `--push_to_hub`,
     push last, once everything is there (`Trainer.save_model` would push before the state and the card).
 
-    `before_push(output_dir)` writes what else the output needs (on the main process).
+    `write_extras(output_dir)` writes what else the output needs (on the main process), before any push.
     """
     trainer.model_card_sections.append(card_section)  # written into every card, the pushed one's too
     trainer.save_state()
-    if trainer.is_world_process_zero() and before_push is not None:
-        before_push(output_dir)
+    if trainer.is_world_process_zero() and write_extras is not None:
+        write_extras(output_dir)
     if trainer.args.push_to_hub:
         trainer.push_to_hub(model_name=Path(output_dir).name, dataset_name=dataset_name)  # save, card, upload
         trainer.accelerator.print(f"Saved to {output_dir} and pushed to {trainer.hub_model_id}.")

@@ -101,8 +101,10 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
 
     section = (
         "## Stage-2 fine-tuning of an aligned model\n\n"
-        f"Base `{script.model_name_or_path}` with the alignment adapter `{script.alignment_adapter}` merged into "
-        f"its weights; this adapter was then trained on {len(mix)} rows ({n_harmful} harmful from "
+        + (f"Base `{script.model_name_or_path}` with the alignment adapter `{script.alignment_adapter}` merged into "
+           "its weights; " if script.alignment_adapter is not None
+           else f"Base `{script.model_name_or_path}`, no alignment adapter; ")
+        + f"this adapter was then trained on {len(mix)} rows ({n_harmful} harmful from "
         f"`{script.harmful_dataset}`, the rest {script.task} from `{script.benign_dataset}`)"
         + (f", of which {dropped} were left out: no completion token within max_length {args.max_length}"
            if dropped else "") + ".\n"
@@ -123,15 +125,17 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
     if stage_one is not None:
         section += ("\nThe alignment adapter (stage 1) was trained with "
                     + ", ".join(f"`{name}={value}`" for name, value in stage_one.items()) + ".\n")
-    section += (
-        "\nThis adapter was trained on the base **with the alignment adapter merged**: the base plus this adapter "
-        "alone (what `adapter_config.json` names, and what `AutoPeftModelForCausalLM` would load) lacks the "
-        "alignment. The alignment adapter is in `alignment_adapter/`, and `vaccine_stage2.json` says how they fit:\n\n"
-        "```python\nfrom vaccine_trainer import load_finetuned_model\n\n"
-        f"model = load_finetuned_model(\"{args.hub_model_id or args.output_dir}\")\n```\n"
-    )
+    if script.alignment_adapter is not None:
+        section += (
+            "\nThis adapter was trained on the base **with the alignment adapter merged**: the base plus this adapter "
+            "alone (what `adapter_config.json` names, and what `AutoPeftModelForCausalLM` would load) lacks the "
+            "alignment. The alignment adapter is in `alignment_adapter/`, and `vaccine_stage2.json` says how they "
+            "fit:\n\n```python\nfrom vaccine_trainer import load_finetuned_model\n\n"
+            f"model = load_finetuned_model(\"{args.hub_model_id or args.output_dir}\")\n```\n"
+        )
     save_run(trainer, args.output_dir, script.benign_dataset, section,
-             before_push=lambda output: write_stage2_record(output, script.model_name_or_path, script.alignment_adapter))
+             write_extras=lambda output: write_stage2_record(output, script.model_name_or_path,
+                                                              script.alignment_adapter))
 
 
 def main(argv: list[str]) -> int:
