@@ -65,7 +65,7 @@ PROBE_ROWS = token_rows(4, length=12, seed=3)  # T-Vaccine's harmful probe data 
 PER_DEVICE_BATCH = 2
 WORLD_SIZE = 2
 BACKENDS = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
-# The shipped FSDP2 settings (examples/accelerate/fsdp2.yaml) as TrainingArguments' fsdp_config.
+# The shipped FSDP2 settings (vaccine_trainer/accelerate_configs/fsdp2.yaml) as TrainingArguments' fsdp_config.
 FSDP2_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
                 "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": False}
 

@@ -433,9 +433,6 @@ def test_context_parallel_refused():
         check_distributed_support(trainer)
 
 
-EXAMPLES = TESTS.parent / "examples" / "accelerate"
-
-
 def launch_environment(config: Path) -> dict[str, str]:
     """The environment `accelerate launch --config_file config` gives each process."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -452,12 +449,15 @@ def launch_environment(config: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "config, expected",
-    [("ddp.yaml", "DDP (8 processes, nccl)"), ("fsdp2.yaml", "FSDP2"),
-     ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2"), ("deepspeed_zero3.yaml", "DeepSpeed ZeRO-3")],
+    [("multi_gpu", "DDP (8 processes, nccl)"), ("fsdp2", "FSDP2"),
+     ("zero2", "DeepSpeed ZeRO-2"), ("zero3", "DeepSpeed ZeRO-3")],
 )
-def test_example_configs_select_the_backend(monkeypatch, config, expected):
-    """Each shipped config makes accelerate's plugins (read from the launch environment) pick its backend."""
-    env = launch_environment(EXAMPLES / config)
+def test_shipped_configs_select_the_backend(monkeypatch, config, expected):
+    """Each config shipped in the package makes accelerate's plugins (read from the launch environment) pick its
+    backend."""
+    from vaccine_trainer.launch import accelerate_config_path
+
+    env = launch_environment(accelerate_config_path(config))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert env.get("ACCELERATE_MIXED_PRECISION") == "bf16"

@@ -29,7 +29,7 @@ from .perturbation import uses_reentrant_checkpointing
 
 logger = logging.get_logger(__name__)
 
-_DOCS = "examples/accelerate/README.md"
+_DOCS = "`--accelerate_config multi_gpu|fsdp2|zero2|zero3` on `vaccine-trainer align` and `finetune`"
 
 
 def describe_backend(trainer: Any) -> str:
@@ -89,7 +89,7 @@ def check_distributed_support(trainer: Any) -> None:
         raise ValueError(
             "Vaccine supports FSDP2 (`fully_shard`), not FSDP1: accelerate runs FSDP1 only on GPUs, so Vaccine's "
             "pass 1 has never been verified under it, and FSDP1 is deprecated. Set `fsdp_version: 2` in the "
-            "accelerate config (examples/accelerate/fsdp2.yaml) or `fsdp_config={'version': 2}` in the training "
+            "accelerate config (`--accelerate_config fsdp2`) or `fsdp_config={'version': 2}` in the training "
             "arguments."
         )
     if not two_pass or not reentrant_checkpointing_requested(trainer):
@@ -98,7 +98,7 @@ def check_distributed_support(trainer: Any) -> None:
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
         trl_hint = (
             " TRL forces `use_reentrant=True` for PEFT models under ZeRO-3, so with a TRL trainer use FSDP2 "
-            "(examples/accelerate/fsdp2.yaml) or turn activation checkpointing off."
+            "(`--accelerate_config fsdp2`) or turn activation checkpointing off."
             if getattr(trainer, "is_deepspeed_enabled", False)
             else ""
         )
@@ -145,7 +145,7 @@ def check_layer_sampling_support(trainer: Any) -> None:
             f"T-Vaccine (vaccine_layer_sampling) cannot run under {backend}: it freezes and unfreezes layers "
             "during training, and this backend fixes the parameters it trains (and their sharded gradient "
             "buffers) when it wraps the model. Run it on one process or under DDP (`accelerate launch "
-            f"--num_processes N`, examples/accelerate/ddp.yaml), or use plain Vaccine under {backend}.")
+            f"--num_processes N`, `--accelerate_config multi_gpu`), or use plain Vaccine under {backend}.")
     if trainer.accelerator.distributed_type == DistributedType.NO or trainer.args.world_size <= 1:
         return
     if reentrant_checkpointing_requested(trainer):

@@ -1,0 +1,57 @@
+"""`--accelerate_config NAME_OR_PATH` and `--num_processes N` on `align`, `finetune` and `pipeline`: the command runs
+again under `accelerate launch`, as TRL's CLI does for `trl sft --accelerate_config zero3`.
+
+The named configs (multi_gpu, fsdp2, zero2, zero3) ship inside the package, so a `pip install` has them.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+SHIPPED = ("multi_gpu", "fsdp2", "zero2", "zero3")
+LAUNCH_FLAGS = ("--accelerate_config", "--num_processes")
+
+
+def accelerate_config_path(name_or_path: str) -> str:
+    """A shipped config by name, or a config file by path."""
+    if Path(name_or_path).is_file():
+        return str(name_or_path)
+    if name_or_path in SHIPPED:
+        return str(resources.files("vaccine_trainer").joinpath("accelerate_configs", f"{name_or_path}.yaml"))
+    raise ValueError(f"--accelerate_config {name_or_path!r} is neither a file nor one of the shipped configs "
+                     f"{list(SHIPPED)}.")
+
+
+def split_launch_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The launch flags (`--flag value` or `--flag=value`) and the command's own arguments."""
+    flags, rest, index = {}, [], 0
+    while index < len(argv):
+        name, equals, value = argv[index].partition("=")
+        if name in LAUNCH_FLAGS:
+            if not equals:
+                if index + 1 >= len(argv):
+                    raise ValueError(f"{name} needs a value.")
+                index += 1
+                value = argv[index]
+            flags[name] = value
+        else:
+            rest.append(argv[index])
+        index += 1
+    return flags, rest
+
+
+def launch(command: str, flags: dict[str, str], argv: list[str]) -> int:
+    """Run `vaccine-trainer COMMAND argv` under `accelerate launch` with the given config and process count."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch_args = []
+    if "--accelerate_config" in flags:
+        launch_args += ["--config_file", accelerate_config_path(flags["--accelerate_config"])]
+    if "--num_processes" in flags:
+        launch_args += ["--num_processes", flags["--num_processes"]]
+    launch_command(launch_command_parser().parse_args([*launch_args, "-m", "vaccine_trainer.cli", command, *argv]))
+    return 0
+
+
+__all__ = ["SHIPPED", "accelerate_config_path", "launch", "split_launch_flags"]
