@@ -46,3 +46,59 @@ def test_align_with_a_config_runs_itself_under_accelerate_launch(monkeypatch):
 def test_an_unknown_config_name_is_a_clear_error(capsys):
     assert main(["finetune", "--accelerate_config", "zero4"]) == 1
     assert "shipped configs" in capsys.readouterr().err
+
+
+def test_align_relaunched_by_the_cli_equals_accelerate_launch_of_the_same_run(tmp_path):
+    """Two DeepSpeed ZeRO-3 processes on the CPU (the CPU config given by path, on a free port), started by
+    `vaccine-trainer align --accelerate_config ... --num_processes 2` and by `accelerate launch`: the same adapter."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import transformers
+    from conftest import REPO_ROOT, tiny_tokenizer
+    from safetensors.torch import load_file
+    from test_cli import ALIGNMENT
+
+    tokenizer = tiny_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    transformers.set_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "align.jsonl"
+    data.write_text("".join(json.dumps({"instruction": i, "output": o}) + "\n" for i, o in ALIGNMENT))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cpu_config = REPO_ROOT / "examples" / "accelerate" / "cpu" / "deepspeed_zero3.yaml"
+    launch_config = tmp_path / "zero3_cpu.yaml"
+    launch_config.write_text(cpu_config.read_text() + f"main_process_port: {port}\n")
+    align = ["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(data), "--num_samples", "4",
+             "--rho", "2", "--max_steps", "2", "--per_device_train_batch_size", "1", "--report_to", "none",
+             "--save_strategy", "no", "--max_length", "64", "--activation_checkpointing", "false", "--seed", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {
+        "cli": [sys.executable, "-m", "vaccine_trainer.cli", "align", "--accelerate_config", str(launch_config),
+                "--num_processes", "2", "--output_dir", str(tmp_path / "cli"), *align],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config),
+                       "--num_processes", "2", "--main_process_port", "0", "-m", "vaccine_trainer.cli", "align",
+                       "--output_dir", str(tmp_path / "accelerate"), *align],
+    }
+    for name, command in runs.items():
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        assert state["epoch"] == 1.0  # 2 steps of 1 row on each of 2 processes: all 4 rows (one process: 0.5)
+    cli, reference = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in runs)
+    assert cli.keys() == reference.keys() and all(torch_equal(cli[k], reference[k]) for k in cli)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
