@@ -64,6 +64,13 @@ def test_a_run_killed_after_one_batch_resumes_to_the_same_answers(generator, tmp
     assert answers(generator, AnswerCache(path, SETTINGS)) == expected and calls["n"] == -8  # all on disk now
 
 
+def test_a_file_cut_inside_its_first_line_starts_afresh(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"answer_cache_sett')  # killed while writing the settings
+    AnswerCache(path, SETTINGS).add(["p"], ["a"])
+    assert AnswerCache(path, SETTINGS).answers == {"p": "a"}
+
+
 def test_answers_of_other_settings_are_refused(tmp_path):
     path = tmp_path / "answers.jsonl"
     AnswerCache(path, SETTINGS).add(["p"], ["a"])

@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: unknown command {name!r}; choose one of {sorted(COMMANDS)}.\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        if name in LAUNCHED and any(arg.partition("=")[0] in LAUNCH_FLAGS for arg in rest):
+        if name in LAUNCHED and any(isinstance(arg, str) and arg.partition("=")[0] in LAUNCH_FLAGS for arg in rest):
             flags, rest = split_launch_flags(rest)
             return launch(name, flags, rest)  # the same command again, under `accelerate launch`
         return COMMANDS[name].run(rest)

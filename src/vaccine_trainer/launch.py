@@ -27,7 +27,7 @@ def split_launch_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """The launch flags (`--flag value` or `--flag=value`) and the command's own arguments."""
     flags, rest, index = {}, [], 0
     while index < len(argv):
-        name, equals, value = argv[index].partition("=")
+        name, equals, value = argv[index].partition("=") if isinstance(argv[index], str) else (argv[index], "", "")
         if name in LAUNCH_FLAGS:
             if not equals:
                 if index + 1 >= len(argv):

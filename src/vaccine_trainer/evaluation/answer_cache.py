@@ -34,20 +34,23 @@ class AnswerCache:
         self.path = Path(path)
         self.settings = json.loads(json.dumps(dict(settings)))  # as the file stores them
         self.answers: dict[str, str] = {}
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            self._read()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._read():
             self._append([{_HEADER: self.settings}])
 
-    def _read(self) -> None:
+    def _read(self) -> bool:
+        """Load the answers on disk; False when there is nothing yet (no file, or not even a whole first line)."""
+        if not self.path.is_file():
+            return False
         text = self.path.read_text(encoding="utf-8")
         if not text.endswith("\n"):  # a run killed while writing: drop the cut line before appending after it
             text = text[:text.rfind("\n") + 1]
             with self.path.open("r+", encoding="utf-8") as handle:
                 handle.truncate(len(text.encode("utf-8")))
         lines = text.splitlines()
-        header = json.loads(lines[0]).get(_HEADER) if lines else None
+        if not lines:
+            return False
+        header = json.loads(lines[0]).get(_HEADER)
         if header != self.settings:
             raise ValueError(
                 f"{self.path} holds answers generated with other settings ({header}); this run uses "
@@ -56,6 +59,7 @@ class AnswerCache:
         for line in lines[1:]:
             record = json.loads(line)
             self.answers[record["prompt"]] = record["answer"]
+        return True
 
     def _append(self, records: Sequence[Mapping[str, Any]]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
