@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from test_cli import workspace  # noqa: F401  (the saved tiny model and its data)
+
 from vaccine_trainer.cli import main
 from vaccine_trainer.launch import SHIPPED, accelerate_config_path, split_launch_flags
 
@@ -48,7 +50,7 @@ def test_an_unknown_config_name_is_a_clear_error(capsys):
     assert "shipped configs" in capsys.readouterr().err
 
 
-def test_align_relaunched_by_the_cli_equals_accelerate_launch_of_the_same_run(tmp_path):
+def test_align_relaunched_by_the_cli_equals_accelerate_launch_of_the_same_run(workspace, tmp_path):  # noqa: F811
     """Two DeepSpeed ZeRO-3 processes on the CPU (the CPU config given by path, on a free port), started by
     `vaccine-trainer align --accelerate_config ... --num_processes 2` and by `accelerate launch`: the same adapter."""
     import json
@@ -57,28 +59,16 @@ def test_align_relaunched_by_the_cli_equals_accelerate_launch_of_the_same_run(tm
     import subprocess
     import sys
 
-    import transformers
-    from conftest import REPO_ROOT, tiny_tokenizer
+    from conftest import REPO_ROOT
     from safetensors.torch import load_file
-    from test_cli import ALIGNMENT
 
-    tokenizer = tiny_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    transformers.set_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    data = tmp_path / "align.jsonl"
-    data.write_text("".join(json.dumps({"instruction": i, "output": o}) + "\n" for i, o in ALIGNMENT))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     cpu_config = REPO_ROOT / "examples" / "accelerate" / "cpu" / "deepspeed_zero3.yaml"
     launch_config = tmp_path / "zero3_cpu.yaml"
     launch_config.write_text(cpu_config.read_text() + f"main_process_port: {port}\n")
-    align = ["--model_name_or_path", str(tmp_path / "model"), "--dataset", str(data), "--num_samples", "4",
+    align = ["--model_name_or_path", workspace["model"], "--dataset", workspace["alignment"], "--num_samples", "4",
              "--rho", "2", "--max_steps", "2", "--per_device_train_batch_size", "1", "--report_to", "none",
              "--save_strategy", "no", "--max_length", "64", "--activation_checkpointing", "false", "--seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
