@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .commands.common import PROG, logger
-from .launch import LAUNCH_FLAGS, launch, split_launch_flags
+from .launch import launch, split_launch_flags
 
 LAUNCHED = ("align", "finetune")  # commands that take --accelerate_config / --num_processes
 
@@ -74,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: unknown command {name!r}; choose one of {sorted(COMMANDS)}.\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        if name in LAUNCHED and any(isinstance(arg, str) and arg.partition("=")[0] in LAUNCH_FLAGS for arg in rest):
-            flags, rest = split_launch_flags(rest)
-            return launch(name, flags, rest)  # the same command again, under `accelerate launch`
+        flags, own = split_launch_flags(rest) if name in LAUNCHED else ({}, rest)
+        if flags:
+            return launch(name, flags, own)  # the same command again, under `accelerate launch`
         return COMMANDS[name].run(rest)
     except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         logger().debug("Failed with", exc_info=True)

@@ -1,5 +1,5 @@
-"""`--accelerate_config NAME_OR_PATH` and `--num_processes N` on `align`, `finetune` and `pipeline`: the command runs
-again under `accelerate launch`, as TRL's CLI does for `trl sft --accelerate_config zero3`.
+"""`--accelerate_config NAME_OR_PATH` and `--num_processes N` on `align` and `finetune`: the command runs again
+under `accelerate launch`, as TRL's CLI does for `trl sft --accelerate_config zero3`.
 
 The named configs (multi_gpu, fsdp2, zero2, zero3) ship inside the package, so a `pip install` has them.
 """
