@@ -344,7 +344,7 @@ class VaccineMixin(TargetedLayersMixin):
 
     def _record_clean_loss(self, loss: torch.Tensor, num_items_in_batch) -> None:
         # The same normalisation as Trainer.training_step, so vaccine/clean_loss is comparable to loss.
-        scaled = self.loss_is_scaled_for_ga
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers < 5.2x has no such attribute
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
