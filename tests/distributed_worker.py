@@ -8,14 +8,16 @@ optimizer step.
 
     # DDP and FSDP2 (FSDP2 forced on the CPU, see ForcedFSDP2):
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT BACKEND [NAME ...]
-    # DeepSpeed, through the shipped CPU configuration:
-    accelerate launch --config_file examples/accelerate/cpu/deepspeed_zero3.yaml --main_process_port 0 \
+    # DeepSpeed ZeRO-2/3, through the config the package ships (ZeRO-1: examples/accelerate/cpu/deepspeed_zero1.yaml):
+    accelerate launch --config_file src/vaccine_trainer/accelerate_configs/zero3.yaml --num_processes 2 \
+        --mixed_precision no --main_process_port 0 \
         tests/distributed_worker.py OUT zero3 [SCENARIO ...]
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +59,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from vaccine_trainer import VaccineSFTConfig, VaccineSFTTrainer, VaccineTrainer, VaccineTrainingArguments  # noqa: E402
+from vaccine_trainer import (  # noqa: E402
+    AlignedSFTConfig, AlignedSFTTrainer, VaccineSFTConfig, VaccineSFTTrainer, VaccineTrainer, VaccineTrainingArguments,
+)
 from vaccine_trainer.perturbation import uses_reentrant_checkpointing  # noqa: E402
 
 RHO = 2.0
@@ -76,7 +80,7 @@ class Scenario:
     accumulation: int
     steps: int
     rho: float = RHO
-    trainer: str = "vaccine"  # vaccine | plain (transformers.Trainer) | sft (VaccineSFTTrainer) | leaky
+    trainer: str = "vaccine"  # vaccine | plain (transformers.Trainer) | sft (VaccineSFTTrainer) | leaky | stage2
     extra: dict = field(default_factory=dict, hash=False)
     save: bool = False  # save_model() at the end, for the save/load test
     backends: tuple[str, ...] = BACKENDS
@@ -108,6 +112,10 @@ SCENARIOS = {
         "vaccine_layer_sampling": True, "vaccine_sampled_layers": 1, "vaccine_sampling_interval": 2,
         "vaccine_probe_interval": 2, "vaccine_probe_batch_size": 2, "optim": "adamw_torch", "learning_rate": 1e-2,
         "weight_decay": 0.1}, backends=("ddp",)),
+    # Stage 2 as `finetune` runs it: AlignedSFTTrainer given a model path and an alignment adapter path (under ZeRO-3
+    # the base loads partitioned, zero3_init), a fresh LoRA, the drift on held alignment data at every step.
+    "stage2": Scenario("stage2", 1, 2, trainer="stage2", extra={"activation_checkpointing": False, "bf16": False},
+                       backends=("ddp", "fsdp2", "zero3")),
     # Interrupted at step 2 and resumed from the checkpoint; AdamW, so the optimizer state must come back too.
     "resume_full": Scenario("full", 1, 4, extra={"optim": "adamw_torch", "learning_rate": 1e-2,
                                                  "save_strategy": "steps", "save_steps": 2},
@@ -162,6 +170,41 @@ def built_without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+ALIGNMENT_ROWS = token_rows(3, length=10, seed=5)  # stage 2's held alignment data (drift)
+
+
+def stage2_inputs(root: Path) -> tuple[str, str]:
+    """The base model and alignment adapter folders stage 2 starts from, as `align` leaves them."""
+    return str(root / "stage2_base"), str(root / "stage2_alignment_adapter")
+
+
+def write_stage2_inputs(root: Path) -> None:
+    base, adapter = stage2_inputs(root)
+    if Path(adapter, "adapter_config.json").is_file():
+        return
+    with built_without_zero3_init():
+        tiny_model("llama", seed=0).save_pretrained(base)
+        tiny_lora_model("llama", seed=0).save_pretrained(adapter)
+
+
+LOADING: dict[str, bool] = {}
+
+
+def loading_mode() -> dict[str, bool]:
+    """How transformers is about to load a model from a path in this process: partitioned by deepspeed.zero.Init
+    (ZeRO-3 with zero3_init), or only on rank 0 with the other ranks on the meta device (FSDP's cpu_ram_efficient_loading)."""
+    from transformers.distributed.fsdp import is_fsdp_enabled  # FSDP with cpu_ram_efficient_loading
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return {"zero3_init": is_deepspeed_zero3_enabled(), "rank0_only": is_fsdp_enabled()}
+
+
+def token_dataset(rows):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": row["input_ids"]} for row in rows])
+
+
 def scenario_model(name: str):
     kind = SCENARIOS[name].kind
     with built_without_zero3_init():
@@ -193,11 +236,16 @@ def scenario_arguments(name: str, output_dir, world_size: int, backend: str = "s
     )
     if backend == "fsdp2":
         settings.update(fsdp="full_shard", fsdp_config=dict(FSDP2_CONFIG))
+        if scenario.trainer == "stage2":  # loads from a path: as the shipped config, only rank 0 reads the weights
+            settings["fsdp_config"]["cpu_ram_efficient_loading"] = True
     rho = scenario.rho if rho is None else rho
     if scenario.trainer == "plain":
         return TrainingArguments(**settings)
     if scenario.trainer == "sft":
         return VaccineSFTConfig(**settings, rho=rho, max_length=32, packing=False, dataset_num_proc=None)
+    if scenario.trainer == "stage2":
+        return AlignedSFTConfig(**settings, max_length=32, packing=False, dataset_num_proc=None, lora_r=4,
+                                lora_alpha=8, lora_dropout=0.0, drift_batch_size=2)
     return VaccineTrainingArguments(**settings, rho=rho)
 
 
@@ -265,6 +313,10 @@ class RecordingSFTTrainer(ForcedFSDP2, PhaseMixin, VaccineSFTTrainer):
     pass
 
 
+class RecordingAlignedTrainer(ForcedFSDP2, PhaseMixin, AlignedSFTTrainer):
+    pass
+
+
 class LeakyTrainer(RecordingTrainer):
     """Pass 1 followed by a synchronised backward of the clean loss, as the paper's code does."""
 
@@ -324,6 +376,16 @@ def build_trainer(name: str, backend: str, out_dir: Path, **argument_overrides):
 
         return RecordingSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(name)),
                                    processing_class=tokenizer, peft_config=sft_lora_config())
+    if scenario.trainer == "stage2":
+        with args.main_process_first():  # one rank writes the inputs, as `align` would have before
+            write_stage2_inputs(out_dir)
+        base, adapter = stage2_inputs(out_dir)
+        if backend == "fsdp2":  # what `accelerate launch` with an FSDP config sets (the CPU run is forced, see ForcedFSDP2)
+            os.environ["ACCELERATE_USE_FSDP"] = "true"
+        LOADING.update(loading_mode())
+        return RecordingAlignedTrainer(model=base, alignment_adapter=adapter, args=args,
+                                       train_dataset=token_dataset(scenario_rows(name)),
+                                       alignment_dataset=token_dataset(ALIGNMENT_ROWS), processing_class=tiny_tokenizer())
     trainer_class = {"vaccine": RecordingTrainer, "plain": RecordingPlainTrainer, "leaky": LeakyTrainer}
     probe = {"probe_dataset": PROBE_ROWS} if getattr(args, "vaccine_layer_sampling", False) else {}
     return trainer_class[scenario.trainer](model=scenario_model(name), args=args, train_dataset=scenario_rows(name),
@@ -354,6 +416,7 @@ def run(name: str, backend: str, out_dir: Path) -> None:
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "log_history": trainer.state.log_history,
         "layer_sampling": trainer._vaccine_state.layer_sampling if hasattr(trainer, "_vaccine_state") else None,
+        "loading": dict(LOADING),
     }
     if scenario.save:
         saved = out_dir / f"{name}_{backend}_saved"

@@ -1,8 +1,8 @@
 """Vaccine under every backend the Trainer offers through accelerate, run for real on the CPU.
 
 Each backend is launched once per module with 2 processes over gloo (tests/distributed_worker.py):
-DDP and FSDP2 with torchrun, DeepSpeed ZeRO-2/3 with `accelerate launch` and the shipped CPU configs
-(examples/accelerate/cpu/). FSDP2 is forced on the CPU, where accelerate 1.15 would silently use DDP
+DDP and FSDP2 with torchrun, DeepSpeed ZeRO-2/3 with `accelerate launch` and the configs the package ships
+(on 2 CPU processes, fp32), ZeRO-1 with examples/accelerate/cpu/. FSDP2 is forced on the CPU, where accelerate 1.15 would silently use DDP
 (see `ForcedFSDP2` in the worker). After N steps every backend must give the update of one process
 that accumulates the same micro-batches, which tests/test_reference.py ties to the paper's formula;
 pass 1 must reduce no gradient, and pass 2 must reduce exactly as the plain Trainer does.
@@ -26,6 +26,7 @@ from conftest import relative_error, tiny_lora_model, tiny_model, trainable_stat
 
 from vaccine_trainer import VaccineArguments, VaccineTrainer
 from vaccine_trainer.distributed import check_distributed_support, describe_backend
+from vaccine_trainer.launch import SHIPPED, accelerate_config_path
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -43,15 +44,21 @@ EQUIVALENCE = ["full_ga1", "full_ga2", "lora_ga1", "lora_ga2"]
 
 
 def launch_command(backend: str, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> list[str]:
-    """DeepSpeed through `accelerate launch` and the shipped CPU config; DDP and FSDP2 through torchrun.
+    """DeepSpeed through `accelerate launch`, DDP and FSDP2 through torchrun.
 
+    ZeRO-2 and ZeRO-3 launch the configs the package ships (`--accelerate_config zero2|zero3`), on 2 CPU processes
+    in fp32; ZeRO-1, which the package does not ship, the CPU config of examples/accelerate/cpu/.
     `--main_process_port 0` and `--standalone` let the rendezvous pick a free port itself.
     """
     script = [str(TESTS / "distributed_worker.py"), str(out), backend, *extra]
     if backend.startswith("zero"):
+        if backend in SHIPPED:
+            config, on_the_cpu = accelerate_config_path(backend), ["--num_processes", "2", "--mixed_precision", "no"]
+        else:
+            config, on_the_cpu = str(CPU_CONFIGS.relative_to(REPO) / f"deepspeed_{backend}.yaml"), []
         port = ["--main_process_port", "0"] if not launcher else []
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(CPU_CONFIGS.relative_to(REPO) / f"deepspeed_{backend}.yaml"), *port, *launcher, *script]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *on_the_cpu, *port,
+                *launcher, *script]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
 
 
@@ -268,6 +275,39 @@ def test_sft_trainer_with_peft_config_under_zero3_matches_ddp(launches):
     assert relative_error(flat(zero3[0]["params"]) - before, flat(ddp[0]["params"]) - before) < 1e-4
     assert [h["vaccine/clean_loss"] for h in zero3[0]["log_history"] if "loss" in h] == pytest.approx(
         [h["vaccine/clean_loss"] for h in ddp[0]["log_history"] if "loss" in h], rel=1e-5)
+
+
+STAGE2_LOADING = {"ddp": {"zero3_init": False, "rank0_only": False},
+                  "fsdp2": {"zero3_init": False, "rank0_only": True},  # cpu_ram_efficient_loading, as shipped
+                  "zero3": {"zero3_init": True, "rank0_only": False}}  # the base loads partitioned
+
+
+@pytest.mark.parametrize("backend", list(STAGE2_LOADING))
+def test_stage2_from_a_model_path_and_an_adapter_path_matches_one_process(launches, tmp_path, backend):
+    """`finetune` under a backend: the alignment adapter merged where the weights are (partitioned under ZeRO-3,
+    only on rank 0 under FSDP2's efficient loading), the new adapter and the drift as in one process."""
+    from vaccine_trainer import AlignedSFTTrainer
+    from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
+
+    runs = launches(backend)["stage2"]
+    base, adapter = worker.stage2_inputs(launches.root / backend)
+    rows = accumulated_rows("stage2", runs)
+    single = AlignedSFTTrainer(model=base, alignment_adapter=adapter,
+                               args=worker.scenario_arguments("stage2", tmp_path, 1),
+                               train_dataset=worker.token_dataset(rows),
+                               alignment_dataset=worker.token_dataset(worker.ALIGNMENT_ROWS),
+                               processing_class=worker.tiny_tokenizer())
+    before = flat(trainable_state(single.model))
+    single.train()
+    expected = flat(trainable_state(single.model))
+    for run in runs:
+        assert run["loading"] == STAGE2_LOADING[backend]
+        assert all("lora_" in name for name in run["params"])
+        assert relative_error(flat(run["params"]) - before, expected - before) < 1e-5
+        for key in (DRIFT_KEY, DRIFT_FRACTION_KEY, MEDIAN_TOKEN_DRIFT_KEY, LOSS_KEY):
+            values, reference = logged(run["log_history"], key), logged(single.state.log_history, key)
+            assert len(values) == 3 and values == pytest.approx(reference, rel=1e-5)  # steps 0, 1 and 2
+    assert logged(runs[0]["log_history"], DRIFT_KEY)[-1] > 0
 
 
 def saved_logits(name: str, saved: str, ids: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """`--accelerate_config NAME_OR_PATH` and `--num_processes N` on `align` and `finetune`: the command runs again
-under `accelerate launch`, as TRL's CLI does for `trl sft --accelerate_config zero3`.
+under `accelerate launch`, as TRL's CLI does for `trl sft --accelerate_config zero3`. `--main_process_port` and
+`--mixed_precision` (e.g. `fp16` on GPUs without bf16, `no` on the CPU) override the config's values.
 
 The named configs (multi_gpu, fsdp2, zero2, zero3) ship inside the package, so a `pip install` has them.
 """
@@ -10,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 SHIPPED = ("multi_gpu", "fsdp2", "zero2", "zero3")
-LAUNCH_FLAGS = ("--accelerate_config", "--num_processes")
+LAUNCH_FLAGS = ("--accelerate_config", "--num_processes", "--main_process_port", "--mixed_precision")
 
 
 def accelerate_config_path(name_or_path: str) -> str:
@@ -48,8 +49,9 @@ def launch(command: str, flags: dict[str, str], argv: list[str]) -> int:
     launch_args = []
     if "--accelerate_config" in flags:
         launch_args += ["--config_file", accelerate_config_path(flags["--accelerate_config"])]
-    if "--num_processes" in flags:
-        launch_args += ["--num_processes", flags["--num_processes"]]
+    for name in LAUNCH_FLAGS[1:]:
+        if name in flags:
+            launch_args += [name, flags[name]]
     launch_command(launch_command_parser().parse_args([*launch_args, "-m", "vaccine_trainer.cli", command, *argv]))
     return 0
 

@@ -246,8 +246,28 @@ def merge_alignment_adapter(model, adapter=None, **load_kwargs: Any) -> PreTrain
             )
         model = PeftModel.from_pretrained(model, folder)
     if isinstance(model, PeftModel):
-        return model.merge_and_unload(safe_merge=True)
+        return _merge_and_unload(model)
     return model  # no adapter: the model's own weights are the aligned ones
+
+
+def _merge_and_unload(model) -> PreTrainedModel:
+    """`merge_and_unload`, also where ZeRO-3 partitioned the base weights as they loaded (`zero3_init`): there
+    each base weight is an empty placeholder, so every adapted layer's weight is gathered, merged and partitioned
+    again, one layer at a time (no rank ever holds the whole model); the adapter's own weights are not partitioned.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    if not any(hasattr(p, "ds_id") for p in model.get_base_model().parameters()):
+        return model.merge_and_unload(safe_merge=True)
+    import deepspeed
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            # Every rank merges the same gathered values; rank 0's are the ones partitioned back.
+            with deepspeed.zero.GatheredParameters(list(base.parameters(recurse=False)), modifier_rank=0):
+                module.merge(safe_merge=True)
+    return model.unload()  # the merged base layers, partitioned, in place of the LoRA wrappers
 
 
 def _adapter_folder(adapter: str | os.PathLike) -> str:
