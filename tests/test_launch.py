@@ -38,9 +38,10 @@ def test_align_with_a_config_runs_itself_under_accelerate_launch(monkeypatch):
     seen = []
     monkeypatch.setattr(accelerate_launch, "launch_command", seen.append)
     assert main(["align", "--model_name_or_path", "m", "--accelerate_config", "zero3", "--num_processes", "2",
-                 "--rho", "2"]) == 0
+                 "--mixed_precision", "fp16", "--main_process_port=29555", "--rho", "2"]) == 0
     (args,) = seen
     assert args.config_file == accelerate_config_path("zero3") and args.num_processes == 2
+    assert args.mixed_precision == "fp16" and args.main_process_port == 29555
     assert args.module and args.training_script == "vaccine_trainer.cli"
     assert args.training_script_args == ["align", "--model_name_or_path", "m", "--rho", "2"]
 
@@ -51,32 +52,27 @@ def test_an_unknown_config_name_is_a_clear_error(capsys):
 
 
 def test_align_relaunched_by_the_cli_equals_accelerate_launch_of_the_same_run(workspace, tmp_path):  # noqa: F811
-    """Two DeepSpeed ZeRO-3 processes on the CPU (the CPU config given by path, on a free port), started by
-    `vaccine-trainer align --accelerate_config ... --num_processes 2` and by `accelerate launch`: the same adapter."""
+    """Two DeepSpeed ZeRO-3 processes on the CPU with the shipped `zero3` config, started by `vaccine-trainer align
+    --accelerate_config zero3 --num_processes 2` and by `accelerate launch` of that config: the same adapter."""
     import json
     import os
-    import socket
     import subprocess
     import sys
 
     from conftest import REPO_ROOT
     from safetensors.torch import load_file
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cpu_config = REPO_ROOT / "examples" / "accelerate" / "cpu" / "deepspeed_zero3.yaml"
-    launch_config = tmp_path / "zero3_cpu.yaml"
-    launch_config.write_text(cpu_config.read_text() + f"main_process_port: {port}\n")
+    # The shipped GPU config, on 2 CPU processes in fp32; port 0: the rendezvous picks a free one.
+    on_the_cpu = ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
     align = ["--model_name_or_path", workspace["model"], "--dataset", workspace["alignment"], "--num_samples", "4",
              "--rho", "2", "--max_steps", "2", "--per_device_train_batch_size", "1", "--report_to", "none",
              "--save_strategy", "no", "--max_length", "64", "--activation_checkpointing", "false", "--seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     runs = {
-        "cli": [sys.executable, "-m", "vaccine_trainer.cli", "align", "--accelerate_config", str(launch_config),
-                "--num_processes", "2", "--output_dir", str(tmp_path / "cli"), *align],
-        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config),
-                       "--num_processes", "2", "--main_process_port", "0", "-m", "vaccine_trainer.cli", "align",
+        "cli": [sys.executable, "-m", "vaccine_trainer.cli", "align", "--accelerate_config", "zero3", *on_the_cpu,
+                "--output_dir", str(tmp_path / "cli"), *align],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       accelerate_config_path("zero3"), *on_the_cpu, "-m", "vaccine_trainer.cli", "align",
                        "--output_dir", str(tmp_path / "accelerate"), *align],
     }
     for name, command in runs.items():
@@ -92,3 +88,74 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def readme_recipes() -> list[list[list[str]]]:
+    """The README's scale-out recipes: per code block, its commands as argument lists."""
+    import re
+    import shlex
+
+    from conftest import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("<!-- scale-out recipes"):text.index("<!-- end of scale-out recipes -->")]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    recipes = []
+    for block in blocks:
+        lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+        recipes.append([shlex.split(line) for line in lines])
+    return recipes
+
+
+TINY_SIZES = {  # a few rows and steps; the flags of the recipe itself are kept
+    "align": ["--num_samples", "4", "--max_steps", "1", "--per_device_train_batch_size", "1", "--max_length", "64",
+              "--report_to", "none", "--save_strategy", "no", "--seed", "0"],
+    "finetune": ["--num_samples", "4", "--harmful_ratio", "0.5", "--drift_samples", "2", "--max_steps", "1",
+                 "--max_length", "64", "--report_to", "none", "--save_strategy", "no", "--task", "sst2"],
+    "evaluate": ["--num_prompts", "2", "--task", "sst2", "--num_task_samples", "2", "--max_new_tokens", "4",
+                 "--task_max_new_tokens", "2", "--judge", "refusal"],
+}
+
+
+@pytest.mark.parametrize("recipe", [0, 1], ids=["7b-on-8-gpus", "70b"])
+def test_the_readme_scale_out_recipes_run_at_tiny_size(workspace, tmp_path, recipe):  # noqa: F811
+    """Each line of the README's recipes, with its own flags, on a tiny Llama: 2 CPU processes in fp32 instead of 8
+    GPUs, local files instead of hub datasets."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    commands = readme_recipes()[recipe]
+    assert [command[1] for command in commands] == ["align", "finetune", "evaluate"]
+    local = {"meta-llama/Llama-2-7b-hf": workspace["model"], "meta-llama/Llama-2-70b-hf": workspace["model"],
+             "PKU-Alignment/BeaverTails": workspace["alignment"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for command in commands:
+        args = []
+        for flag, value in zip(command[2::2], command[3::2]):
+            if flag == "--num_processes":
+                args += [flag, "2", "--mixed_precision", "no", "--main_process_port", "0"]
+                continue
+            if flag in ("--output_dir", "--output_file", "--alignment_adapter", "--adapter"):
+                value = str(tmp_path / value)
+            args += [flag, local.get(value, value)]
+        name = command[1]
+        if name == "finetune":
+            args += ["--harmful_dataset", workspace["harmful"], "--benign_dataset", workspace["sst2"]]
+        if name == "evaluate":
+            args += ["--harmful_prompts", workspace["harmful"], "--task_dataset", workspace["sst2"]]
+        done = subprocess.run([sys.executable, "-m", "vaccine_trainer.cli", name, *args, *TINY_SIZES[name]],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{name}: {done.stderr[-4000:]}"
+        if name == "align":  # one step of one row on each of 2 processes: half of the 4 rows (one process: 0.25)
+            output = Path(args[args.index("--output_dir") + 1])
+            assert json.loads((output / "trainer_state.json").read_text())["epoch"] == 0.5
+    finetuned = Path(args[args.index("--adapter") + 1])
+    state = json.loads((finetuned / "trainer_state.json").read_text())
+    assert any("alignment/drift" in entry for entry in state["log_history"])
+    assert json.loads((finetuned / "vaccine_stage2.json").read_text())
+    evaluation = json.loads(Path(args[args.index("--output_file") + 1]).read_text())
+    assert "harmful_score" in json.dumps(evaluation)

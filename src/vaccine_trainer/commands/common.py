@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PROG = "vaccine-trainer"
+
+
+@dataclass
+class ModelLoadingArguments:
+    """How the base model is loaded, with the names of TRL's `ModelConfig` (`trust_remote_code` is the
+    Trainer's own flag where a command has training arguments)."""
+
+    dtype: str | None = field(default=None, metadata={
+        "help": "Weights' dtype (auto, bfloat16, float16, float32); transformers' default if unset.",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
+    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub model."})
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` keyword arguments of the flags given."""
+        kwargs = {"dtype": self.dtype, "attn_implementation": self.attn_implementation, "revision": self.model_revision}
+        return {key: value for key, value in kwargs.items() if value is not None}
 
 
 def require(value: Any, flag: str, example: str) -> None:

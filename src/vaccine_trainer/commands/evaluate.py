@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import PROG, check_source, load_tokenizer, logger, require
+from .common import PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require
 
 EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass
-class EvaluateArguments:
+class EvaluateArguments(ModelLoadingArguments):
     """Harmful score and fine-tune accuracy of a (possibly aligned, possibly fine-tuned) model.
 
     Parameters:
@@ -72,22 +72,17 @@ class EvaluateArguments:
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     output_file: str = field(default=EVALUATION_FILE, metadata={"help": "JSON file with every figure."})
-    # How the model is loaded, named as in TRL's ModelConfig.
-    dtype: str | None = field(default=None, metadata={
-        "help": "Weights' dtype (auto, bfloat16, float16, float32); transformers' default if unset.",
-        "choices": ["auto", "bfloat16", "float16", "float32"]})
+    # How the model is loaded, named as in TRL's ModelConfig (dtype, attn_implementation, model_revision: inherited).
     device_map: str | None = field(default=None, metadata={
         "help": "Where the weights go ('auto' spreads a large model over the GPUs); unset: the first GPU if any."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4-bit (bitsandbytes, nf4)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own modelling code."})
-    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub model."})
 
     def load_kwargs(self) -> dict[str, Any]:
         """`from_pretrained` keyword arguments of the model flags (only those given)."""
-        kwargs: dict[str, Any] = {"dtype": self.dtype, "device_map": self.device_map,
-                                  "attn_implementation": self.attn_implementation, "revision": self.model_revision}
-        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        kwargs = super().load_kwargs()
+        if self.device_map is not None:
+            kwargs["device_map"] = self.device_map
         if self.trust_remote_code:
             kwargs["trust_remote_code"] = True
         if self.load_in_4bit:

@@ -14,7 +14,9 @@ from pathlib import Path
 from trl import TrlParser
 
 from ..sft import AlignedSFTConfig
-from .common import PROG, check_source, load_tokenizer, logger, require, require_rows, save_run
+from .common import (
+    PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require, require_rows, save_run,
+)
 
 
 @dataclass
@@ -58,10 +60,11 @@ class FinetuneScriptArguments:
     second_fraction: float = field(default=0.5, metadata={"help": "Share of the benign rows from the second task."})
 
 
-FINETUNE_ARGUMENTS = (FinetuneScriptArguments, AlignedSFTConfig)
+FINETUNE_ARGUMENTS = (FinetuneScriptArguments, AlignedSFTConfig, ModelLoadingArguments)
 
 
-def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> None:
+def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
+                 model_args: ModelLoadingArguments | None = None) -> None:
     """Merge the alignment adapter, train a fresh LoRA on the mix (tracking drift), save it with its card."""
     from ..callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
     from ..data import build_alignment_dataset, build_finetune_mix
@@ -87,8 +90,10 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig) -> Non
         drift = build_alignment_dataset(script.drift_dataset, script.drift_samples, seed=script.dataset_seed,
                                         template=script.template, tokenizer=tokenizer, held_out=True)
         require_rows(drift, "drift", "drift_dataset")
-    model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
-                                    **(args.model_init_kwargs or {}))
+    load_kwargs = {**(model_args or ModelLoadingArguments()).load_kwargs(), **(args.model_init_kwargs or {})}
+    if args.trust_remote_code:
+        load_kwargs["trust_remote_code"] = True
+    model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter, **load_kwargs)
 
     trainer = AlignedSFTTrainer(model, args, mix.select_columns(["prompt", "completion"]),
                                 alignment_dataset=drift, processing_class=tokenizer)
