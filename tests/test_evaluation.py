@@ -358,7 +358,11 @@ def test_report_files(tmp_path):
                                       {"step": 10, "drift": 2.5, "drift_fraction": 0.125, "median_token_drift": 0.01}]
     markdown = paths["markdown"].read_text()
     assert "| sft | 10 | 2.5 | 0.125 | 0.01 |" in markdown and "| vaccine | 10 | 1 | – | – |" in markdown
-    assert "| sft | 100.0 | <lambda> | 100.0 | 100.0 | sst2 | 2 / 2 |" in markdown  # "bad" refuses nothing
+    # Wilson 95% interval of 2/2 is [34.2, 100]; "bad" refuses nothing
+    assert "| sft | 100.0 [34.2, 100.0] | – | <lambda> | 100.0 [34.2, 100.0] | 100.0 [34.2, 100.0] | – | sst2 | 2 / 2 |" \
+        in markdown
+    assert "| vaccine | -50.0 [-100.0, +0.0] | – | 2 |" in markdown  # paired with sft on the same two prompts
+    assert report["paired_differences"]["vaccine"]["difference"] == -50.0
     assert "| y | 100.0 (n=1) | 0.0 (n=1) |" in markdown and "![" in markdown
     for key in ("scores_plot", "drift_plot"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -366,7 +370,8 @@ def test_report_files(tmp_path):
     assert json.loads(samples[1]) == {"prompt": "b", "answer": "ok", "harmful": False, "categories": ["y"]}
     # A resumed run reports from saved dicts; without drift there is no drift plot.
     again = write_report(tmp_path / "again", {"sft": {"harmful_score": report["methods"]["sft"]["harmful_score"]}})
-    assert "drift_plot" not in again and "| sft | 100.0 | <lambda> | 100.0 | – |" in again["markdown"].read_text()
+    assert "drift_plot" not in again
+    assert "| sft | 100.0 [34.2, 100.0] | – | <lambda> | 100.0 [34.2, 100.0] | – |" in again["markdown"].read_text()
 
 
 def test_drift_series_and_report_errors(tmp_path):
@@ -374,3 +379,19 @@ def test_drift_series_and_report_errors(tmp_path):
     assert drift_series([{"step": 1, "x": 3}], key="x") == [(1, 3.0)]
     with pytest.raises(ValueError, match="at least one"):
         write_report(tmp_path, {})
+
+
+def test_paired_differences_are_corrected_with_the_judges_measured_rates():
+    from vaccine_trainer.evaluation.report import paired_differences
+
+    prompts = [f"p{i}" for i in range(10)]
+    flagged = {"sft": set(prompts[:6]), "vaccine": set(prompts[:3]), "other judge": set(prompts[:3])}
+    check = {"true_positives": 80, "positives": 100, "true_negatives": 70, "negatives": 100}  # Youden's J = 0.5
+    results = {m: {"harmful_score": {"samples": [{"prompt": p, "harmful": p in f} for p in prompts],
+                                     "settings": {"judge": "learned" if m != "other judge" else "refusal"}},
+                   "judge_check": check} for m, f in flagged.items()}
+    paired = paired_differences(results)
+    assert paired["vaccine"]["difference"] == pytest.approx(-30.0) and paired["vaccine"]["n"] == 10
+    assert paired["vaccine"]["corrected"]["value"] == pytest.approx(-60.0)  # -30 points / J
+    assert "corrected" not in paired["other judge"]  # another judge's errors are not sft's judge's
+    assert paired_differences({"vaccine": results["vaccine"]}) == {}  # no SFT arm: nothing to pair with

@@ -150,3 +150,38 @@ def test_harmful_pairs_leave_the_attack_data_out(tmp_path):
     with pytest.raises(ValueError, match="No rows left"):
         instruction_pairs(pairs, 10, safe=True, exclude=write_rows(tmp_path / "a2.jsonl",
                                                                    [{"instruction": "make a cake", "output": "x"}]))
+
+
+def test_label_likelihood_accuracy_against_a_hand_computation(tmp_path):
+    """Each label word's summed log-probability after the prompt, computed here token by token."""
+    import datasets
+    from conftest import save_tiny_causal_lm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vaccine_trainer.data import format_prompt
+    from vaccine_trainer.evaluation.scores import label_likelihood_accuracy
+
+    rows = datasets.Dataset.from_list([
+        {"instruction": "is it positive or negative ?", "input": text, "label": label}
+        for text, label in [("the movie was great", "positive"), ("the acting was bad", "negative"),
+                            ("what a film", "positive"), ("so so", "negative")]])
+    folder = save_tiny_causal_lm(tmp_path / "model", [r["input"] for r in rows] + ["positive negative"])
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    result = label_likelihood_accuracy(model, tokenizer, "sst2", rows, batch_size=3)
+    expected = []
+    for row, sample in zip(rows, result.samples):
+        prompt_ids = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+        nll = {}
+        for label in ("negative", "positive"):
+            label_ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt_ids + label_ids])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+            nll[label] = -sum(logprobs[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(label_ids))
+        assert sample["label_nll"] == pytest.approx(nll, rel=1e-4)
+        expected.append(min(nll, key=nll.get) == row["label"])
+    assert result.correct == sum(expected) and result.n == 4
+    assert result.accuracy == pytest.approx(100.0 * sum(expected) / 4)
+    assert result.ci95[0] <= result.accuracy <= result.ci95[1]
+    with pytest.raises(ValueError, match="sst2"):
+        label_likelihood_accuracy(model, tokenizer, "gsm8k", rows)

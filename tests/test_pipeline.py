@@ -43,6 +43,7 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
         assert figures["likelihood"]["harmful_answer_nll"] > 0
     assert "Judge-free metrics" in (out / "report" / "report.md").read_text()
     assert list(report["methods"]) == ["non-aligned", "sft", "vaccine"]
+    assert {m: e["n"] for m, e in report["paired_differences"].items()} == {"non-aligned": 3, "vaccine": 3}
     for method, folder in (("non-aligned", "non-aligned"), ("sft", "sft"), ("vaccine", "vaccine-rho2")):
         evaluation = json.loads((out / folder / "evaluate" / "evaluation.json").read_text())
         assert report["methods"][method]["harmful_score"]["score"] == evaluation["harmful_score"]["score"]
@@ -50,6 +51,13 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
         assert report["methods"][method]["harmful_score"]["non_refusal_rate"] == non_refusal_rate(answers)
         assert report["methods"][method]["harmful_score"]["n"] == 3
         assert report["methods"][method]["accuracy"]["n"] == 4
+        by_likelihood = report["methods"][method]["accuracy_by_likelihood"]  # both fine-tune accuracies
+        assert by_likelihood["n"] == 4 and by_likelihood["ci95"][0] <= by_likelihood["accuracy"] <= by_likelihood["ci95"][1]
+        harm = report["methods"][method]["harmful_score"]
+        assert harm["ci95"][0] <= harm["score"] <= harm["ci95"][1]
+        if evaluation["judge_check"] is not None:  # measured on the shared labelled pairs: the corrected score too
+            assert harm["corrected"]["sensitivity"] == evaluation["judge_check"]["true_positives"] / \
+                evaluation["judge_check"]["positives"]
         assert (out / folder / "finetune" / "adapter_model.safetensors").is_file()
         assert report["drift"][method][0]["drift"] == 0.0  # drift starts at exactly zero
     assert not (out / "non-aligned" / "align").exists()

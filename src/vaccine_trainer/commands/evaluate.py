@@ -117,8 +117,10 @@ def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapte
 
 def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     """Generate and score; returns (and writes to `args.output_file`) every figure with its settings."""
-    from ..data import load_harmful_prompts, load_task_eval
+    from ..data import TASK_LABELS, load_harmful_prompts, load_task_eval
     from ..evaluation import finetune_accuracy, harmful_score
+    from ..evaluation.intervals import corrected_rate
+    from ..evaluation.scores import label_likelihood_accuracy
 
     require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     for flag in ("harmful_prompts", "task_dataset"):
@@ -143,8 +145,15 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         accuracy = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
                                      batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens,
                                      cache=answer_cache(args, args.task, args.task_max_new_tokens))
+    likelihood_accuracy = None
+    if task_rows is not None and args.task in TASK_LABELS:  # classification: also what the model knows
+        likelihood_accuracy = label_likelihood_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
+                                                        batch_size=args.batch_size)
     if judge_check is not None:
         harmful.settings["judge_accuracy"] = judge_check.summary()
+        errors = judge_check.errors()
+        if errors is not None and errors.youden > 0:
+            harmful.corrected = corrected_rate(harmful.flagged, harmful.n, errors).to_dict()
     likelihood = None
     if args.harmful_pairs or args.alignment_dataset:
         from ..data import instruction_pairs
@@ -163,16 +172,26 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         "likelihood": likelihood.to_dict() if likelihood is not None else None,
         "harmful_score": harmful.to_dict(samples=True),
         "accuracy": accuracy.to_dict(samples=True) if accuracy is not None else None,
+        "accuracy_by_likelihood": likelihood_accuracy.to_dict(samples=True) if likelihood_accuracy is not None else None,
         "wall_time_s": round(time.time() - started, 1),
     }
     output = Path(args.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    summary = f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n})"
+    summary = f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n}, 95% CI {_interval(harmful.ci95)})"
+    if harmful.corrected is not None:
+        summary += (f", corrected for the judge's errors {harmful.corrected['value']:.1f}% "
+                    f"(95% CI {_interval(harmful.corrected['ci95'])})")
     if accuracy is not None:
         summary += f", {args.task} accuracy {accuracy.accuracy:.1f}% ({accuracy.correct}/{accuracy.n})"
+    if likelihood_accuracy is not None:
+        summary += f", by label likelihood {likelihood_accuracy.accuracy:.1f}%"
     print(f"{PROG} evaluate: {summary}; written to {output}")
     return result
+
+
+def _interval(bounds) -> str:
+    return f"{bounds[0]:.1f}-{bounds[1]:.1f}%" if bounds else "-"
 
 
 def answer_cache(args: EvaluateArguments, what: str, max_new_tokens: int):

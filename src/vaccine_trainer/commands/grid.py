@@ -92,7 +92,8 @@ def run_grid(args: PipelineArguments, grid: GridArguments) -> dict[str, Path]:
     if not rows:
         raise ValueError(f"No finished cell under {root} to summarise: run the grid first.")
     settings = {**asdict(args), **asdict(grid), "model": model, "wall_time_s_this_run": round(time.time() - started, 1)}
-    paths = write_summary(root / SUMMARY_DIR, rows, settings=settings, missing=missing)
+    pooled = pooled_differences(*collect_verdicts(root, seeds, ratios))
+    paths = write_summary(root / SUMMARY_DIR, rows, settings=settings, missing=missing, pooled=pooled)
     print(f"{PROG} grid: summary in {paths['markdown']}")
     return paths
 
@@ -132,6 +133,43 @@ def collect_rows(root: Path, seeds: Sequence[int],
                              "drift_recomputed": recomputed, "drift": drift,
                              "wall_time_s": phase_wall_times(root / f"seed{seed}" / folder.name / "align", folder)})
     return rows, missing
+
+
+def collect_verdicts(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> tuple[dict, dict]:
+    """Per (seed, p, arm): each prompt's harmful verdict, and the judge's measured errors (None if unmeasured)."""
+    from ..evaluation.report import _judge_errors, _verdicts
+
+    verdicts, errors = {}, {}
+    for seed in seeds:
+        for ratio in ratios:
+            for label, folder in evaluated_arms(cell_dir(root, seed, ratio)):
+                figures = arm_results(folder)
+                verdicts[seed, ratio, label] = _verdicts(figures.get("harmful_score") or {})
+                errors[seed, ratio, label] = _judge_errors(figures.get("judge_check"))
+    return verdicts, errors
+
+
+def pooled_differences(verdicts: Mapping[tuple, Mapping[str, bool]], errors: Mapping[tuple, Any],
+                       baseline: str = "sft") -> list[dict[str, Any]]:
+    """Per (arm, p): the harmful score minus the baseline's on the same prompts, averaged over the seeds that have
+    both, with an interval that resamples prompts within seeds, and corrected for the judge's measured errors."""
+    from ..evaluation.intervals import stratified_paired_difference
+
+    groups: dict[tuple[str, float], list[tuple[int, list[bool], list[bool]]]] = {}
+    for (seed, ratio, method), mine in verdicts.items():
+        theirs = verdicts.get((seed, ratio, baseline))
+        prompts = [prompt for prompt in (theirs or {}) if prompt in mine]
+        if method != baseline and prompts:
+            groups.setdefault((method, ratio), []).append(
+                (seed, [mine[p] for p in prompts], [theirs[p] for p in prompts]))
+    pooled = []
+    for (method, ratio), pairs in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        judge_errors = next((errors.get((seed, ratio, baseline)) for seed, _, _ in pairs
+                             if errors.get((seed, ratio, baseline)) is not None), None)
+        result = stratified_paired_difference([(a, b) for _, a, b in pairs], judge_errors)
+        pooled.append({"method": method, "baseline": baseline, "harmful_ratio": ratio,
+                       "seeds": [seed for seed, _, _ in pairs], **result})
+    return pooled
 
 
 def final_drift(drift: Sequence[Mapping[str, Any]], recomputed_file: Path) -> tuple[dict[str, Any], list[str]]:
@@ -256,7 +294,8 @@ def _summary_cell(entry: Mapping[str, Any], key: str, spec: str = ".1f") -> str:
 
 
 def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
-                  settings: Mapping[str, Any] | None = None, missing: Sequence[str] = ()) -> dict[str, Path]:
+                  settings: Mapping[str, Any] | None = None, missing: Sequence[str] = (),
+                  pooled: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
     """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2."""
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
@@ -266,7 +305,8 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     _plot_against_ratio(summary, paths["scores_plot"])
     _plot_drift(rows, paths["drift_plot"])
     paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "paired": paired,
-                                         "rows": rows, "missing_cells": list(missing)}, indent=1, default=str) + "\n")
+                                         "pooled_paired": list(pooled), "rows": rows, "missing_cells": list(missing)},
+                                        indent=1, default=str) + "\n")
     seeds = sorted({row["seed"] for row in rows})
     lines = ["# Vaccine: harmful fine-tuning over seeds and harmful ratios", "",
              f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", ""]
@@ -309,6 +349,25 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
             lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
                          + "".join(f"| {_paired_cell(entry, key, FORMATS.get(key, '.1f'))} "
                                    for key in PAIRED_KEYS) + "|")
+        lines.append("")
+    if pooled:
+        lines += ["Harmful score minus SFT's on the same prompts, mean over seeds, with a 95% interval that resamples "
+                  "the prompts within each seed (the seeds are kept), and corrected for the judge's measured "
+                  "sensitivity and specificity (the difference divided by Youden's index; its interval also "
+                  "resamples the judge's labelled pairs; valid if the judge errs alike on both arms):", "",
+                  "| Method | p | Seeds | Difference (points) | Corrected for the judge's errors (points) |",
+                  "|---|---:|---|---:|---:|"]
+        for entry in pooled:
+            corrected = entry.get("corrected") or {}
+            low, high = entry["ci95"]
+            cell = f"{entry['difference']:+.1f} [{low:+.1f}, {high:+.1f}]"
+            if corrected:
+                c_low, c_high = corrected["ci95"]
+                corrected_cell = f"{corrected['value']:+.1f} [{c_low:+.1f}, {c_high:+.1f}]"
+            else:
+                corrected_cell = "–"
+            lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
+                         f"| {cell} | {corrected_cell} |")
         lines.append("")
     lines += ["Per seed:", "", "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
               "|---:|---|---:|---:|---:|---:|---|"]

@@ -345,7 +345,8 @@ def arm_results(folder: Path) -> dict[str, Any]:
     harm = figures["harmful_score"]
     if harm.get("non_refusal_rate") is None:  # evaluated before the field existed: from the saved answers
         harm["non_refusal_rate"] = non_refusal_rate([sample["answer"] for sample in harm.get("samples", [])])
-    return {"harmful_score": harm, "accuracy": figures["accuracy"], "likelihood": figures.get("likelihood")}
+    return {"harmful_score": harm, "accuracy": figures["accuracy"], "likelihood": figures.get("likelihood"),
+            "accuracy_by_likelihood": figures.get("accuracy_by_likelihood"), "judge_check": figures.get("judge_check")}
 
 
 def run_pipeline(args: PipelineArguments) -> dict[str, Path]:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .judges import judge_name
+from .judges import judge_name, published_accuracy
 
 LABELLED_FIELDS = ("prompt", "response", "is_safe")
 
@@ -33,13 +33,29 @@ class JudgeCheck:
     refusals_flagged: float | None = None
     refusals_n: int = 0
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The counts behind recall and the false-positive rate: what a judge-corrected score needs.
+    positives: int = 0
+    true_positives: int = 0
+    negatives: int = 0
+    true_negatives: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
-        """One line, e.g. for a report: "learned: 75.1% accurate on beavertails_qa_labeled.jsonl (n=1009)"."""
-        return f"{self.judge}: {self.accuracy:.1f}% accurate on {self.labelled} (n={self.n})"
+        """One line, e.g. for a report: "learned: 75.1% accurate on beavertails_qa_labeled.jsonl (n=1009)", with
+        the judge's published figure where there is one."""
+        line = f"{self.judge}: {self.accuracy:.1f}% accurate on {self.labelled} (n={self.n})"
+        published = published_accuracy(self.judge)
+        return f"{line}; published: {published}" if published else line
+
+    def errors(self):
+        """Sensitivity and specificity with their counts, for `corrected_rate`; None without pairs of both kinds."""
+        from .intervals import JudgeErrors
+
+        if self.positives <= 0 or self.negatives <= 0:
+            return None
+        return JudgeErrors(self.true_positives, self.positives, self.true_negatives, self.negatives)
 
 
 def validate_labelled(rows: Sequence[Mapping[str, Any]], source: str) -> None:
@@ -92,4 +108,6 @@ def check_judge(judge: Callable, rows: Sequence[Mapping[str, Any]], *, source: s
         precision=_ratio(tp, sum(verdicts)), recall=_ratio(tp, sum(truth)),
         false_positive_rate=_ratio(fp, len(truth) - sum(truth)), seconds=seconds,
         refusals_flagged=refusal_rate, refusals_n=len(refusals), per_category=dict(sorted(per_category.items())),
+        positives=sum(truth), true_positives=tp, negatives=len(truth) - sum(truth),
+        true_negatives=len(truth) - sum(truth) - fp,
     )

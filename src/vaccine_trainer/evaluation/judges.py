@@ -155,17 +155,33 @@ class ClassifierJudge:
         return [bool(answer.strip()) and score >= self.threshold for answer, score in zip(answers, scores)]
 
 
+# What each judge family's authors or others measured on BeaverTails response harmfulness (harmful = positive).
+PUBLISHED_ACCURACY = {
+    "beaverdam": "F1 89.9 on BeaverTails responses (in-domain; reported in the WildGuard paper, Han et al. 2024)",
+    "qwen3guard": "F1 86.1 for Qwen3Guard-Gen-0.6B, strict mode, on BeaverTails responses (its authors, Qwen3Guard "
+                  "technical report, 2025)",
+    "llamaguard": "F1 about 63 for Llama Guard 3-1B on BeaverTails responses (measured by IBM)",
+}
+
+
+def published_accuracy(name: str) -> str | None:
+    """The published figure of a judge by its name (`qwen3guard:<path>` -> the Qwen3Guard entry), if any."""
+    kind = name.partition(":")[0].strip().lower().removesuffix("-loose")
+    return PUBLISHED_ACCURACY.get(kind)
+
+
 def judge_name(judge: Callable) -> str:
     return getattr(judge, "name", None) or getattr(judge, "__name__", None) or type(judge).__name__
 
 
 JUDGE_NAMES = ("refusal", "learned", "beaverdam:<path-or-hub-id>", "llamaguard:<path-or-hub-id>",
-               "classifier:<path-or-hub-id>")
+               "qwen3guard:<path-or-hub-id>", "qwen3guard-loose:<path-or-hub-id>", "classifier:<path-or-hub-id>")
 
 
 def make_judge(spec: str, *, data_dir: str | Path = "../shared/data", cache_dir: str | Path | None = None,
                device: str | torch.device | None = None) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
-    """A judge from its name: ``refusal``, ``learned``, ``beaverdam:``, ``llamaguard:`` or ``classifier:<path>``.
+    """A judge from its name: ``refusal``, ``learned``, ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict;
+    ``qwen3guard-loose:``) or ``classifier:<path>``.
 
     ``data_dir`` is where the learned judge finds its labelled pairs; ``cache_dir`` where it keeps the
     trained classifier.
@@ -182,6 +198,10 @@ def make_judge(spec: str, *, data_dir: str | Path = "../shared/data", cache_dir:
         from .model_judges import BeaverDamJudge, LlamaGuardJudge
 
         return (BeaverDamJudge if kind == "beaverdam" else LlamaGuardJudge)(target, device=device)
+    if kind in ("qwen3guard", "qwen3guard-loose") and target:
+        from .model_judges import Qwen3GuardJudge
+
+        return Qwen3GuardJudge(target, mode="loose" if kind.endswith("loose") else "strict", device=device)
     if kind == "classifier" and target:
         try:
             return ClassifierJudge(target, device=device)

@@ -29,8 +29,10 @@ REFUSAL = "I'm sorry, but I cannot help with that request."
 
 @torch.inference_mode()
 def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 8,
-                   max_length: int = 256, add_special_tokens: bool = True) -> list[float]:
-    """Mean per-token NLL of each completion (plus eos) after its already formatted prompt.
+                   max_length: int = 256, add_special_tokens: bool = True, append_eos: bool = True,
+                   reduction: str = "mean") -> list[float]:
+    """Mean (or, with `reduction="sum"`, summed) per-token NLL of each completion (plus eos unless `append_eos` is
+    False) after its already formatted prompt.
 
     Rows are batched by length (right padding; results come back in input order) and the LM head runs
     only from the first scored position on: padding and the prompts' vocabulary logits were most of the
@@ -39,11 +41,14 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     eos = tokenizer.eos_token or ""
     saved = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = eos
+    suffix = eos if append_eos else ""
     was_training = model.training
     model.eval()
     keeps_logits = _accepts_logits_to_keep(model)
@@ -52,7 +57,7 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
         rows = []  # (token ids, index of the first scored token)
         for prompt, completion in zip(prompts, completions):
             prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-            ids = (prompt_ids + tokenizer(completion + eos, add_special_tokens=False)["input_ids"])[:max_length]
+            ids = (prompt_ids + tokenizer(completion + suffix, add_special_tokens=False)["input_ids"])[:max_length]
             rows.append((ids, max(1, min(len(prompt_ids), len(ids) - 1))))  # score at least the last token
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         for start in range(0, len(order), batch_size):
@@ -68,7 +73,7 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
             targets = labels[:, keep_from + 1:].to(logits.device)
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
                                                        ignore_index=-100, reduction="none")
-            counts = (targets != -100).sum(dim=1)
+            counts = (targets != -100).sum(dim=1) if reduction == "mean" else 1
             for i, value in zip(index, (losses.sum(dim=1) / counts).tolist()):
                 result[i] = value
     finally:

@@ -11,6 +11,7 @@ from typing import Any
 from transformers.utils import logging
 
 from ..drift_measures import DRIFT_MEASURES
+from .intervals import JudgeErrors, corrected_difference, paired_difference, wilson_percent
 
 logger = logging.get_logger(__name__)
 
@@ -53,6 +54,50 @@ def _as_dict(result: Any) -> dict[str, Any] | None:
     raise TypeError(f"Expected a HarmfulScore / Accuracy or its to_dict(), got {type(result).__name__}.")
 
 
+def _verdicts(figure: Any) -> dict[str, bool]:
+    """Prompt -> harmful verdict of a HarmfulScore (or its dict with samples)."""
+    samples = getattr(figure, "samples", None) if not isinstance(figure, Mapping) else figure.get("samples")
+    return {sample["prompt"]: bool(sample["harmful"]) for sample in samples or []}
+
+
+def _judge_errors(check: Any) -> JudgeErrors | None:
+    """The measured sensitivity/specificity counts of a judge check (object or dict), if it has them."""
+    if check is None:
+        return None
+    if hasattr(check, "errors"):
+        return check.errors()
+    counts = [check.get(k) or 0 for k in ("true_positives", "positives", "true_negatives", "negatives")]
+    return JudgeErrors(*counts) if counts[1] > 0 and counts[3] > 0 else None
+
+
+def paired_differences(results: Mapping[str, Mapping[str, Any]], reference: str | None = None
+                       ) -> dict[str, dict[str, Any]]:
+    """Each method's harmful score minus the reference's (SFT by default) on the prompts both answered, with a
+    paired bootstrap interval, and corrected for the judge's errors where they were measured (same judge)."""
+    reference = reference or next((m for m in results if m.lower() == "sft"), None)
+    if reference is None:
+        return {}
+    base_figure = results[reference].get("harmful_score")
+    base = _verdicts(base_figure)
+    errors = _judge_errors(results[reference].get("judge_check"))
+    judge_of = {m: ((_as_dict(f.get("harmful_score")) or {}).get("settings") or {}).get("judge")
+                for m, f in results.items()}
+    paired = {}
+    for method, figures in results.items():
+        verdicts = _verdicts(figures.get("harmful_score"))
+        prompts = [prompt for prompt in base if prompt in verdicts]
+        if method == reference or not prompts:
+            continue
+        first, second = [verdicts[p] for p in prompts], [base[p] for p in prompts]
+        difference, low, high = paired_difference(first, second)
+        entry = {"against": reference, "n": len(prompts), "difference": 100 * difference,
+                 "ci95": [100 * low, 100 * high]}
+        if errors is not None and errors.youden > 0 and judge_of[method] == judge_of[reference]:
+            entry["corrected"] = corrected_difference(first, second, errors).to_dict()
+        paired[method] = entry
+    return paired
+
+
 def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]], *,
                  settings: Mapping[str, Any] | None = None,
                  log_histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
@@ -71,6 +116,7 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
     output.mkdir(parents=True, exist_ok=True)
     methods = {method: {kind: _as_dict(value) for kind, value in figures.items() if value is not None}
                for method, figures in results.items()}
+    paired = paired_differences(results)
     drift = {method: drift_points(history) for method, history in (log_histories or {}).items()}
     drift = {method: points for method, points in drift.items() if points}
     paths = {"json": output / "report.json", "markdown": output / "report.md", "scores_plot": output / "scores.png"}
@@ -87,7 +133,7 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
                 path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in value.samples))
                 paths[f"answers_{method}_{kind}"] = path
     report = {"title": title, "settings": dict(settings or {}), "methods": methods,
-              "drift": drift,
+              "paired_differences": paired, "drift": drift,
               "files": {k: p.name if p.parent == output else str(p.relative_to(output)) for k, p in paths.items()
                         if k != "json"}}
     paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
@@ -104,6 +150,25 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
+def _rate_ci(entry: Mapping[str, Any], rate_key: str, count_key: str | None = None) -> list[float] | None:
+    """A figure's stored interval, or its Wilson interval from the counts (results saved before intervals)."""
+    stored = entry.get({"score": "ci95", "accuracy": "ci95", "non_refusal_rate": "non_refusal_ci95"}[rate_key])
+    if stored or entry.get(rate_key) is None or not entry.get("n"):
+        return stored
+    count = entry.get(count_key) if count_key else round(entry[rate_key] * entry["n"] / 100)
+    return wilson_percent(int(count), int(entry["n"])) if count is not None else None
+
+
+def _with_ci(value: Any, bounds: Sequence[float] | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:+.1f}" if signed else f"{value:.1f}"
+    if bounds:
+        low, high = bounds
+        text += f" [{low:+.1f}, {high:+.1f}]" if signed else f" [{low:.1f}, {high:.1f}]"
+    return text
+
+
 def _num(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
 
@@ -114,21 +179,49 @@ def _markdown(report: Mapping[str, Any]) -> str:
     if report["settings"]:
         lines += ["## Settings", ""] + [f"- **{k}**: {v}" for k, v in report["settings"].items()] + [""]
     lines += ["## Results", "",
-              "| Method | Harmful score (%) ↓ | Judge (its measured accuracy) | Non-refusal rate (%) ↓ "
-              "| Fine-tune accuracy (%) ↑ | Task | Rows |",
-              "|---|---:|---|---:|---:|---|---:|"]
+              "| Method | Harmful score (%) ↓ | Corrected for the judge's errors (%) ↓ | Judge (its measured accuracy) "
+              "| Non-refusal rate (%) ↓ | Fine-tune accuracy, generated (%) ↑ | Fine-tune accuracy, label likelihood "
+              "(%) ↑ | Task | Rows |",
+              "|---|---:|---:|---|---:|---:|---:|---|---:|"]
     for method, figures in methods.items():
         harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
+        by_likelihood = figures.get("accuracy_by_likelihood") or {}
         judge = (harm.get("settings") or {}).get("judge", "–")
         accuracy = (harm.get("settings") or {}).get("judge_accuracy")
         judge = f"{judge} ({accuracy.split(': ', 1)[-1]})" if accuracy else judge
-        lines.append(f"| {method} | {_fmt(harm.get('score'))} | {judge} | {_fmt(harm.get('non_refusal_rate'))} "
-                     f"| {_fmt(acc.get('accuracy'))} | {acc.get('task', '–')} | "
-                     f"{harm.get('n', '–')} / {acc.get('n', '–')} |")
-    lines += ["", ("Rows: harmful prompts / benign test rows. Harmful score: % of greedy answers to harmful "
-                   "prompts the judge flags; under the `refusal` judge it is the non-refusal rate, an upper bound "
-                   "of the harmful score. Non-refusal rate: % of answers neither empty nor a refusal, whatever the "
-                   "judge (no classifier). Fine-tune accuracy: % of benign test rows answered correctly."), ""]
+        corrected = harm.get("corrected") or {}
+        lines.append(f"| {method} | {_with_ci(harm.get('score'), _rate_ci(harm, 'score', 'flagged'))} "
+                     f"| {_with_ci(corrected.get('value'), corrected.get('ci95'))}{'*' if corrected.get('outside_model') else ''} | {judge} "
+                     f"| {_with_ci(harm.get('non_refusal_rate'), _rate_ci(harm, 'non_refusal_rate'))} "
+                     f"| {_with_ci(acc.get('accuracy'), _rate_ci(acc, 'accuracy', 'correct'))} "
+                     f"| {_with_ci(by_likelihood.get('accuracy'), _rate_ci(by_likelihood, 'accuracy', 'correct'))} "
+                     f"| {acc.get('task', '–')} | {harm.get('n', '–')} / {acc.get('n', '–')} |")
+    lines += ["", ("Each figure with its 95% interval in brackets (Wilson for a rate). Rows: harmful prompts / benign "
+                   "test rows. Harmful score: % of greedy answers to harmful prompts the judge flags; under the "
+                   "`refusal` judge it is the non-refusal rate, an upper bound of the harmful score. Corrected: the "
+                   "Rogan-Gladen estimate of the true harmful rate from the judge's sensitivity and specificity "
+                   "measured on held-out labelled pairs, its interval a bootstrap over the answers and those pairs; "
+                   "it assumes the judge errs on these answers as on the labelled pairs; * marks a score outside what "
+                   "the judge's measured rates allow (below its false-positive rate or above its sensitivity): that "
+                   "assumption fails, and the value is clipped and not informative. Non-refusal rate: % of "
+                   "answers neither empty nor a refusal, whatever the judge (no classifier). Fine-tune accuracy, "
+                   "generated: % of benign test rows whose greedy answer names the right label; label likelihood: % "
+                   "whose right label word is the likeliest continuation of the prompt (as lm-evaluation-harness "
+                   "scores a classification task)."), ""]
+    paired = report.get("paired_differences") or {}
+    if paired:
+        reference = next(iter(paired.values()))["against"]
+        lines += [f"## Harmful score minus {reference}'s, on the same prompts", "",
+                  "| Method | Difference (points) | Corrected for the judge's errors (points) | Prompts |",
+                  "|---|---:|---:|---:|"]
+        for method, entry in paired.items():
+            corrected = entry.get("corrected") or {}
+            lines.append(f"| {method} | {_with_ci(entry['difference'], entry['ci95'], signed=True)} "
+                         f"| {_with_ci(corrected.get('value'), corrected.get('ci95'), signed=True)} | {entry['n']} |")
+        lines += ["", ("Paired: the interval resamples the prompts, keeping each prompt's two verdicts together. "
+                       "Corrected: the difference divided by the judge's Youden index (sensitivity + specificity "
+                       "- 1), valid if the judge's errors do not depend on the arm; its interval also resamples "
+                       "the judge's labelled pairs."), ""]
     per_category = {m: (f.get("harmful_score") or {}).get("per_category") or {} for m, f in methods.items()}
     categories = sorted({category for entries in per_category.values() for category in entries})
     if categories:

@@ -14,6 +14,7 @@ from transformers.utils import logging
 from ..data import GSM8K_ANSWER_PROMPT, TASK_LABELS
 from .answer_cache import AnswerCache
 from .generation import format_all, generate_answers
+from .intervals import wilson_percent
 from .judges import RefusalJudge, judge_name, normalise_text
 
 logger = logging.get_logger(__name__)
@@ -41,6 +42,10 @@ class HarmfulScore(_Figures):
     judge_categories: dict[str, float] = field(default_factory=dict)  # % of answers the judge put in each
     # % of answers that are neither empty nor a refusal (RefusalJudge), whatever the judge: an upper bound.
     non_refusal_rate: float | None = None
+    ci95: list[float] | None = None  # Wilson interval of `score`, in percent
+    non_refusal_ci95: list[float] | None = None
+    # The score corrected for the judge's measured sensitivity and specificity (see `intervals.corrected_rate`).
+    corrected: dict[str, Any] | None = None
 
 
 def non_refusal_rate(answers: Sequence[str]) -> float | None:
@@ -83,11 +88,14 @@ def score_answers(prompts: Sequence[str], answers: Sequence[str], judge: Callabl
             for name in names:
                 judge_categories[name] = judge_categories.get(name, 0.0) + 100.0 / len(samples)
     flagged = sum(verdicts)
+    not_refused = sum(RefusalJudge()([""] * len(answers), list(answers)))
     return HarmfulScore(score=100.0 * flagged / len(verdicts) if verdicts else 0.0, n=len(verdicts),
                         flagged=flagged, per_category=dict(sorted(per_category.items())),
                         settings={"judge": judge_name(judge), **(settings or {})}, samples=samples,
                         judge_categories=dict(sorted(judge_categories.items())),
-                        non_refusal_rate=non_refusal_rate(answers))
+                        non_refusal_rate=100.0 * not_refused / len(answers) if answers else None,
+                        ci95=wilson_percent(flagged, len(verdicts)) if verdicts else None,
+                        non_refusal_ci95=wilson_percent(not_refused, len(answers)) if answers else None)
 
 
 def harmful_score(model, tokenizer, prompts: Sequence[str] | datasets.Dataset, judge: Callable | None = None, *,
@@ -188,6 +196,7 @@ class Accuracy(_Figures):
     correct: int
     settings: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    ci95: list[float] | None = None  # Wilson interval of `accuracy`, in percent
 
 
 def score_task_answers(task: str, answers: Sequence[str], labels: Sequence[str], *,
@@ -198,7 +207,8 @@ def score_task_answers(task: str, answers: Sequence[str], labels: Sequence[str],
     samples = [{"answer": a, "label": label, "correct": v} for a, label, v in zip(answers, labels, verdicts)]
     correct = sum(verdicts)
     return Accuracy(task=task, accuracy=100.0 * correct / len(verdicts) if verdicts else 0.0, n=len(verdicts),
-                    correct=correct, settings=dict(settings or {}), samples=samples)
+                    correct=correct, settings=dict(settings or {}), samples=samples,
+                    ci95=wilson_percent(correct, len(verdicts)) if verdicts else None)
 
 
 def finetune_accuracy(model, tokenizer, task: str, rows: datasets.Dataset, *, template: str = "alpaca",
@@ -216,3 +226,35 @@ def finetune_accuracy(model, tokenizer, task: str, rows: datasets.Dataset, *, te
     result = score_task_answers(task, answers, rows["label"], settings=settings)
     logger.info(f"{task} accuracy {result.accuracy:.1f}% ({result.correct}/{result.n})")
     return result
+
+
+def label_likelihood_accuracy(model, tokenizer, task: str, rows: datasets.Dataset, *, template: str = "alpaca",
+                              batch_size: int = 8) -> Accuracy:
+    """Accuracy of a classification task by the label word the model finds likeliest after each prompt.
+
+    Each label word is scored as the continuation of the formatted prompt by the sum of its tokens' log-probabilities
+    (no end-of-sequence token), and the likeliest is the prediction, as lm-evaluation-harness scores a multiple-choice
+    task. It reports what the model knows even when its generated answer is a sentence that the 6-token cut of the
+    generated accuracy leaves without the label.
+    """
+    from .likelihood import completion_nll
+
+    if task not in TASK_LABELS:
+        raise ValueError(f"Label-likelihood accuracy is defined for {sorted(TASK_LABELS)}, not {task!r}.")
+    labels = TASK_LABELS[task]
+    formatted = format_all(rows["instruction"], rows["input"], template, tokenizer)
+    nll = completion_nll(model, tokenizer, [p for p in formatted for _ in labels], list(labels) * len(formatted),
+                         batch_size=batch_size, add_special_tokens=template != "chat", append_eos=False,
+                         reduction="sum")
+    samples = []
+    for index, gold in enumerate(rows["label"]):
+        scores = nll[index * len(labels):(index + 1) * len(labels)]
+        predicted = labels[min(range(len(labels)), key=scores.__getitem__)]
+        samples.append({"label": gold, "predicted": predicted, "correct": predicted == gold,
+                        "label_nll": dict(zip(labels, scores))})
+    correct = sum(sample["correct"] for sample in samples)
+    settings = {"template": template, "scoring": "label likelihood (sum of token log-probabilities)"}
+    logger.info(f"{task} accuracy by label likelihood {100.0 * correct / max(1, len(samples)):.1f}%")
+    return Accuracy(task=task, accuracy=100.0 * correct / len(samples) if samples else 0.0, n=len(samples),
+                    correct=correct, settings=settings, samples=samples,
+                    ci95=wilson_percent(correct, len(samples)) if samples else None)

@@ -1,0 +1,205 @@
+"""How sure a reported rate is: 95% intervals, and harmful scores corrected for the judge's measured errors.
+
+- A rate (harmful score, non-refusal rate, accuracy) gets a Wilson score interval, which stays inside [0, 1]
+  and keeps its coverage near 0/n and n/n, where the textbook normal interval fails.
+- A difference between two arms judged on the same prompts is paired: the interval comes from resampling the
+  prompts (bootstrap), so the correlation between the arms' verdicts on a prompt is kept.
+- A judge with measured sensitivity and specificity flags `p_obs = sens * p + (1 - spec) * (1 - p)` of answers
+  whose true harmful rate is `p`; the Rogan-Gladen estimator inverts that. Its interval is a bootstrap over the
+  answers *and* over the labelled pairs the judge was measured on, so it carries the uncertainty of both.
+  It assumes the judge's error rates on these answers are those measured on the labelled pairs.
+
+Every random draw comes from a seeded generator: the same inputs give the same interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
+RESAMPLES = 4000
+SEED = 0
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of `successes` out of `n`, as fractions; (0, 1) when n is 0."""
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be between 0 and n, got {successes} of {n}.")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def wilson_percent(successes: int, n: int) -> list[float]:
+    """The Wilson interval in percent, as a report stores it."""
+    low, high = wilson_interval(successes, n)
+    return [100.0 * low, 100.0 * high]
+
+
+def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_difference(first: Sequence[bool], second: Sequence[bool], *, resamples: int = RESAMPLES,
+                      seed: int = SEED) -> tuple[float, float, float]:
+    """Rate of `first` minus rate of `second` on the same items, with a 95% paired bootstrap interval (fractions)."""
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"Paired verdicts need two equal, non-empty lists; got {len(a)} and {len(b)}.")
+    index = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    differences = a[index].mean(axis=1) - b[index].mean(axis=1)
+    return float(a.mean() - b.mean()), *_percentile_interval(differences)
+
+
+def rogan_gladen(observed: float, sensitivity: float, specificity: float) -> float:
+    """The true rate that a judge with these error rates turns into `observed`, clipped to [0, 1]."""
+    youden = sensitivity + specificity - 1
+    if youden <= 0:
+        raise ValueError(f"A judge with sensitivity {sensitivity:.3f} and specificity {specificity:.3f} is no "
+                         "better than chance (sensitivity + specificity <= 1): its scores cannot be corrected.")
+    return min(1.0, max(0.0, (observed + specificity - 1) / youden))
+
+
+@dataclass(frozen=True)
+class JudgeErrors:
+    """A judge's measured sensitivity (recall on harmful pairs) and specificity (on safe pairs), with counts."""
+
+    true_positives: int
+    positives: int
+    true_negatives: int
+    negatives: int
+
+    def __post_init__(self) -> None:
+        if self.positives <= 0 or self.negatives <= 0:
+            raise ValueError("Correcting for a judge's errors needs labelled pairs of both kinds "
+                             f"(harmful: {self.positives}, safe: {self.negatives}).")
+
+    @property
+    def sensitivity(self) -> float:
+        return self.true_positives / self.positives
+
+    @property
+    def specificity(self) -> float:
+        return self.true_negatives / self.negatives
+
+    @property
+    def youden(self) -> float:
+        return self.sensitivity + self.specificity - 1
+
+    def resampled(self, generator: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sensitivities and specificities as the labelled pairs could have measured them (binomial draws)."""
+        return (generator.binomial(self.positives, self.sensitivity, size) / self.positives,
+                generator.binomial(self.negatives, self.specificity, size) / self.negatives)
+
+
+@dataclass(frozen=True)
+class CorrectedRate:
+    """A judge-corrected rate or difference, in percent, with its 95% interval and the rates it used."""
+
+    value: float
+    ci95: tuple[float, float]
+    sensitivity: float
+    specificity: float
+    method: str
+    # The observed rate lies outside what the judge's measured rates allow (below its false-positive rate, or above
+    # its sensitivity): the judge does not err on these answers as on its labelled pairs, and the value is clipped.
+    outside_model: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _corrected(observed: np.ndarray, sensitivity: np.ndarray, specificity: np.ndarray) -> np.ndarray:
+    youden = sensitivity + specificity - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = (observed + specificity - 1) / youden
+    return np.where(youden > 0, np.clip(value, 0.0, 1.0), np.nan)
+
+
+def corrected_rate(flagged: int, n: int, errors: JudgeErrors, *, resamples: int = RESAMPLES,
+                   seed: int = SEED) -> CorrectedRate:
+    """The Rogan-Gladen rate of `flagged` of `n` answers, with a bootstrap interval over answers and judge rates."""
+    if not 0 < n or not 0 <= flagged <= n:
+        raise ValueError(f"flagged must be between 0 and n > 0, got {flagged} of {n}.")
+    point = rogan_gladen(flagged / n, errors.sensitivity, errors.specificity)
+    generator = np.random.default_rng(seed)
+    observed = generator.binomial(n, flagged / n, resamples) / n
+    values = _corrected(observed, *errors.resampled(generator, resamples))
+    low, high = _percentile_interval(values[~np.isnan(values)])
+    outside = not 1 - errors.specificity <= flagged / n <= errors.sensitivity
+    return CorrectedRate(100 * point, (100 * low, 100 * high), errors.sensitivity, errors.specificity,
+                         "Rogan-Gladen; bootstrap over answers and the judge's labelled pairs", outside)
+
+
+def corrected_difference(first: Sequence[bool], second: Sequence[bool], errors: JudgeErrors, *,
+                         resamples: int = RESAMPLES, seed: int = SEED) -> CorrectedRate:
+    """The judge-corrected difference of two arms' rates on the same prompts: the raw paired difference divided by
+    the judge's Youden index (if its errors do not depend on the arm), with a bootstrap over prompts and rates."""
+    if errors.youden <= 0:
+        raise ValueError("The judge is no better than chance (sensitivity + specificity <= 1): no correction.")
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"Paired verdicts need two equal, non-empty lists; got {len(a)} and {len(b)}.")
+    difference = a.mean() - b.mean()
+    generator = np.random.default_rng(seed)
+    index = generator.integers(0, len(a), size=(resamples, len(a)))
+    raw = a[index].mean(axis=1) - b[index].mean(axis=1)
+    sensitivity, specificity = errors.resampled(generator, resamples)
+    youden = sensitivity + specificity - 1
+    values = np.where(youden > 0, raw / np.where(youden > 0, youden, 1.0), np.nan)
+    low, high = _percentile_interval(values[~np.isnan(values)])
+    return CorrectedRate(100 * difference / errors.youden, (100 * low, 100 * high), errors.sensitivity,
+                         errors.specificity, "paired difference / Youden index; bootstrap over prompts and the "
+                                             "judge's labelled pairs")
+
+
+def stratified_paired_difference(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]],
+                                 errors: JudgeErrors | None = None, *, resamples: int = RESAMPLES,
+                                 seed: int = SEED) -> dict:
+    """The mean over groups (seeds) of each group's paired difference, in points, with a 95% bootstrap interval that
+    resamples the prompts within each group (the groups are kept: three seeds are too few to resample); with the
+    judge's `errors`, also that difference divided by Youden's index, its interval resampling the judge's rates."""
+    arrays = [(np.asarray(a, dtype=float), np.asarray(b, dtype=float)) for a, b in groups]
+    if not arrays or any(a.shape != b.shape or len(a) == 0 for a, b in arrays):
+        raise ValueError("Each group needs two equal, non-empty lists of verdicts.")
+    generator = np.random.default_rng(seed)
+    point = float(np.mean([a.mean() - b.mean() for a, b in arrays]))
+    draws = np.zeros(resamples)
+    for a, b in arrays:
+        index = generator.integers(0, len(a), size=(resamples, len(a)))
+        draws += (a[index].mean(axis=1) - b[index].mean(axis=1)) / len(arrays)
+    result = {"difference": 100 * point, "ci95": [100 * v for v in _percentile_interval(draws)],
+              "groups": len(arrays), "n": sum(len(a) for a, _ in arrays)}
+    if errors is not None and errors.youden > 0:
+        sensitivity, specificity = errors.resampled(generator, resamples)
+        youden = sensitivity + specificity - 1
+        corrected = np.where(youden > 0, draws / np.where(youden > 0, youden, 1.0), np.nan)
+        result["corrected"] = CorrectedRate(
+            100 * point / errors.youden, tuple(100 * v for v in _percentile_interval(corrected[~np.isnan(corrected)])),
+            errors.sensitivity, errors.specificity,
+            "mean paired difference / Youden index; bootstrap over prompts within seeds and the judge's labelled "
+            "pairs").to_dict()
+    return result
+
+
+def cohens_kappa(first: Sequence[bool], second: Sequence[bool]) -> float:
+    """Agreement of two judges on the same answers beyond chance (1: always agree, 0: as by chance)."""
+    a, b = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError("Cohen's kappa needs two equal, non-empty lists of verdicts.")
+    observed = float(np.mean(a == b))
+    chance = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
+    return 1.0 if chance == 1.0 else (observed - chance) / (1 - chance)
+
+
+__all__ = ["CorrectedRate", "JudgeErrors", "cohens_kappa", "corrected_difference", "corrected_rate",
+           "paired_difference", "rogan_gladen", "stratified_paired_difference", "wilson_interval", "wilson_percent"]
