@@ -395,3 +395,25 @@ def test_paired_differences_are_corrected_with_the_judges_measured_rates():
     assert paired["vaccine"]["corrected"]["value"] == pytest.approx(-60.0)  # -30 points / J
     assert "corrected" not in paired["other judge"]  # another judge's errors are not sft's judge's
     assert paired_differences({"vaccine": results["vaccine"]}) == {}  # no SFT arm: nothing to pair with
+
+
+def test_an_evaluation_section_replaces_the_last_one_and_keeps_the_rest_of_the_card(tmp_path):
+    from vaccine_trainer.evaluation.card import END, START, write_section
+
+    card = tmp_path / "README.md"
+    card.write_text("# my model\n\ntrained with rho=2\n")
+    write_section(card, f"{START}\nfirst\n{END}\n")
+    write_section(card, f"{START}\nsecond\n{END}\n")
+    text = card.read_text()
+    assert text.startswith("# my model") and "rho=2" in text and "second" in text and "first" not in text
+    write_section(tmp_path / "no_card_yet.md", "x")  # a folder without a card gets one
+    assert (tmp_path / "no_card_yet.md").read_text() == "x"
+
+
+def test_push_without_a_hub_id_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
+    import vaccine_trainer.commands.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "load_evaluated_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = evaluate.EvaluateArguments(model_name_or_path="m", card_dir=str(tmp_path), push_to_hub=True)
+    with pytest.raises(ValueError, match="hub_model_id"):
+        evaluate.run_evaluation(args)

@@ -72,6 +72,10 @@ class EvaluateArguments(ModelLoadingArguments):
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     output_file: str = field(default=EVALUATION_FILE, metadata={"help": "JSON file with every figure."})
+    card_dir: str | None = field(default=None, metadata={
+        "help": "Folder whose README.md model card gets the figures; default: --adapter's folder, if it has a card."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload that card to --hub_model_id afterwards."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository of the evaluated model."})
     # How the model is loaded, named as in TRL's ModelConfig (dtype, attn_implementation, model_revision: inherited).
     device_map: str | None = field(default=None, metadata={
         "help": "Where the weights go ('auto' spreads a large model over the GPUs); unset: the first GPU if any."})
@@ -123,6 +127,12 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     from ..evaluation.scores import label_likelihood_accuracy
 
     require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    card_dir = evaluated_card_dir(args)
+    if args.push_to_hub:
+        require(args.hub_model_id, "hub_model_id", "someone/my-aligned-model")
+        if card_dir is None:
+            raise ValueError("--push_to_hub uploads the evaluated model's card: give --card_dir (or an --adapter "
+                             "folder with a README.md).")
     for flag in ("harmful_prompts", "task_dataset"):
         check_source(getattr(args, flag), flag)
     prompts = load_harmful_prompts(args.harmful_prompts, args.num_prompts)
@@ -178,6 +188,8 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     output = Path(args.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    if card_dir is not None:
+        publish_card(card_dir, result, args)
     summary = f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n}, 95% CI {_interval(harmful.ci95)})"
     if harmful.corrected is not None:
         summary += (f", corrected for the judge's errors {harmful.corrected['value']:.1f}% "
@@ -188,6 +200,28 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         summary += f", by label likelihood {likelihood_accuracy.accuracy:.1f}%"
     print(f"{PROG} evaluate: {summary}; written to {output}")
     return result
+
+
+def evaluated_card_dir(args: EvaluateArguments) -> Path | None:
+    """Where the figures go on a model card: --card_dir, else the stage-2 adapter's folder when it has a card."""
+    if args.card_dir:
+        return Path(args.card_dir)
+    if args.adapter and (Path(args.adapter) / "README.md").is_file():
+        return Path(args.adapter)
+    return None
+
+
+def publish_card(folder: Path, result: dict[str, Any], args: EvaluateArguments) -> None:
+    """Write the figures into the folder's card and, with --push_to_hub, upload that card."""
+    from ..evaluation.card import evaluation_section, write_section
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_section(folder / "README.md", evaluation_section(result))
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi().upload_folder(repo_id=args.hub_model_id, folder_path=str(folder), allow_patterns=["README.md"],
+                              commit_message="vaccine-trainer evaluate: harmful score and fine-tune accuracy")
 
 
 def _interval(bounds) -> str:
