@@ -112,3 +112,29 @@ def test_a_judge_that_fails_leaves_the_answers_on_disk(workspace, tmp_path, monk
     result = json.loads(output.read_text())
     assert sorted(s["answer"] for s in result["harmful_score"]["samples"]) == sorted(r["answer"] for r in records)
     assert result["harmful_score"]["n"] == 3
+
+
+def test_the_generator_is_gone_before_the_judge_is_built(workspace, tmp_path, monkeypatch):  # noqa: F811
+    """A model judge (Qwen3Guard, Llama Guard) must not share the accelerator with the model it judges."""
+    import weakref
+
+    import vaccine_trainer.commands.evaluate as evaluate
+
+    alive = []
+    real_load, real_build = evaluate.load_evaluated_model, evaluate.build_judge
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        alive.append(weakref.ref(model))
+        return model
+
+    def build(spec, data_dir):
+        assert alive and alive[0]() is None, "the generator was still loaded when the judge was built"
+        return real_build(spec, data_dir)
+
+    monkeypatch.setattr(evaluate, "load_evaluated_model", load)
+    monkeypatch.setattr(evaluate, "build_judge", build)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL])
+    assert main(["evaluate", "--model_name_or_path", workspace["model"], "--harmful_prompts", prompts,
+                 "--num_prompts", "2", "--task", "", "--judge", "refusal", "--judge_data_dir", str(tmp_path / "none"),
+                 "--max_new_tokens", "2", "--output_file", str(tmp_path / "evaluation.json")]) == 0

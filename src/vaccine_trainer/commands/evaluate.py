@@ -122,9 +122,10 @@ def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapte
 def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     """Generate and score; returns (and writes to `args.output_file`) every figure with its settings."""
     from ..data import TASK_LABELS, load_harmful_prompts, load_task_eval
-    from ..evaluation import finetune_accuracy, harmful_score
+    from ..evaluation import finetune_accuracy
     from ..evaluation.intervals import corrected_rate
-    from ..evaluation.scores import label_likelihood_accuracy
+    from ..evaluation.judges import check_judge_spec
+    from ..evaluation.scores import harmful_answers, label_likelihood_accuracy
 
     require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     card_dir = evaluated_card_dir(args)
@@ -141,15 +142,14 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         if not args.task_dataset:
             raise ValueError(f"--task {args.task} needs --task_dataset (labelled rows), or pass --task '' to skip.")
         task_rows = load_task_eval(args.task, args.task_dataset, args.num_task_samples)
-    judge = build_judge(args.judge, args.judge_data_dir)
-    judge_check = measure_judge(judge, args.judge_data_dir)
+    check_judge_spec(args.judge)  # a misspelled judge fails before the model loads
     model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter, **args.load_kwargs())
     tokenizer = load_tokenizer(args.model_name_or_path, revision=args.model_revision,
                                trust_remote_code=args.trust_remote_code)
     started = time.time()
-    harmful = harmful_score(model, tokenizer, prompts, judge, template=args.template,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                            cache=answer_cache(args, "harmful", args.max_new_tokens))
+    answers = harmful_answers(model, tokenizer, prompts, template=args.template, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens,
+                              cache=answer_cache(args, "harmful", args.max_new_tokens))
     accuracy = None
     if task_rows is not None:
         accuracy = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
@@ -159,11 +159,6 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     if task_rows is not None and args.task in TASK_LABELS:  # classification: also what the model knows
         likelihood_accuracy = label_likelihood_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
                                                         batch_size=args.batch_size)
-    if judge_check is not None:
-        harmful.settings["judge_accuracy"] = judge_check.summary()
-        errors = judge_check.errors()
-        if errors is not None and errors.youden > 0:
-            harmful.corrected = corrected_rate(harmful.flagged, harmful.n, errors).to_dict()
     likelihood = None
     if args.harmful_pairs or args.alignment_dataset:
         from ..data import instruction_pairs
@@ -176,6 +171,16 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
                                             held_out=True) if args.alignment_dataset else []
         likelihood = likelihood_metrics(model, tokenizer, harmful_pairs=harmful_pairs, alignment_pairs=alignment_pairs,
                                         template=args.template, batch_size=args.batch_size)
+    del model  # the generator leaves the device before a model judge comes onto it
+    free_accelerator_memory()
+    judge = build_judge(args.judge, args.judge_data_dir)
+    judge_check = measure_judge(judge, args.judge_data_dir)
+    harmful = answers.judged(judge)
+    if judge_check is not None:
+        harmful.settings["judge_accuracy"] = judge_check.summary()
+        errors = judge_check.errors()
+        if errors is not None and errors.youden > 0:
+            harmful.corrected = corrected_rate(harmful.flagged, harmful.n, errors).to_dict()
     result = {
         "settings": asdict(args),
         "judge_check": judge_check.to_dict() if judge_check is not None else None,
@@ -200,6 +205,17 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         summary += f", by label likelihood {likelihood_accuracy.accuracy:.1f}%"
     print(f"{PROG} evaluate: {summary}; written to {output}")
     return result
+
+
+def free_accelerator_memory() -> None:
+    """Return the memory of models no longer referenced to the accelerator, for the next model to load."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def evaluated_card_dir(args: EvaluateArguments) -> Path | None:

@@ -178,6 +178,18 @@ JUDGE_NAMES = ("refusal", "learned", "beaverdam:<path-or-hub-id>", "llamaguard:<
                "qwen3guard:<path-or-hub-id>", "qwen3guard-loose:<path-or-hub-id>", "classifier:<path-or-hub-id>")
 
 
+MODEL_JUDGES = ("beaverdam", "llamaguard", "qwen3guard", "qwen3guard-loose", "classifier")
+
+
+def check_judge_spec(spec: str) -> None:
+    """Fail on a judge name `make_judge` would refuse, without loading or training anything."""
+    kind, _, target = spec.partition(":")
+    kind = kind.strip().lower()
+    if (kind in ("refusal", "learned") and not target) or (kind in MODEL_JUDGES and target):
+        return
+    raise ValueError(f"Unknown judge {spec!r}: use one of {', '.join(JUDGE_NAMES)}.")
+
+
 def make_judge(spec: str, *, data_dir: str | Path = "../shared/data", cache_dir: str | Path | None = None,
                device: str | torch.device | None = None) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
     """A judge from its name: ``refusal``, ``learned``, ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict;
@@ -188,6 +200,7 @@ def make_judge(spec: str, *, data_dir: str | Path = "../shared/data", cache_dir:
     """
     kind, _, target = spec.partition(":")
     kind = kind.strip().lower()
+    check_judge_spec(spec)
     if kind == "refusal" and not target:
         return RefusalJudge()
     if kind == "learned" and not target:

@@ -98,15 +98,27 @@ def score_answers(prompts: Sequence[str], answers: Sequence[str], judge: Callabl
                         non_refusal_ci95=wilson_percent(not_refused, len(answers)) if answers else None)
 
 
-def harmful_score(model, tokenizer, prompts: Sequence[str] | datasets.Dataset, judge: Callable | None = None, *,
-                  categories: Sequence[Sequence[str]] | None = None, template: str = "alpaca",
-                  batch_size: int = 8, max_new_tokens: int = 128, show_progress: bool = True,
-                  cache: AnswerCache | None = None) -> HarmfulScore:
-    """Generate greedy answers to harmful prompts and judge them (default judge: :class:`RefusalJudge`).
+@dataclass
+class HarmfulAnswers:
+    """Greedy answers to harmful prompts, not judged yet: the generator can leave the device before a judge comes."""
 
-    ``prompts`` are raw instructions (they are put in ``template`` here), or the dataset of
-    :func:`vaccine_trainer.data.load_harmful_prompts`, whose ``categories`` give the breakdown.
-    """
+    prompts: list[str]
+    answers: list[str]
+    categories: Sequence[Sequence[str]] | None
+    settings: dict[str, Any]
+
+    def judged(self, judge: Callable | None = None) -> HarmfulScore:
+        result = score_answers(self.prompts, self.answers, judge, categories=self.categories, settings=self.settings)
+        logger.info(f"Harmful score {result.score:.1f}% ({result.flagged}/{result.n}, judge {result.settings['judge']})")
+        return result
+
+
+def harmful_answers(model, tokenizer, prompts: Sequence[str] | datasets.Dataset, *,
+                    categories: Sequence[Sequence[str]] | None = None, template: str = "alpaca",
+                    batch_size: int = 8, max_new_tokens: int = 128, show_progress: bool = True,
+                    cache: AnswerCache | None = None) -> HarmfulAnswers:
+    """Generate greedy answers to harmful prompts (put in ``template`` here), or to the dataset of
+    :func:`vaccine_trainer.data.load_harmful_prompts`, whose ``categories`` give the breakdown."""
     if isinstance(prompts, datasets.Dataset):
         if categories is None and "categories" in prompts.column_names:
             categories = prompts["categories"]
@@ -118,9 +130,21 @@ def harmful_score(model, tokenizer, prompts: Sequence[str] | datasets.Dataset, j
                                desc="Harmful prompts", cache=cache)
     settings = {"template": template, "max_new_tokens": max_new_tokens, "decoding": "greedy",
                 "batch_size": batch_size}
-    result = score_answers(prompts, answers, judge, categories=categories, settings=settings)
-    logger.info(f"Harmful score {result.score:.1f}% ({result.flagged}/{result.n}, judge {result.settings['judge']})")
-    return result
+    return HarmfulAnswers(prompts, answers, categories, settings)
+
+
+def harmful_score(model, tokenizer, prompts: Sequence[str] | datasets.Dataset, judge: Callable | None = None, *,
+                  categories: Sequence[Sequence[str]] | None = None, template: str = "alpaca",
+                  batch_size: int = 8, max_new_tokens: int = 128, show_progress: bool = True,
+                  cache: AnswerCache | None = None) -> HarmfulScore:
+    """Generate greedy answers to harmful prompts and judge them (default judge: :class:`RefusalJudge`).
+
+    ``prompts`` are raw instructions (they are put in ``template`` here), or the dataset of
+    :func:`vaccine_trainer.data.load_harmful_prompts`, whose ``categories`` give the breakdown.
+    """
+    return harmful_answers(model, tokenizer, prompts, categories=categories, template=template,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, show_progress=show_progress,
+                           cache=cache).judged(judge)
 
 
 _NEGATION = re.compile(r"(?:\b(?:not|no|never|neither|nor)|n't)\s+(?:\w+\s+){0,2}$")
