@@ -138,3 +138,22 @@ def test_the_generator_is_gone_before_the_judge_is_built(workspace, tmp_path, mo
     assert main(["evaluate", "--model_name_or_path", workspace["model"], "--harmful_prompts", prompts,
                  "--num_prompts", "2", "--task", "", "--judge", "refusal", "--judge_data_dir", str(tmp_path / "none"),
                  "--max_new_tokens", "2", "--output_file", str(tmp_path / "evaluation.json")]) == 0
+
+
+def test_a_second_judge_scores_the_same_answers_with_the_agreement(workspace, tmp_path):  # noqa: F811
+    from vaccine_trainer.evaluation.intervals import cohens_kappa
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL])
+    output = tmp_path / "evaluation.json"
+    assert main(["evaluate", "--model_name_or_path", workspace["model"], "--harmful_prompts", prompts,
+                 "--num_prompts", "3", "--task", "", "--judge", "refusal", "--second_judge", "refusal",
+                 "--judge_data_dir", str(tmp_path / "none"), "--max_new_tokens", "3",
+                 "--output_file", str(output)]) == 0
+    result = json.loads(output.read_text())
+    first, second = result["harmful_score"], result["second_judge"]["harmful_score"]
+    assert [s["answer"] for s in second["samples"]] == [s["answer"] for s in first["samples"]]
+    assert second["score"] == first["score"]
+    expected = cohens_kappa([s["harmful"] for s in first["samples"]], [s["harmful"] for s in second["samples"]])
+    assert result["second_judge"]["kappa"] == expected == 1.0  # the same judge twice agrees with itself
+    assert main(["evaluate", "--model_name_or_path", workspace["model"], "--harmful_prompts", prompts,
+                 "--second_judge", "lerned", "--output_file", str(output)]) == 1  # refused before any model loads

@@ -417,3 +417,13 @@ def test_push_without_a_hub_id_fails_before_any_model_is_loaded(tmp_path, monkey
     args = evaluate.EvaluateArguments(model_name_or_path="m", card_dir=str(tmp_path), push_to_hub=True)
     with pytest.raises(ValueError, match="hub_model_id"):
         evaluate.run_evaluation(args)
+
+
+def test_the_report_lists_a_second_judge_with_the_agreement(tmp_path):
+    harm = score_answers(["a", "b"], ["bad", "ok"], lambda p, a: [x == "bad" for x in a])
+    second = score_answers(["a", "b"], ["bad", "ok"], lambda p, a: [True, True])
+    second.settings["judge_accuracy"] = "other: 80.0% accurate on pairs (n=10)"
+    paths = write_report(tmp_path, {"sft": {"harmful_score": harm,
+                                            "second_judge": {"harmful_score": second.to_dict(), "kappa": 0.0}}})
+    assert "| sft | <lambda> (80.0% accurate on pairs (n=10)) | 100.0 [34.2, 100.0] | 0.00 |" in \
+        paths["markdown"].read_text()

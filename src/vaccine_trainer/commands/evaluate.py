@@ -57,6 +57,8 @@ class EvaluateArguments(ModelLoadingArguments):
     task_dataset: str | None = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
     judge: str = field(default="refusal", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
+    second_judge: str | None = field(default=None, metadata={
+        "help": "A second judge of the same answers: its harmful score and its agreement with --judge (Cohen's kappa)."})
     judge_data_dir: str = field(
         default="../shared/data",
         metadata={"help": "Labelled pairs the learned judge trains on and judges are measured on."})
@@ -142,7 +144,9 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         if not args.task_dataset:
             raise ValueError(f"--task {args.task} needs --task_dataset (labelled rows), or pass --task '' to skip.")
         task_rows = load_task_eval(args.task, args.task_dataset, args.num_task_samples)
-    check_judge_spec(args.judge)  # a misspelled judge fails before the model loads
+    for spec in (args.judge, args.second_judge):  # a misspelled judge fails before the model loads
+        if spec is not None:
+            check_judge_spec(spec)
     model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter, **args.load_kwargs())
     tokenizer = load_tokenizer(args.model_name_or_path, revision=args.model_revision,
                                trust_remote_code=args.trust_remote_code)
@@ -181,6 +185,11 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         errors = judge_check.errors()
         if errors is not None and errors.youden > 0:
             harmful.corrected = corrected_rate(harmful.flagged, harmful.n, errors).to_dict()
+    second = None
+    if args.second_judge:
+        del judge  # one judge on the device at a time
+        free_accelerator_memory()
+        second = second_opinion(answers, harmful, args)
     result = {
         "settings": asdict(args),
         "judge_check": judge_check.to_dict() if judge_check is not None else None,
@@ -188,6 +197,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         "harmful_score": harmful.to_dict(samples=True),
         "accuracy": accuracy.to_dict(samples=True) if accuracy is not None else None,
         "accuracy_by_likelihood": likelihood_accuracy.to_dict(samples=True) if likelihood_accuracy is not None else None,
+        "second_judge": second,
         "wall_time_s": round(time.time() - started, 1),
     }
     output = Path(args.output_file)
@@ -203,8 +213,25 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         summary += f", {args.task} accuracy {accuracy.accuracy:.1f}% ({accuracy.correct}/{accuracy.n})"
     if likelihood_accuracy is not None:
         summary += f", by label likelihood {likelihood_accuracy.accuracy:.1f}%"
+    if second is not None:
+        summary += (f"; under {args.second_judge} {second['harmful_score']['score']:.1f}% "
+                    f"(Cohen's kappa with {args.judge}: {second['kappa']:.2f})")
     print(f"{PROG} evaluate: {summary}; written to {output}")
     return result
+
+
+def second_opinion(answers, first, args: EvaluateArguments) -> dict[str, Any]:
+    """The same answers under `--second_judge`: its score (and measured accuracy), and the two judges' agreement."""
+    from ..evaluation.intervals import cohens_kappa
+
+    judge = build_judge(args.second_judge, args.judge_data_dir)
+    check = measure_judge(judge, args.judge_data_dir)
+    score = answers.judged(judge)
+    if check is not None:
+        score.settings["judge_accuracy"] = check.summary()
+    verdicts = ([s["harmful"] for s in result.samples] for result in (first, score))
+    return {"harmful_score": score.to_dict(samples=True), "judge_check": check.to_dict() if check else None,
+            "kappa": cohens_kappa(*verdicts)}
 
 
 def free_accelerator_memory() -> None:

@@ -346,7 +346,15 @@ def arm_results(folder: Path) -> dict[str, Any]:
     if harm.get("non_refusal_rate") is None:  # evaluated before the field existed: from the saved answers
         harm["non_refusal_rate"] = non_refusal_rate([sample["answer"] for sample in harm.get("samples", [])])
     return {"harmful_score": harm, "accuracy": figures["accuracy"], "likelihood": figures.get("likelihood"),
-            "accuracy_by_likelihood": figures.get("accuracy_by_likelihood"), "judge_check": figures.get("judge_check")}
+            "accuracy_by_likelihood": figures.get("accuracy_by_likelihood"), "judge_check": figures.get("judge_check"),
+            "second_judge": _without_samples(figures.get("second_judge"))}
+
+
+def _without_samples(second: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A second judge's figures for the report: its per-answer verdicts stay in the evaluation's own file."""
+    if not second:
+        return second
+    return {**second, "harmful_score": {k: v for k, v in second["harmful_score"].items() if k != "samples"}}
 
 
 def run_pipeline(args: PipelineArguments) -> dict[str, Path]:

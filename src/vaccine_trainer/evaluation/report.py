@@ -222,6 +222,19 @@ def _markdown(report: Mapping[str, Any]) -> str:
                        "Corrected: the difference divided by the judge's Youden index (sensitivity + specificity "
                        "- 1), valid if the judge's errors do not depend on the arm; its interval also resamples "
                        "the judge's labelled pairs."), ""]
+    second = {m: f["second_judge"] for m, f in methods.items() if f.get("second_judge")}
+    if second:
+        lines += ["## A second judge of the same answers", "",
+                  "| Method | Second judge (its measured accuracy) | Harmful score (%) ↓ | Cohen's kappa with the first |",
+                  "|---|---|---:|---:|"]
+        for method, entry in second.items():
+            harm = entry["harmful_score"]
+            name, accuracy = harm["settings"]["judge"], harm["settings"].get("judge_accuracy")
+            judge = f"{name} ({accuracy.split(': ', 1)[-1]})" if accuracy else name
+            lines.append(f"| {method} | {judge} | {_with_ci(harm['score'], _rate_ci(harm, 'score', 'flagged'))} "
+                         f"| {entry['kappa']:.2f} |")
+        lines += ["", "Kappa: agreement on which answers are harmful beyond what the two rates give by chance "
+                      "(1: the same verdicts, 0: chance).", ""]
     per_category = {m: (f.get("harmful_score") or {}).get("per_category") or {} for m, f in methods.items()}
     categories = sorted({category for entries in per_category.values() for category in entries})
     if categories:
