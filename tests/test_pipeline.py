@@ -209,3 +209,15 @@ def test_a_t_vaccine_arm_aligns_with_sampled_layers_probed_on_the_harmful_data(w
     state = json.loads((out / "tvaccine-rho2" / "align" / "trainer_state.json").read_text())["stateful_callbacks"]
     sampling = state["VaccineStateCallback"]["attributes"]["layer_sampling"]
     assert len(sampling["active"]) == 1 and sum(sampling["probabilities"]) == pytest.approx(1.0)
+
+
+def test_the_pipeline_launches_its_training_phases_on_several_processes(workspace, tmp_path):  # noqa: F811
+    """`--accelerate_config zero3 --num_processes 2`: stage 1 runs as `align` under accelerate launch, on 2 processes
+    (2 steps of 2 rows on each: the 4 rows twice; one process would see them once)."""
+    out = tmp_path / "run"
+    assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "sft", "--align_only", "true",
+                 "--accelerate_config", "zero3", "--num_processes", "2",
+                 "--launch_args", json.dumps({"mixed_precision": "no", "main_process_port": 0})]) == 0
+    state = json.loads((out / "sft" / "align" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0 and state["global_step"] == 2
+    assert main(["pipeline", *pipeline_argv(workspace, out), "--launch_args", "{}", "--num_processes", "2"]) == 1

@@ -91,6 +91,12 @@ class PipelineArguments:
     drift_samples: int = field(default=100, metadata={"help": "Held alignment rows for the drift (0: off)."})
     finetune_args: dict | str | None = field(
         default=None, metadata={"help": "Other `finetune` flags: a mapping to values (JSON on the CLI)."})
+    accelerate_config: str | None = field(default=None, metadata={
+        "help": "Run align and finetune under `accelerate launch` with this config (multi_gpu, fsdp2, zero2, zero3 "
+                "or a path); evaluate stays one process."})
+    num_processes: int | None = field(default=None, metadata={"help": "Processes of the launched phases."})
+    launch_args: dict | str | None = field(default=None, metadata={
+        "help": "Other `accelerate launch` flags of the launched phases, e.g. {mixed_precision: 'no'}."})
     # evaluation
     harmful_prompts: str = field(default="PKU-Alignment/BeaverTails", metadata={"help": "Harmful test prompts."})
     num_prompts: int = field(default=500, metadata={"help": "Harmful prompts to answer (paper: 500)."})
@@ -124,6 +130,23 @@ class PipelineArguments:
             raise ValueError(f"--rho must be one or more distinct positive numbers separated by commas "
                              f"(e.g. 2 or 0.5,2,5), got {self.rho!r}.")
         return rhos
+
+    def launch_flags(self) -> dict[str, str]:
+        """The `accelerate launch` flags of the training phases (empty: they run in this process)."""
+        if not self.accelerate_config:
+            if self.num_processes or self.launch_args:
+                raise ValueError("--num_processes and --launch_args go with --accelerate_config (e.g. multi_gpu).")
+            return {}
+        from ..launch import LAUNCH_FLAGS, accelerate_config_path
+
+        flags = {"--accelerate_config": accelerate_config_path(self.accelerate_config)}
+        if self.num_processes:
+            flags["--num_processes"] = str(self.num_processes)
+        for key, value in _settings_mapping(self.launch_args, "launch_args").items():
+            if f"--{key}" not in LAUNCH_FLAGS[2:]:
+                raise ValueError(f"--launch_args takes {', '.join(f[2:] for f in LAUNCH_FLAGS[2:])}, not {key!r}.")
+            flags[f"--{key}"] = str(value)
+        return flags
 
     def arms(self) -> list[Arm]:
         """One arm per method, and one Vaccine (and T-Vaccine) arm per rho.
@@ -247,13 +270,18 @@ def phase_arguments(command: str, settings: Mapping[str, Any]) -> tuple[Any, ...
     return HfArgumentParser(PHASE_COMMANDS[command].load()[0]).parse_dict(typed)
 
 
-def command_line(command: str, settings: Mapping[str, Any]) -> str:
-    """The `vaccine-trainer <command> ...` that runs the same phase by hand."""
-    words = [PROG, command]
+def command_words(command: str, settings: Mapping[str, Any]) -> list[str]:
+    """`<command> --flag value ...`: the phase as command-line arguments."""
+    words = [command]
     for key, value in settings.items():
         words += [f"--{key}", str(value).lower() if isinstance(value, bool) else
                   json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return shlex.join(words)
+    return words
+
+
+def command_line(command: str, settings: Mapping[str, Any]) -> str:
+    """The `vaccine-trainer <command> ...` that runs the same phase by hand."""
+    return shlex.join([PROG, *command_words(command, settings)])
 
 
 # Settings that change how a phase is run and recorded, never what it computes: a finished phase is reused
@@ -266,10 +294,13 @@ def _results_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in settings.items() if key not in BOOKKEEPING}
 
 
-def run_phase(folder: Path, name: str, command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+def run_phase(folder: Path, name: str, command: str, settings: Mapping[str, Any],
+              launch: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run one phase unless its marker says it finished with the same settings; the marker is written last.
 
     A training phase that left checkpoints (`save_strategy: steps`) and no marker resumes from the last one.
+    With `launch` flags (`--accelerate_config`, `--num_processes`), a training phase runs as its own command under
+    `accelerate launch`, on every process; evaluation stays in this process.
     """
     settings = json.loads(json.dumps(dict(settings)))  # as the marker stores them
     marker = folder / PHASE_MARKER
@@ -299,7 +330,14 @@ def run_phase(folder: Path, name: str, command: str, settings: Mapping[str, Any]
     _, runner = PHASE_COMMANDS[command].load()
     logger().warning(f"{name}: running ({command_line(command, run_settings)})")
     started = time.time()
-    runner(*arguments)
+    if launch and command in ("align", "finetune"):
+        from .. import cli
+
+        flags = [item for pair in launch.items() for item in pair]
+        if cli.main([*command_words(command, run_settings), *flags]) != 0:
+            raise RuntimeError(f"{name}: the launched `{command}` failed; its output is above.")
+    else:
+        runner(*arguments)
     done = {"phase": name, "settings": settings, "command": command_line(command, settings),
             "wall_time_s": round(time.time() - started, 1)}
     if "resume_from_checkpoint" in run_settings:
@@ -364,6 +402,7 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
     from ..evaluation import write_report
 
     arms = args.arms()
+    launch = args.launch_flags()
     check_phase_settings(args)
     for flag in ("alignment_dataset", "harmful_dataset", "benign_dataset", "harmful_prompts", "task_dataset",
                  "second_benign_dataset"):
@@ -394,7 +433,8 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
                 settings |= {"vaccine_layer_sampling": True, "vaccine_sampled_layers": args.sampled_layers,
                              "probe_dataset": args.harmful_dataset}
             settings |= args.align_args
-            walls[arm.label]["align"] = run_phase(adapter, f"{arm.label}/align", "align", settings)["wall_time_s"]
+            walls[arm.label]["align"] = run_phase(adapter, f"{arm.label}/align", "align", settings,
+                                                  launch)["wall_time_s"]
         if args.align_only:
             continue
         tuned = folder / "finetune"
@@ -412,7 +452,8 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
             settings |= {"second_dataset": args.second_benign_dataset, "second_task": args.second_benign_task,
                          "second_fraction": args.second_benign_fraction}
         settings |= args.finetune_args
-        walls[arm.label]["finetune"] = run_phase(tuned, f"{arm.label}/finetune", "finetune", settings)["wall_time_s"]
+        walls[arm.label]["finetune"] = run_phase(tuned, f"{arm.label}/finetune", "finetune", settings,
+                                                 launch)["wall_time_s"]
         state = tuned / "trainer_state.json"
         histories[arm.label] = json.loads(state.read_text())["log_history"] if state.is_file() else []
 
