@@ -47,6 +47,44 @@ def _require_architecture(kind: str, path: str, suffix: str) -> None:
         raise ValueError(f"{kind} judge: {path!r} is a {', '.join(architectures)}, not a *{suffix} model.")
 
 
+def _load_chat_judge(kind: str, path: str, owner: str, device, model=None, tokenizer=None):
+    """A causal-LM moderation model whose own chat template writes its prompt, with a pad token, on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model is None:
+        _require_architecture(kind, path, "ForCausalLM")
+        model = _load(kind, path, AutoModelForCausalLM.from_pretrained)
+    tokenizer = tokenizer or _load(kind, path, AutoTokenizer.from_pretrained)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{kind} judge: {path!r} has no chat template; {owner}'s own template writes the moderation "
+                         "prompt.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return model, tokenizer
+
+
+def _greedy_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_new_tokens: int,
+                   first_scores: bool = False):
+    """Yield (decoded new text, first step's logits or None) per batch of `texts`: greedy, left-padded, with the
+    tokenizer's padding side restored afterwards."""
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
+                                    **({"output_scores": True, "return_dict_in_generate": True} if first_scores
+                                       else {}))
+            sequences = output.sequences if first_scores else output
+            decoded = tokenizer.batch_decode(sequences[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            yield decoded, output.scores[0] if first_scores else None
+    finally:
+        tokenizer.padding_side = saved
+
+
 class BeaverDamJudge:
     """The paper's judge, a multi-label sequence classifier of (prompt, answer) pairs."""
 
@@ -120,17 +158,7 @@ class LlamaGuardJudge:
 
     def __init__(self, model_name_or_path: str, *, batch_size: int = 4, max_new_tokens: int = 10,
                  device: str | torch.device | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        _require_architecture("llamaguard", model_name_or_path, "ForCausalLM")
-        self.model = _load("llamaguard", model_name_or_path, AutoModelForCausalLM.from_pretrained)
-        self.tokenizer = _load("llamaguard", model_name_or_path, AutoTokenizer.from_pretrained)
-        if not self.tokenizer.chat_template:
-            raise ValueError(f"llamaguard judge: {model_name_or_path!r} has no chat template; Llama Guard's own "
-                             "template writes the moderation prompt.")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+        self.model, self.tokenizer = _load_chat_judge("llamaguard", model_name_or_path, "Llama Guard", device)
         unsafe = self.tokenizer.encode("unsafe", add_special_tokens=False)
         if not unsafe:
             raise ValueError(f"llamaguard judge: the tokenizer of {model_name_or_path!r} cannot encode 'unsafe'.")
@@ -154,23 +182,11 @@ class LlamaGuardJudge:
     @torch.inference_mode()
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[bool, list[str], float]]:
         """(unsafe?, categories, probability of "unsafe" first) for each pair, greedy and left-padded."""
-        texts = self.texts(prompts, answers)
-        saved = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
         results = []
-        try:
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                       add_special_tokens=False).to(self.model.device)
-                output = self.model.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                             pad_token_id=self.tokenizer.pad_token_id, output_scores=True,
-                                             return_dict_in_generate=True, temperature=None, top_p=None, top_k=None)
-                first = torch.softmax(output.scores[0].float(), dim=-1)[:, self.unsafe_token].tolist()
-                decoded = self.tokenizer.batch_decode(output.sequences[:, batch["input_ids"].shape[1]:],
-                                                      skip_special_tokens=True)
-                results += [(*parse_llama_guard(text), score) for text, score in zip(decoded, first)]
-        finally:
-            self.tokenizer.padding_side = saved
+        for decoded, logits in _greedy_batches(self.model, self.tokenizer, self.texts(prompts, answers),
+                                               self.batch_size, self.max_new_tokens, first_scores=True):
+            first = torch.softmax(logits.float(), dim=-1)[:, self.unsafe_token].tolist()
+            results += [(*parse_llama_guard(text), score) for text, score in zip(decoded, first)]
         return results
 
     def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
@@ -211,21 +227,10 @@ class Qwen3GuardJudge:
 
     def __init__(self, model_name_or_path: str, *, mode: str = "strict", batch_size: int = 8,
                  max_new_tokens: int = 32, device: str | torch.device | None = None, model=None, tokenizer=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if mode not in QWEN3GUARD_MODES:
             raise ValueError(f"Qwen3Guard mode must be one of {QWEN3GUARD_MODES}, got {mode!r}.")
-        if model is None:
-            _require_architecture("qwen3guard", model_name_or_path, "ForCausalLM")
-            model = _load("qwen3guard", model_name_or_path, AutoModelForCausalLM.from_pretrained)
-        self.model = model
-        self.tokenizer = tokenizer or _load("qwen3guard", model_name_or_path, AutoTokenizer.from_pretrained)
-        if not self.tokenizer.chat_template:
-            raise ValueError(f"qwen3guard judge: {model_name_or_path!r} has no chat template; Qwen3Guard's own "
-                             "template writes the moderation prompt.")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+        self.model, self.tokenizer = _load_chat_judge("qwen3guard", model_name_or_path, "Qwen3Guard", device, model,
+                                                      tokenizer)
         self.mode, self.batch_size, self.max_new_tokens = mode, batch_size, max_new_tokens
         self.name = f"qwen3guard:{model_name_or_path}" + ("" if mode == "strict" else f" ({mode})")
         self.last_categories: list[list[str]] = []
@@ -240,22 +245,8 @@ class Qwen3GuardJudge:
     @torch.inference_mode()
     def outputs(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
         """The judge's greedy text for each pair."""
-        texts = self.texts(prompts, answers)
-        saved = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        decoded: list[str] = []
-        try:
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                       add_special_tokens=False).to(self.model.device)
-                generated = self.model.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                                pad_token_id=self.tokenizer.pad_token_id, temperature=None,
-                                                top_p=None, top_k=None)
-                decoded += self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:],
-                                                       skip_special_tokens=True)
-        finally:
-            self.tokenizer.padding_side = saved
-        return decoded
+        return [text for decoded, _ in _greedy_batches(self.model, self.tokenizer, self.texts(prompts, answers),
+                                                       self.batch_size, self.max_new_tokens) for text in decoded]
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
         parsed = [parse_qwen3guard(text, self.mode) for text in self.outputs(prompts, answers)]
