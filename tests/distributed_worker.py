@@ -170,7 +170,7 @@ def built_without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-ALIGNMENT_ROWS = token_rows(3, length=10, seed=5)  # stage 2's held alignment data (drift)
+ALIGNMENT_ROWS = token_rows(5, length=10, seed=5)  # stage 2's held alignment data: 3 batches of 2 for 2 ranks
 
 
 def stage2_inputs(root: Path) -> tuple[str, str]:
@@ -417,6 +417,7 @@ def run(name: str, backend: str, out_dir: Path) -> None:
         "log_history": trainer.state.log_history,
         "layer_sampling": trainer._vaccine_state.layer_sampling if hasattr(trainer, "_vaccine_state") else None,
         "loading": dict(LOADING),
+        "drift_batches": getattr(getattr(trainer, "drift_callback", None), "_my_batches", lambda: None)(),
     }
     if scenario.save:
         saved = out_dir / f"{name}_{backend}_saved"

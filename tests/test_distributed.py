@@ -285,7 +285,8 @@ STAGE2_LOADING = {"ddp": {"zero3_init": False, "rank0_only": False},
 @pytest.mark.parametrize("backend", list(STAGE2_LOADING))
 def test_stage2_from_a_model_path_and_an_adapter_path_matches_one_process(launches, tmp_path, backend):
     """`finetune` under a backend: the alignment adapter merged where the weights are (partitioned under ZeRO-3,
-    only on rank 0 under FSDP2's efficient loading), the new adapter and the drift as in one process."""
+    only on rank 0 under FSDP2's efficient loading), the new adapter and the drift as in one process; the drift's
+    batches split over the ranks and reduced."""
     from vaccine_trainer import AlignedSFTTrainer
     from vaccine_trainer.callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
 
@@ -300,6 +301,7 @@ def test_stage2_from_a_model_path_and_an_adapter_path_matches_one_process(launch
     before = flat(trainable_state(single.model))
     single.train()
     expected = flat(trainable_state(single.model))
+    assert [run["drift_batches"] for run in runs] == [([0, 4], 2), ([2], 2)]  # rank 1 joins the 2nd round idle
     for run in runs:
         assert run["loading"] == STAGE2_LOADING[backend]
         assert all("lora_" in name for name in run["params"])

@@ -123,7 +123,8 @@ class AlignmentDriftCallback(TrainerCallback):
         if self.reference_without_adapter:
             return  # recomputed at each measurement: the base weights do not change
         self.reference = [torch.stack([h.float().cpu() for h in hidden], dim=1)
-                          for hidden, _, _, _ in self._passes(model)]
+                          for hidden, _, _, _ in self._passes(model, self._my_rows())]
+        self._idle_rounds(model, reference_pass=False)
         self.reference_token_energy = [hidden.double().pow(2).sum(-1) for hidden in self.reference]
         self.reference_energy = sum(energy.sum().item() for energy in self.reference_token_energy)
 
@@ -148,12 +149,47 @@ class AlignmentDriftCallback(TrainerCallback):
             token_drifts.append((moved / energy.where(energy > 0, torch.nan)).flatten().cpu())  # scalars per token
             loss_sum += batch_loss
             loss_tokens += tokens
-        loss = (loss_sum / loss_tokens).item() if loss_tokens else float("nan")
-        reference_energy = reference_energy.item()
-        fraction = drift.item() / reference_energy if reference_energy else float("nan")
-        median = _median(torch.cat(token_drifts))
-        return {DRIFT_KEY: drift.item(), DRIFT_FRACTION_KEY: fraction, MEDIAN_TOKEN_DRIFT_KEY: median,
-                DRIFT_EXCLUDING_FIRST_TOKEN_KEY: drift_after_first.item(), LOSS_KEY: loss}
+        self._idle_rounds(model, reference_pass=self.reference_without_adapter)
+        # Every rank measured its own batches: the sums add up, the per-token values are pooled for the median.
+        totals = torch.stack([drift, drift_after_first, reference_energy, loss_sum,
+                              torch.tensor(float(loss_tokens), dtype=torch.float64, device=device)])
+        token_values = torch.cat(token_drifts) if token_drifts else torch.empty(0, dtype=torch.float64)
+        world, _ = _world()
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, token_values)
+            token_values = torch.cat(gathered)
+        drift, drift_after_first, reference_energy, loss_sum, loss_tokens = totals.tolist()
+        loss = loss_sum / loss_tokens if loss_tokens else float("nan")
+        fraction = drift / reference_energy if reference_energy else float("nan")
+        return {DRIFT_KEY: drift, DRIFT_FRACTION_KEY: fraction, MEDIAN_TOKEN_DRIFT_KEY: _median(token_values),
+                DRIFT_EXCLUDING_FIRST_TOKEN_KEY: drift_after_first, LOSS_KEY: loss}
+
+    def _my_batches(self) -> tuple[list[int], int]:
+        """The starts of this rank's batches (batch i goes to rank i mod world size), and the number of forward
+        rounds every rank must run: a sharded model (ZeRO-3, FSDP2) gathers its weights in each forward, a
+        collective that every rank must join."""
+        world, rank = _world()
+        starts = list(range(0, len(self.rows), self.batch_size))
+        return starts[rank::world], -(-len(starts) // world)
+
+    def _my_rows(self) -> list[dict[str, Any]]:
+        mine, _ = self._my_batches()
+        return [row for start in mine for row in self.rows[start:start + self.batch_size]]
+
+    def _idle_rounds(self, model: nn.Module, reference_pass: bool) -> None:
+        """Forwards whose results are dropped, so a rank with fewer batches joins every collective of the others:
+        the same passes as a real batch (the reference with the adapter disabled first, where it is recomputed),
+        since a sharded model gathers different weights with and without its adapter."""
+        mine, rounds = self._my_batches()
+        for _ in range(rounds - len(mine)):
+            if reference_pass:
+                with model.disable_adapter():
+                    for _ in self._passes(model, self.rows[:1]):
+                        pass
+            for _ in self._passes(model, self.rows[:1]):
+                pass
 
     def _collate(self, rows: list[dict[str, Any]], model: nn.Module) -> dict[str, torch.Tensor]:
         if self.data_collator is None:
@@ -167,11 +203,11 @@ class AlignmentDriftCallback(TrainerCallback):
         """Per batch: what `_passes` yields, then the reference's hidden states of the same tokens (a list per
         layer) and their squared norms [valid tokens, layers] -- recomputed with the adapter disabled, or cached."""
         if not self.reference_without_adapter:
-            for (hidden, *rest), reference, energy in zip(self._passes(model), self.reference,
+            for (hidden, *rest), reference, energy in zip(self._passes(model, self._my_rows()), self.reference,
                                                           self.reference_token_energy, strict=True):
                 yield (hidden, *rest, reference.to(hidden[0].device).unbind(1), energy.to(hidden[0].device))
             return
-        for start in range(0, len(self.rows), self.batch_size):
+        for start in self._my_batches()[0]:
             rows = self.rows[start:start + self.batch_size]
             with model.disable_adapter():
                 (reference, *_), = self._passes(model, rows)
@@ -244,6 +280,13 @@ class AlignmentDriftCallback(TrainerCallback):
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)  # Trainer.log appended a copy of `logs` before calling us
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the running distributed job; (1, 0) in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
 
 def _median(values: torch.Tensor) -> float:
