@@ -192,7 +192,8 @@ LOADING: dict[str, bool] = {}
 
 def loading_mode() -> dict[str, bool]:
     """How transformers is about to load a model from a path in this process: partitioned by deepspeed.zero.Init
-    (ZeRO-3 with zero3_init), or only on rank 0 with the other ranks on the meta device (FSDP's cpu_ram_efficient_loading)."""
+    (ZeRO-3 with zero3_init), or only on rank 0 with the other ranks on the meta device (FSDP's
+    cpu_ram_efficient_loading)."""
     from transformers.distributed.fsdp import is_fsdp_enabled  # FSDP with cpu_ram_efficient_loading
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -380,12 +381,13 @@ def build_trainer(name: str, backend: str, out_dir: Path, **argument_overrides):
         with args.main_process_first():  # one rank writes the inputs, as `align` would have before
             write_stage2_inputs(out_dir)
         base, adapter = stage2_inputs(out_dir)
-        if backend == "fsdp2":  # what `accelerate launch` with an FSDP config sets (the CPU run is forced, see ForcedFSDP2)
+        if backend == "fsdp2":  # what `accelerate launch` with an FSDP config sets (forced on the CPU: ForcedFSDP2)
             os.environ["ACCELERATE_USE_FSDP"] = "true"
         LOADING.update(loading_mode())
         return RecordingAlignedTrainer(model=base, alignment_adapter=adapter, args=args,
                                        train_dataset=token_dataset(scenario_rows(name)),
-                                       alignment_dataset=token_dataset(ALIGNMENT_ROWS), processing_class=tiny_tokenizer())
+                                       alignment_dataset=token_dataset(ALIGNMENT_ROWS),
+                                       processing_class=tiny_tokenizer())
     trainer_class = {"vaccine": RecordingTrainer, "plain": RecordingPlainTrainer, "leaky": LeakyTrainer}
     probe = {"probe_dataset": PROBE_ROWS} if getattr(args, "vaccine_layer_sampling", False) else {}
     return trainer_class[scenario.trainer](model=scenario_model(name), args=args, train_dataset=scenario_rows(name),

@@ -157,9 +157,9 @@ def test_qlora_4bit_on_cuda_perturbs_and_trains(tmp_path):
 
 def test_deepspeed_zero2_fp16_on_cuda_equals_the_reference(tmp_path):
     pytest.importorskip("deepspeed")
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, str(HERE / "deepspeed_cuda_worker.py"), str(tmp_path), "29731"],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                [str(HERE), os.environ.get("PYTHONPATH", "")])})
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": path})
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     update = torch.tensor(report["update"])

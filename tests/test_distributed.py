@@ -2,7 +2,8 @@
 
 Each backend is launched once per module with 2 processes over gloo (tests/distributed_worker.py):
 DDP and FSDP2 with torchrun, DeepSpeed ZeRO-2/3 with `accelerate launch` and the configs the package ships
-(on 2 CPU processes, fp32), ZeRO-1 with examples/accelerate/cpu/. FSDP2 is forced on the CPU, where accelerate 1.15 would silently use DDP
+(on 2 CPU processes, fp32), ZeRO-1 with examples/accelerate/cpu/. FSDP2 is forced on the CPU, where accelerate 1.15
+would silently use DDP
 (see `ForcedFSDP2` in the worker). After N steps every backend must give the update of one process
 that accumulates the same micro-batches, which tests/test_reference.py ties to the paper's formula;
 pass 1 must reduce no gradient, and pass 2 must reduce exactly as the plain Trainer does.

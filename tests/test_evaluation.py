@@ -359,8 +359,8 @@ def test_report_files(tmp_path):
     markdown = paths["markdown"].read_text()
     assert "| sft | 10 | 2.5 | 0.125 | 0.01 |" in markdown and "| vaccine | 10 | 1 | – | – |" in markdown
     # Wilson 95% interval of 2/2 is [34.2, 100]; "bad" refuses nothing
-    assert "| sft | 100.0 [34.2, 100.0] | – | <lambda> | 100.0 [34.2, 100.0] | 100.0 [34.2, 100.0] | – | sst2 | 2 / 2 |" \
-        in markdown
+    interval = "100.0 [34.2, 100.0]"
+    assert f"| sft | {interval} | – | <lambda> | {interval} | {interval} | – | sst2 | 2 / 2 |" in markdown
     assert "| vaccine | -50.0 [-100.0, +0.0] | – | 2 |" in markdown  # paired with sft on the same two prompts
     assert report["paired_differences"]["vaccine"]["difference"] == -50.0
     assert "| y | 100.0 (n=1) | 0.0 (n=1) |" in markdown and "![" in markdown

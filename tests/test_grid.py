@@ -46,7 +46,8 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
     for entry in summary["pooled_paired"]:
         assert (entry["method"], entry["seeds"], entry["n"]) == ("non-aligned", [1, 2], 6)
         per_seed = [next(r["harmful_score"] for r in summary["rows"] if (r["seed"], r["harmful_ratio"], r["method"])
-                         == (seed, entry["harmful_ratio"], method)) for seed in (1, 2) for method in ("non-aligned", "sft")]
+                         == (seed, entry["harmful_ratio"], method))
+                    for seed in (1, 2) for method in ("non-aligned", "sft")]
         assert entry["difference"] == pytest.approx((per_seed[0] - per_seed[1] + per_seed[2] - per_seed[3]) / 2)
         assert entry["ci95"][0] <= entry["difference"] <= entry["ci95"][1]
     assert len(summary["pooled_paired"]) == 2

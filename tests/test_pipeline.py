@@ -52,7 +52,8 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
         assert report["methods"][method]["harmful_score"]["n"] == 3
         assert report["methods"][method]["accuracy"]["n"] == 4
         by_likelihood = report["methods"][method]["accuracy_by_likelihood"]  # both fine-tune accuracies
-        assert by_likelihood["n"] == 4 and by_likelihood["ci95"][0] <= by_likelihood["accuracy"] <= by_likelihood["ci95"][1]
+        low, high = by_likelihood["ci95"]
+        assert by_likelihood["n"] == 4 and low <= by_likelihood["accuracy"] <= high
         harm = report["methods"][method]["harmful_score"]
         assert harm["ci95"][0] <= harm["score"] <= harm["ci95"][1]
         if evaluation["judge_check"] is not None:  # measured on the shared labelled pairs: the corrected score too

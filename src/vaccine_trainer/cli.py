@@ -53,7 +53,8 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
             "vaccine_trainer.commands.grid:main"),
     Command("sweep", "Stage 2 over attacker settings (lr x epochs) per aligned arm: the surface and the worst case.",
             "vaccine_trainer.commands.sweep:main"),
-    Command("env", "Versions, accelerator and accelerate config, for a bug report.", "vaccine_trainer.commands.env:main"),
+    Command("env", "Versions, accelerator and accelerate config, for a bug report.",
+            "vaccine_trainer.commands.env:main"),
 )}
 
 

@@ -58,7 +58,8 @@ class EvaluateArguments(ModelLoadingArguments):
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
     judge: str = field(default="refusal", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
     second_judge: str | None = field(default=None, metadata={
-        "help": "A second judge of the same answers: its harmful score and its agreement with --judge (Cohen's kappa)."})
+        "help": "A second judge of the same answers: its harmful score and its agreement with --judge (Cohen's "
+                "kappa)."})
     judge_data_dir: str = field(
         default="../shared/data",
         metadata={"help": "Labelled pairs the learned judge trains on and judges are measured on."})
@@ -196,7 +197,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         "likelihood": likelihood.to_dict() if likelihood is not None else None,
         "harmful_score": harmful.to_dict(samples=True),
         "accuracy": accuracy.to_dict(samples=True) if accuracy is not None else None,
-        "accuracy_by_likelihood": likelihood_accuracy.to_dict(samples=True) if likelihood_accuracy is not None else None,
+        "accuracy_by_likelihood": None if likelihood_accuracy is None else likelihood_accuracy.to_dict(samples=True),
         "second_judge": second,
         "wall_time_s": round(time.time() - started, 1),
     }

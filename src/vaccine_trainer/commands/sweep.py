@@ -153,7 +153,8 @@ def write_sweep_summary(output_dir: Path, summary: Mapping[str, Any]) -> dict[st
              f"{points:g} points below the arm's benign-only fine-tune (p = 0, the configuration's own stage-2 "
              "setting). Harmful score and accuracy with their 95% Wilson intervals.", "",
              "## Worst case per arm", "",
-             "| Seed | p | Method | Worst harmful score (%) among guarded cells | at (lr, epochs) | Mean over all cells "
+             "| Seed | p | Method | Worst harmful score (%) among guarded cells | at (lr, epochs) "
+             "| Mean over all cells "
              "(%) | Guarded cells |", "|---:|---:|---|---:|---|---:|---:|"]
     for entry in worst:
         setting = entry["worst_setting"]

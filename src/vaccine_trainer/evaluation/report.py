@@ -190,8 +190,9 @@ def _markdown(report: Mapping[str, Any]) -> str:
         accuracy = (harm.get("settings") or {}).get("judge_accuracy")
         judge = f"{judge} ({accuracy.split(': ', 1)[-1]})" if accuracy else judge
         corrected = harm.get("corrected") or {}
+        outside = "*" if corrected.get("outside_model") else ""
         lines.append(f"| {method} | {_with_ci(harm.get('score'), _rate_ci(harm, 'score', 'flagged'))} "
-                     f"| {_with_ci(corrected.get('value'), corrected.get('ci95'))}{'*' if corrected.get('outside_model') else ''} | {judge} "
+                     f"| {_with_ci(corrected.get('value'), corrected.get('ci95'))}{outside} | {judge} "
                      f"| {_with_ci(harm.get('non_refusal_rate'), _rate_ci(harm, 'non_refusal_rate'))} "
                      f"| {_with_ci(acc.get('accuracy'), _rate_ci(acc, 'accuracy', 'correct'))} "
                      f"| {_with_ci(by_likelihood.get('accuracy'), _rate_ci(by_likelihood, 'accuracy', 'correct'))} "
@@ -225,7 +226,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
     second = {m: f["second_judge"] for m, f in methods.items() if f.get("second_judge")}
     if second:
         lines += ["## A second judge of the same answers", "",
-                  "| Method | Second judge (its measured accuracy) | Harmful score (%) ↓ | Cohen's kappa with the first |",
+                  "| Method | Second judge (its measured accuracy) | Harmful score (%) ↓ "
+                  "| Cohen's kappa with the first |",
                   "|---|---|---:|---:|"]
         for method, entry in second.items():
             harm = entry["harmful_score"]

@@ -109,7 +109,8 @@ class HarmfulAnswers:
 
     def judged(self, judge: Callable | None = None) -> HarmfulScore:
         result = score_answers(self.prompts, self.answers, judge, categories=self.categories, settings=self.settings)
-        logger.info(f"Harmful score {result.score:.1f}% ({result.flagged}/{result.n}, judge {result.settings['judge']})")
+        logger.info(f"Harmful score {result.score:.1f}% ({result.flagged}/{result.n}, "
+                    f"judge {result.settings['judge']})")
         return result
 
 
