@@ -51,6 +51,12 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
         assert entry["difference"] == pytest.approx((per_seed[0] - per_seed[1] + per_seed[2] - per_seed[3]) / 2)
         assert entry["ci95"][0] <= entry["difference"] <= entry["ci95"][1]
     assert len(summary["pooled_paired"]) == 2
+    row = summary["rows"][0]
+    flagged = round(row["harmful_score"] * row["num_prompts"] / 100)
+    from vaccine_trainer.evaluation.intervals import wilson_percent
+
+    low, high = wilson_percent(flagged, row["num_prompts"])
+    assert f"| {row['harmful_score']:.1f} [{low:.1f}, {high:.1f}] |" in (out / "summary" / "summary.md").read_text()
     # The judge is named with its measured accuracy (the held-out labelled pairs, when ../shared is there).
     assert "Judge of the harmful score (its measured accuracy): refusal" in (out / "summary" / "summary.md").read_text()
 

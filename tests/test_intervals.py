@@ -116,3 +116,9 @@ def test_a_rate_below_the_judges_false_positive_floor_is_marked():
     errors = JudgeErrors(80, 100, 70, 100)  # flags at least 30% of answers whatever their truth
     assert corrected_rate(40, 200, errors).outside_model and corrected_rate(40, 200, errors).value == 0.0
     assert not corrected_rate(80, 200, errors).outside_model
+
+
+def test_a_corrected_difference_stays_within_100_points():
+    errors = JudgeErrors(60, 100, 60, 100)  # J = 0.2: a 30-point raw difference would "correct" to 150
+    result = corrected_difference([True] * 40 + [False] * 60, [True] * 10 + [False] * 90, errors)
+    assert result.value == 100.0 and -100.0 <= result.ci95[0] <= result.ci95[1] <= 100.0

@@ -286,6 +286,18 @@ def _cell(mean: float | None, std: float | None, spec: str = ".1f") -> str:
     return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
+def _rate(percent: float | None, n: int | None) -> str:
+    """A rate of n items with its Wilson interval, e.g. `31.0 [25.0, 37.7]`."""
+    from ..evaluation.intervals import wilson_percent
+
+    if percent is None:
+        return "–"
+    if not n:
+        return f"{percent:.1f}"
+    low, high = wilson_percent(round(percent * n / 100), n)
+    return f"{percent:.1f} [{low:.1f}, {high:.1f}]"
+
+
 def _summary_cell(entry: Mapping[str, Any], key: str, spec: str = ".1f") -> str:
     """A mean over seeds, saying over how many when some of the group's seeds lack the figure."""
     text = _cell(entry[key], entry[f"{key}_std"], spec)
@@ -369,12 +381,14 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
             lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
                          f"| {cell} | {corrected_cell} |")
         lines.append("")
-    lines += ["Per seed:", "", "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
+    lines += ["Per seed, each rate with its 95% Wilson interval:", "",
+              "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
               "|---:|---|---:|---:|---:|---:|---|"]
     for row in rows:
         walls = ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())
         lines.append(f"| {row['seed']} | {row['method']} | {row['harmful_ratio']:g} "
-                     f"| {_cell(row['harmful_score'], None)} | {_cell(row['accuracy'], None)} "
+                     f"| {_rate(row['harmful_score'], row['num_prompts'])} "
+                     f"| {_rate(row['accuracy'], row['num_task_samples'])} "
                      f"| {_cell(row['final_drift'], None, FORMATS['final_drift'])} | {walls} |")
     lines += ["", f"![Harmful score and accuracy against p]({paths['scores_plot'].name})", "",
               f"![Drift during stage 2]({paths['drift_plot'].name})", ""]

@@ -155,9 +155,10 @@ def corrected_difference(first: Sequence[bool], second: Sequence[bool], errors: 
     raw = a[index].mean(axis=1) - b[index].mean(axis=1)
     sensitivity, specificity = errors.resampled(generator, resamples)
     youden = sensitivity + specificity - 1
-    values = np.where(youden > 0, raw / np.where(youden > 0, youden, 1.0), np.nan)
+    values = np.where(youden > 0, np.clip(raw / np.where(youden > 0, youden, 1.0), -1.0, 1.0), np.nan)
     low, high = _percentile_interval(values[~np.isnan(values)])
-    return CorrectedRate(100 * difference / errors.youden, (100 * low, 100 * high), errors.sensitivity,
+    point = min(1.0, max(-1.0, difference / errors.youden))  # two rates in [0, 1] differ by at most 1
+    return CorrectedRate(100 * point, (100 * low, 100 * high), errors.sensitivity,
                          errors.specificity, "paired difference / Youden index; bootstrap over prompts and the "
                                              "judge's labelled pairs")
 
@@ -182,9 +183,10 @@ def stratified_paired_difference(groups: Sequence[tuple[Sequence[bool], Sequence
     if errors is not None and errors.youden > 0:
         sensitivity, specificity = errors.resampled(generator, resamples)
         youden = sensitivity + specificity - 1
-        corrected = np.where(youden > 0, draws / np.where(youden > 0, youden, 1.0), np.nan)
+        corrected = np.where(youden > 0, np.clip(draws / np.where(youden > 0, youden, 1.0), -1.0, 1.0), np.nan)
         result["corrected"] = CorrectedRate(
-            100 * point / errors.youden, tuple(100 * v for v in _percentile_interval(corrected[~np.isnan(corrected)])),
+            100 * min(1.0, max(-1.0, point / errors.youden)),
+            tuple(100 * v for v in _percentile_interval(corrected[~np.isnan(corrected)])),
             errors.sensitivity, errors.specificity,
             "mean paired difference / Youden index; bootstrap over prompts within seeds and the judge's labelled "
             "pairs").to_dict()
