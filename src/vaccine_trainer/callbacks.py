@@ -102,7 +102,7 @@ class AlignmentDriftCallback(TrainerCallback):
         self.reference_without_adapter = reference_without_adapter
         self.reference: list[torch.Tensor] | None = None  # cached mode, per batch: [valid tokens, layers, hidden]
         self.ready = False  # a reference is there (cached) or can be recomputed (reference_without_adapter)
-        self.reference_energy: float | None = None  # sum ||h_aligned||^2, the drift fraction's denominator
+        self.reference_energy: float | None = None  # sum ||h_aligned||^2 over this rank's batches (cached mode)
         self.reference_token_energy: list[torch.Tensor] | None = None  # per batch: [valid tokens, layers]
         self.history: list[dict[str, float]] = []
         self._last: tuple[int, dict[str, float]] | None = None

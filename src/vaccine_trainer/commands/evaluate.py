@@ -31,8 +31,10 @@ class EvaluateArguments(ModelLoadingArguments):
         task_dataset (`str`, *optional*): labelled evaluation rows of the task.
         num_task_samples (`int`, defaults to `500`): rows to answer.
         judge (`str`, defaults to `"refusal"`): `refusal` (offline; its score is the non-refusal rate, an upper
-            bound of the harmful score), `learned` (offline, trained on the shared labelled pairs) or
-            `classifier:<path-or-hub-id>` (an HF text-classification moderation model).
+            bound of the harmful score), `learned` (offline, trained on the shared labelled pairs),
+            `qwen3guard:<path-or-hub-id>` (Qwen3Guard-Gen, strict; `qwen3guard-loose:` loose), `llamaguard:`,
+            `beaverdam:` or `classifier:<path-or-hub-id>` (an HF text-classification moderation model).
+        second_judge (`str`, *optional*): a second judge of the same answers, with Cohen's kappa against the first.
         judge_data_dir (`str`, defaults to `"../shared/data"`): the labelled pairs the learned judge trains on and
             every judge is measured on (held-out BeaverTails prompts); the measured accuracy goes beside the score.
         harmful_pairs (`str`, *optional*): harmful (prompt, answer) pairs, e.g.
@@ -56,7 +58,9 @@ class EvaluateArguments(ModelLoadingArguments):
     task: str | None = field(default="sst2", metadata={"help": "Task for the accuracy (sst2, agnews, gsm8k)."})
     task_dataset: str | None = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
-    judge: str = field(default="refusal", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
+    judge: str = field(default="refusal", metadata={
+        "help": "refusal, learned, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
+                "classifier:<path>."})
     second_judge: str | None = field(default=None, metadata={
         "help": "A second judge of the same answers: its harmful score and its agreement with --judge (Cohen's "
                 "kappa)."})

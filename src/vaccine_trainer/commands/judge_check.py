@@ -26,7 +26,9 @@ class JudgeCheckArguments:
         output_file (`str`, *optional*): also write the figures as JSON.
     """
 
-    judge: str = field(default="learned", metadata={"help": "refusal, learned or classifier:<path-or-hub-id>."})
+    judge: str = field(default="learned", metadata={
+        "help": "refusal, learned, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
+                "classifier:<path>."})
     labelled: str | None = field(default=None, metadata={"help": "Labelled pairs (.jsonl: prompt, response, is_safe)."})
     held_out_only: bool = field(default=False, metadata={"help": "Only the learned judge's held-out prompts."})
     refusals: str | None = field(default=None, metadata={"help": "Known refusals (.jsonl: instruction, output)."})
