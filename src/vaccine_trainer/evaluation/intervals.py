@@ -49,14 +49,24 @@ def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def paired_difference(first: Sequence[bool], second: Sequence[bool], *, resamples: int = RESAMPLES,
-                      seed: int = SEED) -> tuple[float, float, float]:
-    """Rate of `first` minus rate of `second` on the same items, with a 95% paired bootstrap interval (fractions)."""
+def _paired(first: Sequence[bool], second: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"Paired verdicts need two equal, non-empty lists; got {len(a)} and {len(b)}.")
-    index = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    differences = a[index].mean(axis=1) - b[index].mean(axis=1)
+    return a, b
+
+
+def _paired_draws(a: np.ndarray, b: np.ndarray, generator: np.random.Generator, resamples: int) -> np.ndarray:
+    """The difference of the two rates over `resamples` bootstrap draws of the items, kept in pairs."""
+    index = generator.integers(0, len(a), size=(resamples, len(a)))
+    return a[index].mean(axis=1) - b[index].mean(axis=1)
+
+
+def paired_difference(first: Sequence[bool], second: Sequence[bool], *, resamples: int = RESAMPLES,
+                      seed: int = SEED) -> tuple[float, float, float]:
+    """Rate of `first` minus rate of `second` on the same items, with a 95% paired bootstrap interval (fractions)."""
+    a, b = _paired(first, second)
+    differences = _paired_draws(a, b, np.random.default_rng(seed), resamples)
     return float(a.mean() - b.mean()), *_percentile_interval(differences)
 
 
@@ -140,27 +150,30 @@ def corrected_rate(flagged: int, n: int, errors: JudgeErrors, *, resamples: int 
                          "Rogan-Gladen; bootstrap over answers and the judge's labelled pairs", outside)
 
 
+def _over_youden(difference: float, draws: np.ndarray, errors: JudgeErrors, generator: np.random.Generator,
+                 method: str) -> CorrectedRate:
+    """A difference of rates divided by the judge's Youden index, its interval from the bootstrap `draws` divided by
+    Youden indices as the judge's labelled pairs could have measured them; clipped to +-1 (two rates differ by at most
+    1)."""
+    sensitivity, specificity = errors.resampled(generator, len(draws))
+    youden = sensitivity + specificity - 1
+    values = np.where(youden > 0, np.clip(draws / np.where(youden > 0, youden, 1.0), -1.0, 1.0), np.nan)
+    low, high = _percentile_interval(values[~np.isnan(values)])
+    point = min(1.0, max(-1.0, difference / errors.youden))
+    return CorrectedRate(100 * point, (100 * low, 100 * high), errors.sensitivity, errors.specificity, method)
+
+
 def corrected_difference(first: Sequence[bool], second: Sequence[bool], errors: JudgeErrors, *,
                          resamples: int = RESAMPLES, seed: int = SEED) -> CorrectedRate:
     """The judge-corrected difference of two arms' rates on the same prompts: the raw paired difference divided by
     the judge's Youden index (if its errors do not depend on the arm), with a bootstrap over prompts and rates."""
     if errors.youden <= 0:
         raise ValueError("The judge is no better than chance (sensitivity + specificity <= 1): no correction.")
-    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"Paired verdicts need two equal, non-empty lists; got {len(a)} and {len(b)}.")
-    difference = a.mean() - b.mean()
+    a, b = _paired(first, second)
     generator = np.random.default_rng(seed)
-    index = generator.integers(0, len(a), size=(resamples, len(a)))
-    raw = a[index].mean(axis=1) - b[index].mean(axis=1)
-    sensitivity, specificity = errors.resampled(generator, resamples)
-    youden = sensitivity + specificity - 1
-    values = np.where(youden > 0, np.clip(raw / np.where(youden > 0, youden, 1.0), -1.0, 1.0), np.nan)
-    low, high = _percentile_interval(values[~np.isnan(values)])
-    point = min(1.0, max(-1.0, difference / errors.youden))  # two rates in [0, 1] differ by at most 1
-    return CorrectedRate(100 * point, (100 * low, 100 * high), errors.sensitivity,
-                         errors.specificity, "paired difference / Youden index; bootstrap over prompts and the "
-                                             "judge's labelled pairs")
+    draws = _paired_draws(a, b, generator, resamples)
+    return _over_youden(a.mean() - b.mean(), draws, errors, generator,
+                        "paired difference / Youden index; bootstrap over prompts and the judge's labelled pairs")
 
 
 def stratified_paired_difference(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]],
@@ -169,27 +182,18 @@ def stratified_paired_difference(groups: Sequence[tuple[Sequence[bool], Sequence
     """The mean over groups (seeds) of each group's paired difference, in points, with a 95% bootstrap interval that
     resamples the prompts within each group (the groups are kept: three seeds are too few to resample); with the
     judge's `errors`, also that difference divided by Youden's index, its interval resampling the judge's rates."""
-    arrays = [(np.asarray(a, dtype=float), np.asarray(b, dtype=float)) for a, b in groups]
-    if not arrays or any(a.shape != b.shape or len(a) == 0 for a, b in arrays):
-        raise ValueError("Each group needs two equal, non-empty lists of verdicts.")
+    if not groups:
+        raise ValueError("Each group needs two equal, non-empty lists of verdicts; got no group.")
+    arrays = [_paired(a, b) for a, b in groups]
     generator = np.random.default_rng(seed)
     point = float(np.mean([a.mean() - b.mean() for a, b in arrays]))
-    draws = np.zeros(resamples)
-    for a, b in arrays:
-        index = generator.integers(0, len(a), size=(resamples, len(a)))
-        draws += (a[index].mean(axis=1) - b[index].mean(axis=1)) / len(arrays)
+    draws = sum(_paired_draws(a, b, generator, resamples) for a, b in arrays) / len(arrays)
     result = {"difference": 100 * point, "ci95": [100 * v for v in _percentile_interval(draws)],
               "groups": len(arrays), "n": sum(len(a) for a, _ in arrays)}
     if errors is not None and errors.youden > 0:
-        sensitivity, specificity = errors.resampled(generator, resamples)
-        youden = sensitivity + specificity - 1
-        corrected = np.where(youden > 0, np.clip(draws / np.where(youden > 0, youden, 1.0), -1.0, 1.0), np.nan)
-        result["corrected"] = CorrectedRate(
-            100 * min(1.0, max(-1.0, point / errors.youden)),
-            tuple(100 * v for v in _percentile_interval(corrected[~np.isnan(corrected)])),
-            errors.sensitivity, errors.specificity,
-            "mean paired difference / Youden index; bootstrap over prompts within seeds and the judge's labelled "
-            "pairs").to_dict()
+        result["corrected"] = _over_youden(
+            point, draws, errors, generator, "mean paired difference / Youden index; bootstrap over prompts within "
+                                             "seeds and the judge's labelled pairs").to_dict()
     return result
 
 
