@@ -47,10 +47,6 @@ def load_finetuned_model(name_or_path: str | os.PathLike, **load_kwargs: Any):
 
     `load_kwargs` go to the base model's `from_pretrained` (dtype, device_map, ...).
     """
-    from peft import PeftModel
-
-    from .sft import merge_alignment_adapter
-
     folder = Path(name_or_path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -62,8 +58,20 @@ def load_finetuned_model(name_or_path: str | os.PathLike, **load_kwargs: Any):
                                 "finetune` (load a plain adapter with peft's PeftModel.from_pretrained).")
     record = json.loads(record_path.read_text())
     alignment = folder / record["alignment_adapter"] if record.get("alignment_adapter") else None
-    model = merge_alignment_adapter(record["base_model"], alignment, **load_kwargs)
-    return PeftModel.from_pretrained(model, folder / record.get("stage2_adapter", ".")).merge_and_unload().eval()
+    return merged_model(record["base_model"], alignment, folder / record.get("stage2_adapter", "."),
+                        **load_kwargs).eval()
 
 
-__all__ = ["alignment_settings", "load_finetuned_model", "write_stage2_record"]
+def merged_model(base: str | os.PathLike, alignment_adapter=None, adapter=None, **load_kwargs: Any):
+    """Base weights with the stage-1 adapter merged, then the stage-2 adapter merged on top: plain weights."""
+    from peft import PeftModel
+
+    from .sft import merge_alignment_adapter
+
+    model = merge_alignment_adapter(base, alignment_adapter, **load_kwargs)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+__all__ = ["alignment_settings", "load_finetuned_model", "merged_model", "write_stage2_record"]

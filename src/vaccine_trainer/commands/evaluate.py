@@ -111,16 +111,13 @@ def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapte
     first GPU when there is one: generation runs where the model is.
     """
     import torch
-    from peft import PeftModel
 
-    from ..sft import merge_alignment_adapter
+    from ..stage2_output import merged_model
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter!r} has no adapter_config.json: give the output folder of "
                                 f"`{PROG} finetune`.")
-    model = merge_alignment_adapter(base, alignment_adapter, **load_kwargs)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = merged_model(base, alignment_adapter, adapter, **load_kwargs)
     if "device_map" not in load_kwargs and "quantization_config" not in load_kwargs and torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()
