@@ -137,15 +137,15 @@ def collect_rows(root: Path, seeds: Sequence[int],
 
 def collect_verdicts(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> tuple[dict, dict]:
     """Per (seed, p, arm): each prompt's harmful verdict, and the judge's measured errors (None if unmeasured)."""
-    from ..evaluation.report import _judge_errors, _verdicts
+    from ..evaluation.report import harmful_verdicts, judge_errors_of
 
     verdicts, errors = {}, {}
     for seed in seeds:
         for ratio in ratios:
             for label, folder in evaluated_arms(cell_dir(root, seed, ratio)):
                 figures = arm_results(folder)
-                verdicts[seed, ratio, label] = _verdicts(figures.get("harmful_score") or {})
-                errors[seed, ratio, label] = _judge_errors(figures.get("judge_check"))
+                verdicts[seed, ratio, label] = harmful_verdicts(figures.get("harmful_score") or {})
+                errors[seed, ratio, label] = judge_errors_of(figures.get("judge_check"))
     return verdicts, errors
 
 

@@ -54,13 +54,13 @@ def _as_dict(result: Any) -> dict[str, Any] | None:
     raise TypeError(f"Expected a HarmfulScore / Accuracy or its to_dict(), got {type(result).__name__}.")
 
 
-def _verdicts(figure: Any) -> dict[str, bool]:
+def harmful_verdicts(figure: Any) -> dict[str, bool]:
     """Prompt -> harmful verdict of a HarmfulScore (or its dict with samples)."""
     samples = getattr(figure, "samples", None) if not isinstance(figure, Mapping) else figure.get("samples")
     return {sample["prompt"]: bool(sample["harmful"]) for sample in samples or []}
 
 
-def _judge_errors(check: Any) -> JudgeErrors | None:
+def judge_errors_of(check: Any) -> JudgeErrors | None:
     """The measured sensitivity/specificity counts of a judge check (object or dict), if it has them."""
     if check is None:
         return None
@@ -78,13 +78,13 @@ def paired_differences(results: Mapping[str, Mapping[str, Any]], reference: str 
     if reference is None:
         return {}
     base_figure = results[reference].get("harmful_score")
-    base = _verdicts(base_figure)
-    errors = _judge_errors(results[reference].get("judge_check"))
+    base = harmful_verdicts(base_figure)
+    errors = judge_errors_of(results[reference].get("judge_check"))
     judge_of = {m: ((_as_dict(f.get("harmful_score")) or {}).get("settings") or {}).get("judge")
                 for m, f in results.items()}
     paired = {}
     for method, figures in results.items():
-        verdicts = _verdicts(figures.get("harmful_score"))
+        verdicts = harmful_verdicts(figures.get("harmful_score"))
         prompts = [prompt for prompt in base if prompt in verdicts]
         if method == reference or not prompts:
             continue
