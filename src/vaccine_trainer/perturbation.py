@@ -285,42 +285,45 @@ def hidden_state_gradients(
     return result
 
 
+def skip_reason(global_norm: float, any_gradient: bool) -> str | None:
+    """Why pass 1's gradient cannot be normalised into eps (the step then trains on the clean loss), or None."""
+    if not any_gradient:
+        return "no hidden-state gradient (outputs unused by the loss)"
+    if not math.isfinite(global_norm):
+        return "non-finite hidden-state gradient"
+    if global_norm == 0.0:
+        return "zero hidden-state gradient"
+    return None
+
+
 def build_perturbation(
     gradients: Sequence[torch.Tensor | None], rho: float, norm: str = "global"
 ) -> PerturbationResult:
     """eps_l = rho * g_l / ||g|| (global norm over all layers) or rho * g_l / ||g_l|| (per layer).
 
-    Norms are taken in fp32 and eps has each gradient's dtype. A non-finite or zero norm
-    gives no perturbation (`skipped_reason` says why): the step then trains on the clean loss.
+    Norms are taken in fp32 and eps has each gradient's dtype. With `norm="layer"` a layer whose gradient is
+    zero (the loss does not depend on it) stays unperturbed.
     """
     present = [g for g in gradients if g is not None]
-    if not present:
-        return PerturbationResult([None] * len(gradients), 0.0, "no hidden-state gradient (outputs unused by the loss)")
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(present[0].device) for g in present])
-    layer_norms = norms.tolist()  # the one host sync of the step
-    global_norm = math.sqrt(sum(n * n for n in layer_norms))
-    if not math.isfinite(global_norm):
-        return PerturbationResult([None] * len(gradients), global_norm, "non-finite hidden-state gradient")
-    if global_norm == 0.0:
-        return PerturbationResult([None] * len(gradients), global_norm, "zero hidden-state gradient")
-    remaining = iter(layer_norms)
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(present[0].device)
+                         for g in present]).tolist() if present else []  # the one host sync of the step
+    layer_norms = [norms.pop(0) if g is not None else None for g in gradients]
+    global_norm = math.sqrt(sum(n * n for n in layer_norms if n is not None))
+    reason = skip_reason(global_norm, bool(present))
+    if reason is not None:
+        return PerturbationResult([None] * len(gradients), global_norm if present else 0.0, reason)
     eps: Perturbation = []
     eps_norms: list[float | None] = []
-    for grad in gradients:
-        if grad is None:
+    for g, g_norm in zip(gradients, layer_norms):
+        denominator = global_norm if norm == "global" else g_norm
+        if g is None or not denominator:
             eps.append(None)
             eps_norms.append(None)
             continue
-        layer_norm = next(remaining)
-        if norm == "layer" and layer_norm == 0.0:
-            eps.append(None)  # a layer the loss does not depend on stays unperturbed
-            eps_norms.append(None)
-            continue
-        scale = rho / (global_norm if norm == "global" else layer_norm)
-        # In place: pass 1's gradient is ours to overwrite, and no second hidden-sized copy is made. For bf16 and
-        # fp16 the product is computed in fp32 and rounded once, as `grad.float().mul_(scale).to(dtype)` would be.
-        eps.append(grad.mul_(scale))
-        eps_norms.append(layer_norm * scale)
+        # eps = rho * g / ||g||, in place: pass 1's gradient is ours to overwrite (no second hidden-sized copy), and
+        # for bf16/fp16 the product is computed in fp32 and rounded once.
+        eps.append(g.mul_(rho / denominator))
+        eps_norms.append(rho * g_norm / denominator)
     return PerturbationResult(eps, global_norm, eps_norms=eps_norms)
 
 
