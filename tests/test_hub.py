@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 from test_cli import FAST, finetune_argv, workspace  # noqa: F401  (the saved tiny model and its data)
 
 from vaccine_trainer import load_finetuned_model
@@ -83,13 +84,14 @@ def test_the_pushed_stage_two_output_loads_as_the_aligned_then_fine_tuned_model(
                  "--adapter", str(output), "--harmful_prompts", str(prompts), "--num_prompts", "2", "--task", "sst2",
                  "--task_dataset", workspace["sst2"], "--num_task_samples", "2", "--max_new_tokens", "4",
                  "--judge", "refusal", "--output_file", str(tmp_path / "evaluation.json"), "--push_to_hub", "true",
-                 "--hub_model_id", "someone/stage2"]) == 0
+                 "--hub_model_id", "someone/stage2",
+                 *(["--judge_data_dir", str(SHARED_DATA)] if SHARED_DATA.is_dir() else [])]) == 0
     second = hub.uploads[-1]
     assert second["files"] == ["README.md"]
     card = (hub.root / "someone" / "stage2" / "README.md").read_text()
     assert card == second["card"] and "`rho=2.0`" in card and "Alignment drift" in card  # the card, extended
     assert "| harmful score (judge `refusal`) |" in card and "fine-tune accuracy, sst2 (label likelihood)" in card
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    if evaluation["judge_check"] is not None:  # ../shared/data is there: the judge's measured accuracy is named
+    if SHARED_DATA.is_dir():  # the labelled pairs are there: the judge's measured accuracy is named
         assert f"Judge: refusal: {evaluation['judge_check']['accuracy']:.1f}% accurate" in card
     assert card.count("## Evaluation") == 1 and "2402.01109" in card

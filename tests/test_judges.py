@@ -13,9 +13,9 @@ from vaccine_trainer.evaluation import (
     LearnedJudgeSettings,
     RefusalJudge,
     check_judge,
-    make_judge,
     split_labelled_pairs,
 )
+from vaccine_trainer.commands.judge_names import check_judge_inputs, make_judge
 from vaccine_trainer.evaluation.learned_judge import BEAVERTAILS_FILE, SAFERLHF_FILE
 
 HARMFUL = ["Sure, first buy a crowbar, then wait until night and break the back window of the car quietly.",
@@ -101,6 +101,20 @@ def test_make_judge_by_name(labelled_dir, tmp_path):
     for bad in ("refusals", "learned:x", "classifier", "beaverdam"):
         with pytest.raises(ValueError, match="Unknown judge"):
             make_judge(bad)
+
+
+def test_the_learned_judge_needs_its_data_folder_given():
+    """The library names no folder of this repository: the labelled pairs are a setting, asked for at start-up."""
+    for fail in (lambda: make_judge("learned"), lambda: check_judge_inputs("learned", None)):
+        with pytest.raises(ValueError, match="--judge_data_dir"):
+            fail()
+    check_judge_inputs("refusal", None)
+
+
+def test_judge_check_held_out_only_needs_the_data_folder(capsys, tmp_path):
+    labelled = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "response": "r", "is_safe": True}])
+    assert main(["judge-check", "--judge", "refusal", "--labelled", str(labelled), "--held_out_only", "true"]) == 1
+    assert "--data_dir is required" in capsys.readouterr().err
 
 
 def test_make_judge_classifier(tmp_path):

@@ -7,7 +7,7 @@ import torch
 import transformers
 from conftest import tiny_tokenizer
 
-from vaccine_trainer.evaluation import make_judge
+from vaccine_trainer.commands.judge_names import make_judge
 from vaccine_trainer.evaluation.model_judges import Qwen3GuardJudge, parse_qwen3guard
 
 # A stand-in for the judge's own chat template (the real one writes Qwen3Guard's moderation instructions):

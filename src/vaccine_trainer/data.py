@@ -51,7 +51,7 @@ GSM8K_QUESTION_SUFFIX = "\nFirst think step by step and then answer the final nu
 GSM8K_ANSWER_PROMPT = "The final answer is: "
 TASK_LABELS: dict[str, tuple[str, ...]] = {"sst2": SST2_LABELS, "agnews": AGNEWS_LABELS}
 
-# Field names accepted for each role, first match wins (local files of ../shared/data and the hub sets).
+# Field names accepted for each role, first match wins (the offline jsonl copies and the hub sets).
 INSTRUCTION_FIELDS = ("instruction", "prompt", "question", "goal")
 OUTPUT_FIELDS = ("output", "response", "completion", "answer")
 

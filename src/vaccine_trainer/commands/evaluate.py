@@ -35,10 +35,11 @@ class EvaluateArguments(ModelLoadingArguments):
             `qwen3guard:<path-or-hub-id>` (Qwen3Guard-Gen, strict; `qwen3guard-loose:` loose), `llamaguard:`,
             `beaverdam:` or `classifier:<path-or-hub-id>` (an HF text-classification moderation model).
         second_judge (`str`, *optional*): a second judge of the same answers, with Cohen's kappa against the first.
-        judge_data_dir (`str`, defaults to `"../shared/data"`): the labelled pairs the learned judge trains on and
-            every judge is measured on (held-out BeaverTails prompts); the measured accuracy goes beside the score.
+        judge_data_dir (`str`, *optional*): the folder of labelled pairs (`beavertails_qa_labeled.jsonl`, ...)
+            the learned judge trains on and every judge is measured on (held-out BeaverTails prompts); the measured
+            accuracy goes beside the score. Required by `--judge learned`; without it other judges go unmeasured.
         harmful_pairs (`str`, *optional*): harmful (prompt, answer) pairs, e.g.
-            ../shared/data/beavertails_qa_labeled.jsonl, for the judge-free metrics (harmful-answer NLL, refusal
+            beavertails_qa_labeled.jsonl, for the judge-free metrics (harmful-answer NLL, refusal
             preference); `attack_dataset` is left out of them.
         alignment_dataset (`str`, *optional*) and alignment_seed (`int`): stage 1's data and seed; the held-out
             alignment loss is taken on rows stage 1 did not draw. num_likelihood_rows (`int`, defaults to `200`).
@@ -64,9 +65,9 @@ class EvaluateArguments(ModelLoadingArguments):
     second_judge: str | None = field(default=None, metadata={
         "help": "A second judge of the same answers: its harmful score and its agreement with --judge (Cohen's "
                 "kappa)."})
-    judge_data_dir: str = field(
-        default="../shared/data",
-        metadata={"help": "Labelled pairs the learned judge trains on and judges are measured on."})
+    judge_data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of labelled pairs the learned judge trains on and judges are measured on."})
     harmful_pairs: str | None = field(
         default=None, metadata={"help": "Harmful (prompt, answer) pairs for the judge-free metrics (off if unset)."})
     attack_dataset: str | None = field(default=None, metadata={"help": "Attack data left out of harmful_pairs."})
@@ -128,7 +129,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     from ..data import TASK_LABELS, load_harmful_prompts, load_task_eval
     from ..evaluation import finetune_accuracy
     from ..evaluation.intervals import corrected_rate
-    from ..evaluation.judges import check_judge_spec
+    from .judge_names import check_judge_inputs
     from ..evaluation.scores import harmful_answers, label_likelihood_accuracy
 
     require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -148,7 +149,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         task_rows = load_task_eval(args.task, args.task_dataset, args.num_task_samples)
     for spec in (args.judge, args.second_judge):  # a misspelled judge fails before the model loads
         if spec is not None:
-            check_judge_spec(spec)
+            check_judge_inputs(spec, args.judge_data_dir)
     model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter, **args.load_kwargs())
     tokenizer = load_tokenizer(args.model_name_or_path, revision=args.model_revision,
                                trust_remote_code=args.trust_remote_code)
@@ -285,18 +286,21 @@ def answer_cache(args: EvaluateArguments, what: str, max_new_tokens: int):
     return AnswerCache(output.with_name(f"{output.stem}.{what}_answers.jsonl"), settings)
 
 
-def build_judge(spec: str, data_dir: str):
+def build_judge(spec: str, data_dir: str | None):
     """The judge named by `--judge` (see `make_judge`); an unknown name fails before any model is loaded."""
-    from ..evaluation import make_judge
+    from .judge_names import make_judge
 
     return make_judge(spec, data_dir=data_dir)
 
 
-def measure_judge(judge, data_dir: str):
+def measure_judge(judge, data_dir: str | None):
     """The judge measured on the held-out BeaverTails pairs (prompts the learned judge never saw), if present."""
     from ..evaluation import check_judge, split_labelled_pairs
     from ..evaluation.learned_judge import BEAVERTAILS_FILE
 
+    if data_dir is None:
+        logger().warning("No --judge_data_dir: the judge's accuracy is not measured, and its score stands alone.")
+        return None
     try:
         held_out = split_labelled_pairs(data_dir).held_out
     except FileNotFoundError:

@@ -17,12 +17,13 @@ class JudgeCheckArguments:
 
     Parameters:
         judge (`str`, defaults to `"learned"`): refusal, learned or classifier:<path-or-hub-id>.
-        labelled (`str`): a .jsonl file of labelled pairs, e.g. ../shared/data/beavertails_qa_labeled.jsonl.
+        labelled (`str`): a .jsonl file of labelled pairs, e.g. beavertails_qa_labeled.jsonl.
         held_out_only (`bool`, defaults to `False`): keep only the pairs whose prompts the learned judge held out
             (for BeaverTails; measuring the learned judge on pairs it trained on says little).
         refusals (`str`, *optional*): a .jsonl file of known refusals (`instruction`, `output`), e.g.
-            ../shared/data/alignment_refusals.jsonl: the share the judge flags is reported.
-        data_dir (`str`, defaults to `"../shared/data"`): where the learned judge finds its training pairs.
+            alignment_refusals.jsonl: the share the judge flags is reported.
+        data_dir (`str`, *optional*): the folder of labelled pairs the learned judge trains on (and whose split
+            `held_out_only` reads); required by `--judge learned` and `--held_out_only`.
         output_file (`str`, *optional*): also write the figures as JSON.
     """
 
@@ -32,7 +33,8 @@ class JudgeCheckArguments:
     labelled: str | None = field(default=None, metadata={"help": "Labelled pairs (.jsonl: prompt, response, is_safe)."})
     held_out_only: bool = field(default=False, metadata={"help": "Only the learned judge's held-out prompts."})
     refusals: str | None = field(default=None, metadata={"help": "Known refusals (.jsonl: instruction, output)."})
-    data_dir: str = field(default="../shared/data", metadata={"help": "The learned judge's training pairs."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Folder of the learned judge's training pairs (needed by --judge learned and --held_out_only)."})
     output_file: str | None = field(default=None, metadata={"help": "Write the figures as JSON here too."})
 
 
@@ -41,7 +43,12 @@ def run_judge_check(args: JudgeCheckArguments):
     from ..evaluation.judge_check import validate_labelled
     from ..evaluation.learned_judge import read_jsonl
 
-    require(args.labelled, "labelled", "../shared/data/beavertails_qa_labeled.jsonl")
+    from .judge_names import check_judge_inputs
+
+    require(args.labelled, "labelled", "data/beavertails_qa_labeled.jsonl")
+    check_judge_inputs(args.judge, args.data_dir)
+    if args.held_out_only:
+        require(args.data_dir, "data_dir", "path/to/data (the folder whose split says which prompts are held out)")
     for flag in ("labelled", "refusals"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():

@@ -106,6 +106,8 @@ class PipelineArguments:
     judge: str = field(default="refusal", metadata={
         "help": "refusal, learned, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
                 "classifier:<path>."})
+    judge_data_dir: str | None = field(default=None, metadata={
+        "help": "Folder of labelled pairs the learned judge trains on and judges are measured on."})
     harmful_pairs: str | None = field(
         default=None, metadata={"help": "Harmful (prompt, answer) pairs for the judge-free metrics (off if unset)."})
     evaluate_args: dict | str | None = field(
@@ -402,10 +404,13 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
     import torch
 
     from ..evaluation import write_report
+    from .judge_names import check_judge_inputs
 
     arms = args.arms()
     launch = args.launch_flags()
     check_phase_settings(args)
+    check_judge_inputs(args.evaluate_args.get("judge", args.judge),
+                       args.evaluate_args.get("judge_data_dir", args.judge_data_dir))
     for flag in ("alignment_dataset", "harmful_dataset", "benign_dataset", "harmful_prompts", "task_dataset",
                  "second_benign_dataset"):
         check_source(getattr(args, flag), flag)
@@ -467,6 +472,8 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
                     **_likelihood_settings(args)}
         if adapter is not None:
             settings["alignment_adapter"] = str(adapter)
+        if args.judge_data_dir is not None:
+            settings["judge_data_dir"] = args.judge_data_dir
         settings |= args.evaluate_args
         walls[arm.label]["evaluate"] = run_phase(evaluated, f"{arm.label}/evaluate", "evaluate",
                                                  settings)["wall_time_s"]

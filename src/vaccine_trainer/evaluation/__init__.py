@@ -2,7 +2,7 @@
 
 * Harmful score: the percentage of harmful prompts whose greedy answer a judge flags (the paper: 500
   BeaverTails test prompts, 128 new tokens, the BeaverDam moderation model). Judges are pluggable
-  (``judge(prompts, answers) -> list[bool]``) and built by name with :func:`make_judge`.
+  (``judge(prompts, answers) -> list[bool]``), built by name with `vaccine_trainer.commands.judge_names.make_judge`.
 * Fine-tune accuracy: the percentage of a benign task's test rows answered correctly, with the paper's
   parsing rules (label word in the answer; GSM8K: the number after "The final answer is: ").
 * :func:`check_judge`: a judge's accuracy on human-labelled pairs, printed beside its scores.
@@ -11,8 +11,9 @@
 
 from .generation import format_all, generate_answers
 from .judge_check import JudgeCheck, check_judge
-from .judges import BARE_DENIAL, JUDGE_NAMES, REFUSAL_PHRASES, ClassifierJudge, Judge, RefusalJudge, make_judge
+from .judges import BARE_DENIAL, REFUSAL_PHRASES, Judge, RefusalJudge
 from .learned_judge import LearnedJudge, LearnedJudgeSettings, split_labelled_pairs
+from .model_judges import ClassifierJudge
 from .report import agg_figure, drift_points, drift_series, write_report
 from .scores import (
     Accuracy,
@@ -28,9 +29,9 @@ from .scores import (
 )
 
 __all__ = [
-    "BARE_DENIAL", "JUDGE_NAMES", "REFUSAL_PHRASES", "Accuracy", "ClassifierJudge", "HarmfulScore", "Judge",
+    "BARE_DENIAL", "REFUSAL_PHRASES", "Accuracy", "ClassifierJudge", "HarmfulScore", "Judge",
     "JudgeCheck", "LearnedJudge", "LearnedJudgeSettings", "RefusalJudge", "agg_figure", "check_judge",
     "drift_points", "drift_series", "finetune_accuracy", "format_all", "generate_answers", "harmful_score",
-    "is_correct", "make_judge", "non_refusal_rate", "parse_label", "parse_number", "score_answers",
+    "is_correct", "non_refusal_rate", "parse_label", "parse_number", "score_answers",
     "score_task_answers", "split_labelled_pairs", "write_report",
 ]

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .judges import judge_name, published_accuracy
+from .judges import judge_name
 
 LABELLED_FIELDS = ("prompt", "response", "is_safe")
 
@@ -38,6 +38,7 @@ class JudgeCheck:
     true_positives: int = 0
     negatives: int = 0
     true_negatives: int = 0
+    published: str | None = None  # what the judge's authors (or others) report, where there is a figure
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,8 +47,7 @@ class JudgeCheck:
         """One line, e.g. for a report: "learned: 75.1% accurate on beavertails_qa_labeled.jsonl (n=1009)", with
         the judge's published figure where there is one."""
         line = f"{self.judge}: {self.accuracy:.1f}% accurate on {self.labelled} (n={self.n})"
-        published = published_accuracy(self.judge)
-        return f"{line}; published: {published}" if published else line
+        return f"{line}; published: {self.published}" if self.published else line
 
     def errors(self):
         """Sensitivity and specificity with their counts, for `corrected_rate`; None without pairs of both kinds."""
@@ -109,5 +109,5 @@ def check_judge(judge: Callable, rows: Sequence[Mapping[str, Any]], *, source: s
         false_positive_rate=_ratio(fp, len(truth) - sum(truth)), seconds=seconds,
         refusals_flagged=refusal_rate, refusals_n=len(refusals), per_category=dict(sorted(per_category.items())),
         positives=sum(truth), true_positives=tp, negatives=len(truth) - sum(truth),
-        true_negatives=len(truth) - sum(truth) - fp,
+        true_negatives=len(truth) - sum(truth) - fp, published=getattr(judge, "published_accuracy", None),
     )

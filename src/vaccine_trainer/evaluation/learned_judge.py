@@ -1,10 +1,8 @@
 """An offline harm judge learned from human-labelled question/answer pairs (no hub, no GPU).
 
 Why this model: a TF-IDF (word 1-2-grams and character 2-5-grams) logistic regression over the
-*answer* trains in seconds on 2 cores and judges thousands of answers a second. On the shared
-labelled pairs it was as accurate as a logistic regression on sentence embeddings of the answer or
-of the (prompt, answer) pair from a packaged MiniLM encoder (74% against 73-75% on held-out
-BeaverTails prompts) at a hundredth of the cost; see docs/judges.md for the measured figures.
+*answer* trains in seconds on 2 cores and judges thousands of answers a second, and was as accurate
+as the heavier models tried (docs/judges.md has the measured figures).
 
 It reads the answer, not the prompt: every evaluation prompt is harmful, so a judge that keys on the
 prompt flags everything. Two rules sit in front of the classifier, decided on purpose:
@@ -77,8 +75,7 @@ def require_data_files(data_dir: Path) -> None:
     missing = [str(path) for path in needed if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"The learned judge trains on the shared labelled pairs; missing {missing}. "
-                                "Pass data_dir= the folder holding them (../shared/data; --judge_data_dir on the "
-                                "command line).")
+                                "Pass data_dir= the folder holding them (--judge_data_dir on the command line).")
 
 
 def split_labelled_pairs(
@@ -127,11 +124,11 @@ def _fingerprint(data_dir: Path, settings: LearnedJudgeSettings) -> str:
 class LearnedJudge:
     """Harm judge trained on the shared labelled pairs; see the module docstring for what and why.
 
-    ``LearnedJudge(data_dir="../shared/data")`` trains on first use (seconds) and caches the fitted
+    ``LearnedJudge(data_dir)`` trains on first use (seconds) and caches the fitted
     classifier under ``cache_dir`` (default ``~/.cache/vaccine_trainer/learned_judge``).
     """
 
-    def __init__(self, data_dir: str | Path = "../shared/data", *, cache_dir: str | Path | None = None,
+    def __init__(self, data_dir: str | Path, *, cache_dir: str | Path | None = None,
                  settings: LearnedJudgeSettings = LearnedJudgeSettings()):
         self.data_dir = Path(data_dir)
         self.settings = settings

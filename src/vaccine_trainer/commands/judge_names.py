@@ -1,0 +1,71 @@
+"""Judges by name, as `--judge` and `--second_judge` take them: ``refusal``, ``learned``, ``<kind>:<model>``.
+
+The names are checked before any model loads (`check_judge_spec`), so a misspelled judge fails at start-up;
+`make_judge` then builds the judge, importing a model-backed one only when it is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+JUDGE_NAMES = ("refusal", "learned", "beaverdam:<path-or-hub-id>", "llamaguard:<path-or-hub-id>",
+               "qwen3guard:<path-or-hub-id>", "qwen3guard-loose:<path-or-hub-id>", "classifier:<path-or-hub-id>")
+MODEL_JUDGES = ("beaverdam", "llamaguard", "qwen3guard", "qwen3guard-loose", "classifier")
+
+
+def check_judge_spec(spec: str) -> None:
+    """Fail on a judge name `make_judge` would refuse, without loading or training anything."""
+    kind, _, target = spec.partition(":")
+    kind = kind.strip().lower()
+    if (kind in ("refusal", "learned") and not target) or (kind in MODEL_JUDGES and target):
+        return
+    raise ValueError(f"Unknown judge {spec!r}: use one of {', '.join(JUDGE_NAMES)}.")
+
+
+def check_judge_inputs(spec: str, data_dir: str | Path | None) -> None:
+    """`check_judge_spec`, and the learned judge's labelled pairs given: what a command checks at start-up."""
+    check_judge_spec(spec)
+    if spec.strip().lower() == "learned" and data_dir is None:
+        raise ValueError(LEARNED_NEEDS_DATA)
+
+
+LEARNED_NEEDS_DATA = ("The learned judge trains on labelled (prompt, answer) pairs: give the folder holding them "
+                      "(data_dir=; --judge_data_dir on the command line), or choose another judge.")
+
+
+def make_judge(spec: str, *, data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+               device: Any = None) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
+    """A judge from its name: ``refusal``, ``learned``, ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict;
+    ``qwen3guard-loose:``) or ``classifier:<path>``.
+
+    ``data_dir`` is the folder of labelled pairs the learned judge trains on (required for it); ``cache_dir``
+    where it keeps the trained classifier.
+    """
+    check_judge_spec(spec)
+    kind, _, target = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "refusal":
+        from ..evaluation.judges import RefusalJudge
+
+        return RefusalJudge()
+    if kind == "learned":
+        from ..evaluation.learned_judge import LearnedJudge
+
+        if data_dir is None:
+            raise ValueError(LEARNED_NEEDS_DATA)
+        return LearnedJudge(data_dir, cache_dir=cache_dir)
+    from ..evaluation import model_judges
+
+    if kind == "classifier":
+        try:
+            return model_judges.ClassifierJudge(target, device=device)
+        except (OSError, KeyError) as error:
+            raise ValueError(f"Judge {spec!r}: {target!r} is not a text-classification model that loads offline "
+                             f"(a local folder with config.json and weights, or a cached hub id). Cause: {error}"
+                             ) from error
+    if kind in ("qwen3guard", "qwen3guard-loose"):
+        return model_judges.Qwen3GuardJudge(target, mode="loose" if kind.endswith("loose") else "strict",
+                                            device=device)
+    return (model_judges.BeaverDamJudge if kind == "beaverdam" else model_judges.LlamaGuardJudge)(target, device=device)
