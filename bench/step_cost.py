@@ -174,7 +174,7 @@ class Stepper:
         self.trainer = trainer
         self.hooks = hooks  # installed around the step, outside the timing (as for a whole train())
         self.model = trainer.model_wrapped
-        self.sampling = getattr(trainer, "_vaccine_freezer", None) is not None
+        self.sampling = getattr(trainer, "vaccine_sampler", None) is not None
         self.steps, self.lowest_active = 0, []
 
     def _next_draw(self) -> None:

@@ -277,10 +277,10 @@ class PhaseMixin:
             self.phase = "step"
 
 
-    def _vaccine_probe_norms(self, model, step):
+    def _vaccine_probe_norms(self, model, rows):
         self.phase = "probe"
         try:
-            return super()._vaccine_probe_norms(model, step)
+            return super()._vaccine_probe_norms(model, rows)
         finally:
             self.phase = "step"
 

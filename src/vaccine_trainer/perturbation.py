@@ -33,7 +33,7 @@ class MissingHiddenStateGradientError(RuntimeError):
 class PerturbationResult:
     """What pass 1 produced: eps per module (None: leave the output alone) and its diagnostics."""
 
-    eps: Perturbation
+    eps: Perturbation | Callable[[torch.Tensor], torch.Tensor]  # a noise function for the gaussian ablation
     grad_norm: float
     skipped_reason: str | None = None
     eps_norms: list[float | None] | None = None  # the norm each eps_l has in exact arithmetic (None: no eps)
@@ -84,7 +84,7 @@ class HiddenStateHooks:
         self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self.gradients: list[torch.Tensor | None] = [None] * len(self.modules)
         self.applied: list[torch.Tensor | None] = [None] * len(self.modules)
-        self._gradient_hooks = False
+        self.gradient_hooks = False  # capturing through tensor hooks in a full backward (reentrant checkpointing)
         self._eps: Perturbation | Callable[[torch.Tensor], torch.Tensor] | None = None
         self.active: list[bool] | None = None  # T-Vaccine: only these modules capture and perturb (None: all)
 
@@ -126,6 +126,15 @@ class HiddenStateHooks:
         self._eps = None
 
     @contextlib.contextmanager
+    def restricted_to(self, active: Sequence[bool] | None) -> Iterator[None]:
+        """Only the modules marked True capture and perturb during the block (T-Vaccine); None: every module."""
+        self.active = list(active) if active is not None else None
+        try:
+            yield
+        finally:
+            self.active = None
+
+    @contextlib.contextmanager
     def capturing(self, gradient_hooks: bool = False) -> Iterator[HiddenStateHooks]:
         """Record each module's output; with `gradient_hooks`, also record its gradient in backward.
 
@@ -133,7 +142,7 @@ class HiddenStateHooks:
         refused and the gradients must be caught by tensor hooks during a full `backward()`.
         """
         self._reset(self.CAPTURE)
-        self._gradient_hooks = gradient_hooks
+        self.gradient_hooks = gradient_hooks
         try:
             yield self
         finally:
@@ -217,7 +226,7 @@ class HiddenStateHooks:
                 return
             hidden.requires_grad_(True)  # nothing below requires grad: make the output a leaf
         self.outputs[index] = hidden
-        if self._gradient_hooks:
+        if self.gradient_hooks:
             def store(grad: torch.Tensor, index: int = index) -> None:
                 self.gradients[index] = grad if self.gradients[index] is None else self.gradients[index] + grad
 
@@ -257,7 +266,7 @@ def hidden_state_gradients(
     but whose output got no gradient raises `MissingHiddenStateGradientError`: never a silent plain step.
     """
     result: list[torch.Tensor | None] = [None] * len(hooks.modules)
-    if not hooks._gradient_hooks:
+    if not hooks.gradient_hooks:
         wanted = [i for i, out in enumerate(hooks.outputs) if out is not None]
         if wanted:
             grads = torch.autograd.grad(loss, [hooks.outputs[i] for i in wanted], allow_unused=True)

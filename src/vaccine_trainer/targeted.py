@@ -1,29 +1,37 @@
-"""T-Vaccine inside the Trainer: the probe, the draw and the freezing at each optimizer step's start.
+"""T-Vaccine's layer sampler: a part the trainer holds, not a parent class.
 
-A mixin of `VaccineMixin` (which provides the hooks, pass 1's model and context, and the state callback);
-the arithmetic of probabilities, draws and freezing is in `layer_sampling`.
+The sampler owns what T-Vaccine adds to Vaccine: the candidate layers and their freezer, the harmful probe
+data, the probabilities and active layers (`LayerSamplingState`, saved in every checkpoint by the trainer's
+state callback) and the values to log. The trainer asks it, at each micro-batch, which hooked layers are
+active, handing it a function that measures hidden-state gradient norms on a batch of probe rows; the
+arithmetic of probabilities, draws and freezing is in `layer_sampling`.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable, Sequence
+
 from torch import nn
 from transformers.utils import logging
 
-from .config import parse_layer_spec
+from .config import VaccineArguments, parse_layer_spec
 from .layer_sampling import LayerFreezer, LayerSamplingState, draw_layers, layer_probabilities, probe_rows
 from .layers import find_decoder_layers
 
 logger = logging.get_logger(__name__)
 
+ProbeNorms = Callable[[Sequence[int]], list[float]]
+"""Hidden-state gradient norm of every candidate layer on the probe rows given (indices into the probe data)."""
 
-class TargetedLayersMixin:
-    """T-Vaccine's layer sampling for `VaccineMixin`; active when `vaccine_layer_sampling` is set."""
 
-    def _set_up_layer_sampling(self, probe_dataset) -> None:
-        """Candidate layers, their trainable parameters and the harmful probe data, checked at start-up."""
-        settings = self.vaccine_args
-        decoder_layers = find_decoder_layers(self.model)
+class LayerSampler:
+    """Which decoder layers are perturbed and trained, re-drawn every `vaccine_sampling_interval` steps."""
+
+    def __init__(self, model: nn.Module, settings: VaccineArguments, seed: int, probe_dataset=None,
+                 prepare_probe: Callable = lambda dataset: dataset):
+        """Candidate layers, their trainable parameters and the harmful probe data (as `prepare_probe` makes it
+        ready for the collator), checked at start-up."""
+        decoder_layers = find_decoder_layers(model)
         indices = (list(range(len(decoder_layers))) if settings.vaccine_layers is None
                    else parse_layer_spec(settings.vaccine_layers, len(decoder_layers)))
         if settings.vaccine_sampled_layers > len(indices):
@@ -31,88 +39,83 @@ class TargetedLayersMixin:
                 f"vaccine_sampled_layers={settings.vaccine_sampled_layers} but only {len(indices)} layers can be "
                 f"sampled ({'vaccine_layers=' + repr(settings.vaccine_layers) if settings.vaccine_layers else 'all'}"
                 f"): choose at most {len(indices)}.")
+        self.probe_dataset = None
         if settings.vaccine_layer_probabilities == "harmful_gradient":
             if probe_dataset is None or len(probe_dataset) == 0:
                 raise ValueError(
                     "T-Vaccine weighs layers by their gradient on harmful data: pass probe_dataset= (harmful "
                     "prompt -> harmful answer rows, in the training data's format; `--probe_dataset` in "
                     "`vaccine-trainer align`), or set vaccine_layer_probabilities='uniform'.")
-            self._vaccine_probe_dataset = self._prepare_probe_dataset(probe_dataset)
-        self._vaccine_freezer = LayerFreezer([decoder_layers[i] for i in indices],
-                                             checkpoint_frozen=settings.vaccine_checkpoint_frozen_layers)
-        self._vaccine_state.layer_sampling = LayerSamplingState(layer_indices=indices).to_dict()
+            self.probe_dataset = prepare_probe(probe_dataset)
+        self.settings, self.seed = settings, seed
+        self.freezer = LayerFreezer([decoder_layers[i] for i in indices],
+                                    checkpoint_frozen=settings.vaccine_checkpoint_frozen_layers)
+        self.state = LayerSamplingState(layer_indices=indices)
+        self.logs: dict[str, float] = {}  # probabilities and active layers since the last log
+        self._seen_step: int | None = None
         logger.info(
             f"T-Vaccine: {settings.vaccine_sampled_layers} of {len(indices)} layers active at a time, drawn every "
             f"{settings.vaccine_sampling_interval} steps ({settings.vaccine_layer_probabilities} probabilities"
-            + (f", probed every {settings.vaccine_probe_interval} steps)." if self._vaccine_probe_dataset
-               is not None else ")."))
+            + (f", probed every {settings.vaccine_probe_interval} steps)." if self.probe_dataset is not None
+               else ")."))
 
-    def _prepare_probe_dataset(self, dataset):
-        """The probe rows as the collator expects them; trainers that tokenize (TRL) override this."""
-        if hasattr(dataset, "column_names") and self.args.remove_unused_columns:
-            return self._remove_unused_columns(dataset, description="probe")
-        return dataset
+    def active_at(self, step: int, probe_norms: ProbeNorms) -> list[bool]:
+        """The active mask over the candidate layers for a micro-batch of optimizer step `step`.
 
-    @property
-    def vaccine_layer_sampling_state(self) -> LayerSamplingState | None:
-        """T-Vaccine's probabilities and active layers (decoder-layer indices via `active_layers()`)."""
-        saved = self._vaccine_state.layer_sampling
-        return LayerSamplingState.from_dict(saved) if saved is not None else None
+        At the step's first micro-batch: probe and draw when due, then freeze the layers not drawn.
+        """
+        if step != self._seen_step:
+            self._seen_step = step
+            self._update_probabilities(step, probe_norms)
+            self._draw(step)
+            self.freezer.activate(self.state.active)
+        return [i in self.state.active for i in range(len(self.state.layer_indices))]
 
-    def _vaccine_layer_sampling_step(self, model: nn.Module) -> None:
-        """At the first micro-batch of an optimizer step: probe and draw when due, then freeze the rest."""
-        step = self.state.global_step
-        if step == self._vaccine_seen_step:
-            return
-        self._vaccine_seen_step = step
-        settings, state = self.vaccine_args, self.vaccine_layer_sampling_state
+    def _update_probabilities(self, step: int, probe_norms: ProbeNorms) -> None:
+        settings, state = self.settings, self.state
         count = len(state.layer_indices)
         if settings.vaccine_layer_probabilities == "uniform":
             state.probabilities = [1.0 / count] * count
-        elif state.probabilities is None or (step % settings.vaccine_probe_interval == 0 and state.probe_step != step):
-            self._vaccine_freezer.release()  # the probe sees the whole model, as plain Vaccine's pass 1 does
-            norms = self._vaccine_probe_norms(model, step)
-            try:
-                state.probabilities, state.probe_step = layer_probabilities(norms), step
-            except ValueError as error:
-                if state.probabilities is None:
-                    state.probabilities = [1.0 / count] * count
-                logger.warning(f"T-Vaccine: probe at step {step} skipped ({error}); keeping the previous "
-                               "probabilities (uniform if none).")
-            self._vaccine_sampling_logs.update(
-                {f"vaccine/layer_probability/{layer}": p for layer, p in zip(state.layer_indices, state.probabilities)})
-        if state.active is None or (step % settings.vaccine_sampling_interval == 0 and state.draw_step != step):
-            state.active = draw_layers(state.probabilities, settings.vaccine_sampled_layers, self.args.seed, step)
-            state.draw_step = step
-            active_layers = state.active_layers()
-            logger.info(f"T-Vaccine: step {step}, active layers {active_layers}.")
-            self._vaccine_sampling_logs.update({"vaccine/lowest_active_layer": min(active_layers),
-                                                "vaccine/active_layers": len(active_layers)})
-            self._vaccine_sampling_logs.update(
-                {f"vaccine/layer_active/{layer}": float(layer in active_layers) for layer in state.layer_indices})
-        self._vaccine_state.layer_sampling = state.to_dict()
-        self._vaccine_freezer.activate(state.active)
-        self._vaccine_hooks.active = [i in state.active for i in range(count)]
+            return
+        if state.probabilities is not None and (step % settings.vaccine_probe_interval or state.probe_step == step):
+            return
+        self.freezer.release()  # the probe sees the whole model, as plain Vaccine's pass 1 does
+        rows = probe_rows(len(self.probe_dataset), settings.vaccine_probe_batch_size, self.seed, step)
+        try:
+            state.probabilities, state.probe_step = layer_probabilities(probe_norms(rows)), step
+        except ValueError as error:
+            if state.probabilities is None:
+                state.probabilities = [1.0 / count] * count
+            logger.warning(f"T-Vaccine: probe at step {step} skipped ({error}); keeping the previous "
+                           "probabilities (uniform if none).")
+        self.logs.update({f"vaccine/layer_probability/{layer}": p
+                          for layer, p in zip(state.layer_indices, state.probabilities)})
 
-    def _vaccine_probe_norms(self, model: nn.Module, step: int) -> list[float]:
-        """Hidden-state gradient norm of every candidate layer on a harmful batch; no parameter `.grad` is made.
+    def _draw(self, step: int) -> None:
+        state = self.state
+        if state.active is not None and (step % self.settings.vaccine_sampling_interval or state.draw_step == step):
+            return
+        state.active = draw_layers(state.probabilities, self.settings.vaccine_sampled_layers, self.seed, step)
+        state.draw_step = step
+        active_layers = state.active_layers()
+        logger.info(f"T-Vaccine: step {step}, active layers {active_layers}.")
+        self.logs.update({"vaccine/lowest_active_layer": min(active_layers), "vaccine/active_layers": len(active_layers)})
+        self.logs.update({f"vaccine/layer_active/{layer}": float(layer in active_layers)
+                          for layer in state.layer_indices})
 
-        Averaged over processes, so every process draws from the same probabilities.
-        """
-        dataset = self._vaccine_probe_dataset
-        rows = probe_rows(len(dataset), self.vaccine_args.vaccine_probe_batch_size, self.args.seed, step)
-        self._vaccine_hooks.active = None  # every candidate layer, frozen or not
-        # The AMP scale keeps fp16 gradients from underflowing; it cancels in the normalised probabilities.
-        gradients, _ = self._vaccine_hidden_state_gradients(
-            model, self.data_collator([dataset[i] for i in rows]), loss_scale=self._vaccine_loss_scale() or 1.0)
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) if g is not None
-                             else torch.zeros((), device=self.args.device) for g in gradients]).to(self.args.device)
-        if self.args.world_size > 1:
-            norms = self.accelerator.reduce(norms, reduction="mean")
-        return norms.tolist()
+    def pop_logs(self) -> dict[str, float]:
+        logs, self.logs = self.logs, {}
+        return logs
 
-    def _check_resumed_layers(self, sampling: dict) -> None:
-        expected = self.vaccine_layer_sampling_state.layer_indices
-        if sampling.get("layer_indices") != expected:
-            raise ValueError(f"The checkpoint sampled layers {sampling.get('layer_indices')}, this run samples "
-                             f"{expected}: resume with the same vaccine_layers.")
+    def release(self) -> None:
+        """Every layer trainable again (when `train` returns or fails); the next step freezes anew."""
+        self.freezer.release()
+        self._seen_step = None
+
+    def restore(self, saved: dict) -> None:
+        """The probabilities and active layers of a checkpoint; its candidate layers must be this run's."""
+        restored = LayerSamplingState.from_dict(saved)
+        if restored.layer_indices != self.state.layer_indices:
+            raise ValueError(f"The checkpoint sampled layers {restored.layer_indices}, this run samples "
+                             f"{self.state.layer_indices}: resume with the same vaccine_layers.")
+        self.state = restored

@@ -22,9 +22,9 @@ from transformers.utils import logging
 
 from .config import VaccineArguments
 from .distributed import check_distributed_support, check_layer_sampling_support, pass_one_without_sync
-from .layer_sampling import LayerFreezer
+from .layer_sampling import LayerSamplingState
 from .layers import find_vaccine_modules
-from .targeted import TargetedLayersMixin
+from .targeted import LayerSampler
 from .perturbation import (
     LOSS_SCALE_OVERFLOW,
     HiddenStateHooks,
@@ -44,8 +44,9 @@ VACCINE_CONFIG_NAME = "vaccine_config.json"
 class VaccineStateCallback(TrainerCallback, ExportableState):
     """Keeps the Vaccine settings and counters in `trainer_state.json` of every checkpoint.
 
-    On resume the Trainer restores `skipped_steps`, so the logged counter carries on, and T-Vaccine's
-    layer probabilities and active layers (`layer_sampling`), so the run draws what it would have drawn.
+    On resume the trainer restores `skipped_steps`, so the logged counter carries on, and T-Vaccine's
+    layer probabilities and active layers (`layer_sampling`, read from the sampler when saved), so the run
+    draws what it would have drawn.
     """
 
     def __init__(self, settings: dict | None = None, modules: list[str] | None = None, skipped_steps: int = 0,
@@ -53,7 +54,12 @@ class VaccineStateCallback(TrainerCallback, ExportableState):
         self.settings = dict(settings or {})
         self.modules = list(modules or [])
         self.skipped_steps = skipped_steps
-        self.layer_sampling = layer_sampling
+        self.sampler: LayerSampler | None = None
+        self._saved_sampling = layer_sampling  # what a checkpoint held, until a sampler takes it
+
+    @property
+    def layer_sampling(self) -> dict | None:
+        return self.sampler.state.to_dict() if self.sampler is not None else self._saved_sampling
 
     def state(self) -> dict:
         return {
@@ -62,7 +68,7 @@ class VaccineStateCallback(TrainerCallback, ExportableState):
         }
 
 
-class VaccineMixin(TargetedLayersMixin):
+class VaccineMixin:
     """Adds Vaccine's two-pass step to a Trainer class: `class X(VaccineMixin, SomeTrainer)`.
 
     Vaccine settings come from the training arguments when they carry them
@@ -95,12 +101,11 @@ class VaccineMixin(TargetedLayersMixin):
         self._vaccine_log_sums = _empty_log_sums()
         self._vaccine_state = VaccineStateCallback(self.vaccine_args.vaccine_kwargs(), self.vaccine_modules)
         self.add_callback(self._vaccine_state)
-        self._vaccine_freezer: LayerFreezer | None = None
-        self._vaccine_probe_dataset = None
-        self._vaccine_seen_step: int | None = None
-        self._vaccine_sampling_logs: dict[str, float] = {}
+        self.vaccine_sampler: LayerSampler | None = None  # T-Vaccine
         if self.vaccine_args.vaccine_layer_sampling:
-            self._set_up_layer_sampling(probe_dataset)
+            self.vaccine_sampler = LayerSampler(self.model, self.vaccine_args, self.args.seed, probe_dataset,
+                                                prepare_probe=self._prepare_probe_dataset)
+            self._vaccine_state.sampler = self.vaccine_sampler
         elif probe_dataset is not None:
             logger.warning("probe_dataset is used by T-Vaccine only (vaccine_layer_sampling=True); it is ignored.")
 
@@ -133,13 +138,24 @@ class VaccineMixin(TargetedLayersMixin):
                 self._vaccine_state = callback
         saved = (self.state.stateful_callbacks or {}).get(VaccineStateCallback.__name__)
         saved = saved[0] if isinstance(saved, list) and saved else saved
+        self._vaccine_state.sampler = self.vaccine_sampler
         if isinstance(saved, dict):
             attributes = saved.get("attributes", {})
             self._vaccine_state.skipped_steps = int(attributes.get("skipped_steps", 0))
             sampling = attributes.get("layer_sampling")
-            if self._vaccine_freezer is not None and sampling is not None:
-                self._check_resumed_layers(sampling)
-                self._vaccine_state.layer_sampling = sampling
+            if self.vaccine_sampler is not None and sampling is not None:
+                self.vaccine_sampler.restore(sampling)
+
+    def _prepare_probe_dataset(self, dataset):
+        """T-Vaccine's probe rows as the collator expects them; trainers that tokenize (TRL) override this."""
+        if hasattr(dataset, "column_names") and self.args.remove_unused_columns:
+            return self._remove_unused_columns(dataset, description="probe")
+        return dataset
+
+    @property
+    def vaccine_layer_sampling_state(self) -> LayerSamplingState | None:
+        """T-Vaccine's probabilities and active layers (decoder-layer indices via `active_layers()`)."""
+        return self.vaccine_sampler.state if self.vaccine_sampler is not None else None
 
     def train(self, *args, **kwargs):
         """Train with the hooks registered for the whole run, so `torch.compile` sees them.
@@ -153,14 +169,12 @@ class VaccineMixin(TargetedLayersMixin):
         """
         if self._vaccine_hooks is None:
             return super().train(*args, **kwargs)
-        self._vaccine_seen_step = None
         try:
             with self._vaccine_hooks.installed_for(), compiled_with_hooks(self.args.torch_compile, self.model):
                 return super().train(*args, **kwargs)
         finally:
-            if self._vaccine_freezer is not None:
-                self._vaccine_freezer.release()
-                self._vaccine_hooks.active = None
+            if self.vaccine_sampler is not None:
+                self.vaccine_sampler.release()
 
     def training_step(
         self,
@@ -172,27 +186,37 @@ class VaccineMixin(TargetedLayersMixin):
         if hooks is None:  # rho == 0: exactly the parent's step
             return super().training_step(model, inputs, num_items_in_batch)
         with hooks.installed_for():
-            if self._vaccine_freezer is not None:
-                self._vaccine_layer_sampling_step(model)
-            if self.vaccine_args.vaccine_perturbation == "gaussian":
-                return self._vaccine_pass_two(model, inputs, num_items_in_batch,
-                                              gaussian_noise(math.sqrt(self.vaccine_args.rho)))
-            result = self._vaccine_pass_one(model, inputs, num_items_in_batch)
-            if result.skipped_reason == LOSS_SCALE_OVERFLOW:
-                logger.info(
-                    f"Vaccine: pass 1 overflowed at loss scale {self._vaccine_loss_scale():g}; pass 2 carries the "
-                    "overflow to the loss scaler, which skips this optimizer step and lowers its scale, as for any "
-                    "overflow."
-                )
-                return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps, measure=False)
-            if result.skipped_reason is not None:
-                self._vaccine_state.skipped_steps += 1
-                logger.warning(
-                    f"Vaccine: {result.skipped_reason} in pass 1 (norm {result.grad_norm}); this micro-batch "
-                    f"trains without perturbation ({self.vaccine_skipped_steps} skipped so far)."
-                )
-                return self._vaccine_pass_two(model, inputs, num_items_in_batch, None)
-            return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps, result.eps_norms)
+            active = None
+            if self.vaccine_sampler is not None:
+                active = self.vaccine_sampler.active_at(
+                    self.state.global_step, lambda rows: self._vaccine_probe_norms(model, rows))
+            with hooks.restricted_to(active):
+                result = self._vaccine_first_step(model, inputs, num_items_in_batch)
+                return self._vaccine_second_step(model, inputs, num_items_in_batch, result)
+
+    def _vaccine_first_step(self, model, inputs, num_items_in_batch) -> PerturbationResult:
+        """The perturbation, as SAM's first step: Vaccine's `gradient` (pass 1) or the `gaussian` ablation's noise."""
+        if self.vaccine_args.vaccine_perturbation == "gaussian":
+            return PerturbationResult(gaussian_noise(math.sqrt(self.vaccine_args.rho)), grad_norm=0.0)
+        return self._vaccine_pass_one(model, inputs, num_items_in_batch)
+
+    def _vaccine_second_step(self, model, inputs, num_items_in_batch, result: PerturbationResult) -> torch.Tensor:
+        """The parent's step with the perturbation added, as SAM's second step; a skipped pass 1 trains clean."""
+        if result.skipped_reason == LOSS_SCALE_OVERFLOW:
+            logger.info(
+                f"Vaccine: pass 1 overflowed at loss scale {self._vaccine_loss_scale():g}; pass 2 carries the "
+                "overflow to the loss scaler, which skips this optimizer step and lowers its scale, as for any "
+                "overflow."
+            )
+            return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps, measure=False)
+        if result.skipped_reason is not None:
+            self._vaccine_state.skipped_steps += 1
+            logger.warning(
+                f"Vaccine: {result.skipped_reason} in pass 1 (norm {result.grad_norm}); this micro-batch "
+                f"trains without perturbation ({self.vaccine_skipped_steps} skipped so far)."
+            )
+            return self._vaccine_pass_two(model, inputs, num_items_in_batch, None)
+        return self._vaccine_pass_two(model, inputs, num_items_in_batch, result.eps, result.eps_norms)
 
     def _vaccine_pass_two(self, model, inputs, num_items_in_batch, eps, eps_norms=None,
                           measure: bool = True) -> torch.Tensor:
@@ -280,6 +304,21 @@ class VaccineMixin(TargetedLayersMixin):
             hooks.check_called()
             gradients = hidden_state_gradients(loss * loss_scale, hooks, trainable)
         return gradients, loss.detach()
+
+    def _vaccine_probe_norms(self, model: nn.Module, rows) -> list[float]:
+        """T-Vaccine's probe: hidden-state gradient norm of every candidate layer on the probe rows `rows`.
+
+        Averaged over processes, so every process draws from the same probabilities. The AMP scale keeps fp16
+        gradients from underflowing; it cancels in the normalised probabilities.
+        """
+        dataset = self.vaccine_sampler.probe_dataset
+        gradients, _ = self._vaccine_hidden_state_gradients(
+            model, self.data_collator([dataset[i] for i in rows]), loss_scale=self._vaccine_loss_scale() or 1.0)
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) if g is not None
+                             else torch.zeros((), device=self.args.device) for g in gradients]).to(self.args.device)
+        if self.args.world_size > 1:
+            norms = self.accelerator.reduce(norms, reduction="mean")
+        return norms.tolist()
 
     def _vaccine_pass_one_model(self, model: nn.Module) -> nn.Module:
         """The module pass 1 runs through: never one whose backward reduces gradients.
@@ -381,8 +420,8 @@ class VaccineMixin(TargetedLayersMixin):
                 logs["vaccine/perturbation_kept"] = kept / kept_count
             logs["vaccine/skipped_steps"] = int(skipped)
             self._vaccine_log_sums = _empty_log_sums()
-            logs.update(self._vaccine_sampling_logs)  # after a probe or a draw: probabilities and active layers
-            self._vaccine_sampling_logs = {}
+            if self.vaccine_sampler is not None:  # after a probe or a draw: probabilities and active layers
+                logs.update(self.vaccine_sampler.pop_logs())
         super().log(logs, start_time)
 
     def save_state(self) -> None:
