@@ -280,3 +280,14 @@ def test_pass_one_runs_in_the_activation_offloading_context_of_pass_two(tmp_path
     model.register_forward_hook(lambda module, args, output: forwards.append(bool(inside)))
     trainer.train()
     assert forwards == [True, True]  # pass 1 and pass 2 of the one step
+
+
+def test_a_trl_release_without_the_private_members_vaccine_reads_fails_at_start_up():
+    """The TRL internals Vaccine depends on are named in one module and checked before training."""
+    import types
+
+    from vaccine_trainer.trl_internals import REQUIRED_MEMBERS, check_trl_internals
+
+    check_trl_internals(types.SimpleNamespace(**dict.fromkeys(REQUIRED_MEMBERS)))
+    with pytest.raises(RuntimeError, match=r"\['_total_train_tokens'\].*constraints.txt"):
+        check_trl_internals(types.SimpleNamespace(**dict.fromkeys(set(REQUIRED_MEMBERS) - {"_total_train_tokens"})))

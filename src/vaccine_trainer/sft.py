@@ -25,6 +25,12 @@ from .callbacks import AlignmentDriftCallback
 from .config import VaccineArguments
 from .model_card import ModelCardSections
 from .trainer import VaccineMixin
+from .trl_internals import (
+    check_trl_internals,
+    compute_loss_records_undone,
+    metrics_replaced_by,
+    tokenize_like_training,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -107,45 +113,30 @@ class VaccineSFTTrainer(ModelCardSections, VaccineMixin, SFTTrainer):
         if args is None or not isinstance(args, SFTConfig):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = _as_config(args, VaccineSFTConfig, f"{Path(str(name)).name}-Vaccine")
+        self._vaccine_clean_metrics: dict = {}
         super().__init__(model, args, *pos, **kwargs)
 
+    def _check_vaccine_supported(self) -> None:
+        check_trl_internals(self)
+        super()._check_vaccine_supported()
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        metrics = self._metrics["train"]
-        before = {key: len(values) for key, values in metrics.items()}
-        self._vaccine_clean_metrics = None
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        clean, self._vaccine_clean_metrics = self._vaccine_clean_metrics, None
-        if clean is not None:
-            # Report the clean forward's entropy and accuracy (what SFTTrainer logs), not the perturbed one's.
-            for key, values in clean.items():
-                if key != "num_tokens":
-                    metrics[key][before.get(key, 0):] = values
-        return loss
+        # Report the clean forward's entropy and accuracy (what SFTTrainer logs), not the perturbed one's.
+        with metrics_replaced_by(self, self._vaccine_clean_metrics):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def _prepare_probe_dataset(self, dataset):
         """T-Vaccine's harmful probe rows, tokenized by TRL like the training data."""
         if "input_ids" not in dataset.column_names:
-            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, False, self._formatting_func,
-                                            "probe")
+            dataset = tokenize_like_training(self, dataset, "probe")
         return super()._prepare_probe_dataset(dataset)
 
     @contextlib.contextmanager
     def _vaccine_pass_one_context(self) -> Iterator[None]:
         """Pass 1 in TRL's activation offloading, as `SFTTrainer.training_step` puts pass 2; and undo what TRL's
         `compute_loss` records in pass 1, keeping its values for `training_step`."""
-        metrics = self._metrics["train"]
-        saved_metrics = {key: list(values) for key, values in metrics.items()}
-        saved_tokens = self._total_train_tokens
-        try:
-            with self.maybe_activation_offload_context:
-                yield
-        finally:
-            self._vaccine_clean_metrics = {
-                key: values[len(saved_metrics.get(key, ())):] for key, values in metrics.items()
-            }
-            metrics.clear()
-            metrics.update(saved_metrics)
-            self._total_train_tokens = saved_tokens
+        with compute_loss_records_undone(self, self._vaccine_clean_metrics), self.maybe_activation_offload_context:
+            yield
 
 
 @dataclass
