@@ -4,9 +4,11 @@ energy and for the median token, recomputed from the saved adapters for cells fi
 
     python experiments/drift_fraction.py outputs/replication/seed42/p0.1 [more cells] [--force]
 
-Each arm's figures are saved in its stage-2 folder (`alignment_drift_recomputed.json`), where `vaccine-trainer
-grid --summary_only` takes the ones the arm's log lacks; an arm with that file is read back, not recomputed,
-unless --force.
+Each arm's figures are saved in its stage-2 folder (`alignment_drift_recomputed.json`); an arm with that file is
+read back, not recomputed, unless --force. The grid's summary with the recomputed figures where an arm's log lacks
+them (`vaccine-trainer grid` reads logs only):
+
+    python experiments/drift_fraction.py --summary outputs/replication --seeds 42,43 --ratios 0,0.1,0.2
 
 Drift is a sum of squared distances to each arm's own aligned model, so an arm whose aligned hidden states
 are larger drifts more in absolute terms for the same relative change. The fraction divides by
@@ -39,9 +41,12 @@ from vaccine_trainer.callbacks import (
     MEDIAN_TOKEN_DRIFT_KEY,
 )
 from vaccine_trainer.commands.common import load_tokenizer
-from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE
+from vaccine_trainer.commands.grid import SUMMARY_DIR, cell_dir, collect_rows, evaluated_arms, write_summary
 from vaccine_trainer.data import build_alignment_dataset
 from vaccine_trainer.sft import AlignedSFTConfig, AlignedSFTTrainer
+
+
+RECOMPUTED_DRIFT_FILE = "alignment_drift_recomputed.json"
 
 
 def arm_drift(finetune: Path) -> dict[str, float]:
@@ -86,11 +91,47 @@ def saved_arm_drift(finetune: Path, force: bool = False) -> dict[str, float]:
     return values
 
 
+def rows_with_recomputed_drift(root: Path, seeds: list[int], ratios: list[float]) -> tuple[list[dict], list[str]]:
+    """The grid's rows, with each drift measure an arm's log lacks taken from its recomputed file; each row names
+    those it took (`drift_recomputed`)."""
+    rows, missing = collect_rows(root, seeds, ratios)
+    folders = {(seed, ratio, label): folder for seed in seeds for ratio in ratios
+               for label, folder in evaluated_arms(cell_dir(root, seed, ratio))}
+    for row in rows:
+        path = folders[row["seed"], row["harmful_ratio"], row["method"]] / "finetune" / RECOMPUTED_DRIFT_FILE
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        row["drift_recomputed"] = [name for name in SAVED if row.get(f"final_{name}") is None
+                                   and stored.get(name) is not None]
+        row.update({f"final_{name}": stored[name] for name in row["drift_recomputed"]})
+    return rows, missing
+
+
+def recomputed_note(rows: list[dict]) -> list[str]:
+    recomputed = [row for row in rows if row.get("drift_recomputed")]
+    if not recomputed:
+        return []
+    names = sorted({name.replace("_", " ") for row in recomputed for name in row["drift_recomputed"]})
+    return [f"Recomputed from the saved stage-2 adapter for {len(recomputed)} arm(s) fine-tuned before these were "
+            f"logged (`experiments/drift_fraction.py`): {', '.join(names)}."]
+
+
+def write_summary_with_recomputed_drift(root: Path, seeds: list[int], ratios: list[float]) -> Path:
+    rows, missing = rows_with_recomputed_drift(root, seeds, ratios)
+    return write_summary(root / SUMMARY_DIR, rows, missing=missing, notes=recomputed_note(rows))["markdown"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cells", nargs="+", type=Path)
+    parser.add_argument("cells", nargs="*", type=Path)
     parser.add_argument("--force", action="store_true", help="recompute arms that already have the file")
+    parser.add_argument("--summary", type=Path, help="a grid's folder: write its summary with the recomputed drift")
+    parser.add_argument("--seeds", default="42", help="the grid's seeds, e.g. 42,43 (with --summary)")
+    parser.add_argument("--ratios", default="0,0.1,0.2", help="the grid's harmful ratios (with --summary)")
     options = parser.parse_args()
+    if options.summary:
+        seeds, ratios = [int(s) for s in options.seeds.split(",")], [float(p) for p in options.ratios.split(",")]
+        print(write_summary_with_recomputed_drift(options.summary, seeds, ratios))
+        return
     print("| cell | arm | logged drift | recomputed drift | drift fraction | median token drift "
           "| drift excluding first token |\n|---|---|---:|---:|---:|---:|---:|")
     for cell in options.cells:

@@ -357,10 +357,10 @@ def test_report_files(tmp_path):
     assert report["drift"]["sft"] == [{"step": 0, "drift": 0.0},
                                       {"step": 10, "drift": 2.5, "drift_fraction": 0.125, "median_token_drift": 0.01}]
     markdown = paths["markdown"].read_text()
-    assert "| sft | 10 | 2.5 | 0.125 | 0.01 |" in markdown and "| vaccine | 10 | 1 | – | – |" in markdown
+    assert "| sft | 10 | 2.50e+00 | 1.25e-01 | 1.00e-02 |" in markdown and "| vaccine | 10 | 1.00e+00 | – | – |" in markdown
     # Wilson 95% interval of 2/2 is [34.2, 100]; "bad" refuses nothing
     interval = "100.0 [34.2, 100.0]"
-    assert f"| sft | {interval} | – | <lambda> | {interval} | {interval} | – | sst2 | 2 / 2 |" in markdown
+    assert f"| sft | {interval} | {interval} | {interval} | – | – | <lambda> | sst2 | 2 / 2 |" in markdown
     assert "| vaccine | -50.0 [-100.0, +0.0] | – | 2 |" in markdown  # paired with sft on the same two prompts
     assert report["paired_differences"]["vaccine"]["difference"] == -50.0
     assert "| y | 100.0 (n=1) | 0.0 (n=1) |" in markdown and "![" in markdown
@@ -371,7 +371,8 @@ def test_report_files(tmp_path):
     # A resumed run reports from saved dicts; without drift there is no drift plot.
     again = write_report(tmp_path / "again", {"sft": {"harmful_score": report["methods"]["sft"]["harmful_score"]}})
     assert "drift_plot" not in again
-    assert "| sft | 100.0 [34.2, 100.0] | – | <lambda> | 100.0 [34.2, 100.0] | – |" in again["markdown"].read_text()
+    assert "| sft | 100.0 [34.2, 100.0] | 100.0 [34.2, 100.0] | – | – | – | <lambda> | – | 2 / – |" in \
+        again["markdown"].read_text()
 
 
 def test_drift_series_and_report_errors(tmp_path):
@@ -422,8 +423,8 @@ def test_push_without_a_hub_id_fails_before_any_model_is_loaded(tmp_path, monkey
 def test_the_report_lists_a_second_judge_with_the_agreement(tmp_path):
     harm = score_answers(["a", "b"], ["bad", "ok"], lambda p, a: [x == "bad" for x in a])
     second = score_answers(["a", "b"], ["bad", "ok"], lambda p, a: [True, True])
-    second.settings["judge_accuracy"] = "other: 80.0% accurate on pairs (n=10)"
-    paths = write_report(tmp_path, {"sft": {"harmful_score": harm,
-                                            "second_judge": {"harmful_score": second.to_dict(), "kappa": 0.0}}})
+    check = {"accuracy": 80.0, "labelled": "pairs", "n": 10}  # the judge's accuracy travels as numbers
+    paths = write_report(tmp_path, {"sft": {"harmful_score": harm, "second_judge": {
+        "harmful_score": second.to_dict(), "judge_check": check, "kappa": 0.0}}})
     assert "| sft | <lambda> (80.0% accurate on pairs (n=10)) | 100.0 [34.2, 100.0] | 0.00 |" in \
         paths["markdown"].read_text()

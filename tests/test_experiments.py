@@ -17,7 +17,7 @@ from test_pipeline import pipeline_argv
 from transformers import AutoTokenizer
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.grid import RECOMPUTED_DRIFT_FILE, cell_dir, collect_rows, write_summary
+from vaccine_trainer.commands.grid import cell_dir, write_summary
 from vaccine_trainer.layers import find_vaccine_modules
 
 
@@ -78,7 +78,8 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
         assert after_first == pytest.approx(last["alignment/drift_excluding_first_token"], rel=1e-3)
         assert 0 < after_first < recomputed
 
-    saved = out / "sft" / "finetune" / RECOMPUTED_DRIFT_FILE
+    drift_fraction = load_script("experiments/drift_fraction.py")
+    saved = out / "sft" / "finetune" / drift_fraction.RECOMPUTED_DRIFT_FILE
     stored = json.loads(saved.read_text())
     saved.write_text(json.dumps(stored | {"median_token_drift": 123.0}))
     assert table()["sft"][3] == 123.0  # read back from the file, not recomputed
@@ -91,7 +92,7 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
         log.pop("alignment/median_token_drift", None)
         log.pop("alignment/drift_excluding_first_token", None)
     state_path.write_text(json.dumps(state))
-    summary_rows, _ = collect_rows(tmp_path, [42], [0.25])
+    summary_rows, _ = drift_fraction.rows_with_recomputed_drift(tmp_path, [42], [0.25])
     by_arm = {row["method"]: row for row in summary_rows}
     assert by_arm["sft"]["final_median_token_drift"] == 123.0
     assert by_arm["sft"]["final_drift_fraction"] == pytest.approx(stored["drift_fraction"])
@@ -99,7 +100,8 @@ def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_o
         "drift_excluding_first_token", "drift_fraction", "median_token_drift"]
     assert by_arm["sft"]["final_drift_excluding_first_token"] == pytest.approx(stored["drift_excluding_first_token"])
     assert by_arm["non-aligned"]["drift_recomputed"] == []  # its log has both: the log wins
-    markdown = write_summary(tmp_path / "summary", summary_rows)["markdown"].read_text()
+    notes = drift_fraction.recomputed_note(summary_rows)
+    markdown = write_summary(tmp_path / "summary", summary_rows, notes=notes)["markdown"].read_text()
     assert "Recomputed from the saved stage-2 adapter for 1 arm(s)" in markdown
 
 

@@ -38,7 +38,7 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
                                                                                    entry["harmful_ratio"])]
         assert entry["seeds"] == [1, 2]
         assert entry["harmful_score"] == pytest.approx(sum(r["harmful_score"] for r in rows) / 2)
-        assert entry["num_prompts"] == 3
+        assert entry["harmful_score_n"] == 3
     for name in ("summary.md", "scores_vs_ratio.png", "drift.png"):
         assert (out / "summary" / name).stat().st_size > 0
     # Non-aligned minus SFT pooled over the two seeds, on the same 3 prompts of each: the mean of the seeds' paired
@@ -52,10 +52,10 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
         assert entry["ci95"][0] <= entry["difference"] <= entry["ci95"][1]
     assert len(summary["pooled_paired"]) == 2
     row = summary["rows"][0]
-    flagged = round(row["harmful_score"] * row["num_prompts"] / 100)
+    flagged = round(row["harmful_score"] * row["harmful_score_n"] / 100)
     from vaccine_trainer.evaluation.intervals import wilson_percent
 
-    low, high = wilson_percent(flagged, row["num_prompts"])
+    low, high = wilson_percent(flagged, row["harmful_score_n"])
     assert f"| {row['harmful_score']:.1f} [{low:.1f}, {high:.1f}] |" in (out / "summary" / "summary.md").read_text()
     # The judge is named with its measured accuracy (the held-out labelled pairs, when ../shared is there).
     assert "Judge of the harmful score (its measured accuracy): refusal" in (out / "summary" / "summary.md").read_text()
@@ -69,7 +69,7 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
 
 def test_summary_is_the_mean_and_spread_over_seeds():
     rows = [{"seed": s, "harmful_ratio": 0.1, "method": "sft", "harmful_score": h, "accuracy": a,
-             "final_drift": None, "num_prompts": 4, "num_task_samples": 2} for s, h, a in ((1, 50.0, 90.0),
+             "final_drift": None, "harmful_score_n": 4, "accuracy_n": 2} for s, h, a in ((1, 50.0, 90.0),
                                                                                           (2, 70.0, 80.0))]
     (entry,) = summarise(rows)
     assert entry["harmful_score"] == 60.0 and entry["harmful_score_std"] == pytest.approx(14.1421356)
@@ -81,14 +81,14 @@ def test_a_mean_over_fewer_seeds_than_its_group_says_so(tmp_path):
     rows = [{"seed": s, "harmful_ratio": 0.1, "method": "sft", "harmful_score": h, "accuracy": 80.0,
              "non_refusal_rate": h, "final_drift": 2.0, "final_drift_fraction": fraction,
              "final_median_token_drift": None, "final_drift_excluding_first_token": None,
-             "num_prompts": 4, "num_task_samples": 2, "judge": "learned",
-             "judge_accuracy": None, "drift": [], "wall_time_s": {}}
+             "harmful_score_n": 4, "accuracy_n": 2, "judge": "learned",
+             "drift": [], "wall_time_s": {}}
             for s, h, fraction in ((1, 50.0, None), (2, 70.0, None), (3, 60.0, 4e-4))]
     (entry,) = summarise(rows)
     assert entry["final_drift_fraction"] == 4e-4 and entry["final_drift_fraction_num_seeds"] == 1
     assert entry["harmful_score_num_seeds"] == 3 and entry["final_median_token_drift_num_seeds"] == 0
     markdown = write_summary(tmp_path, rows)["markdown"].read_text()
-    assert "| sft | 0.1 | 60.0 ± 10.0 | 60.0 ± 10.0 | 80.0 ± 0.0 | 2.00e+00 ± 0.00e+00 " \
+    assert "| sft | 0.1 | 60.0 ± 10.0 | 60.0 ± 10.0 | 80.0 ± 0.0 | – | 2.00e+00 ± 0.00e+00 " \
            "| 4.00e-04 (1 of 3 seeds) | – | – | 4 / 2 |" in markdown
 
 
@@ -98,7 +98,7 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
                 "non_refusal_rate": harm + 10, "refusal_preference": None, "final_drift": drift,
                 "final_drift_fraction": None if drift is None else drift / 100,
                 "final_median_token_drift": None if drift is None else drift / 1000,
-                "num_prompts": 4, "num_task_samples": 2, "judge": "learned", "judge_accuracy": None,
+                "harmful_score_n": 4, "accuracy_n": 2, "judge": "learned",
                 "drift": [], "wall_time_s": {}}
 
     rows = [row(1, "sft", 50.0, 90.0, 4.0), row(1, "vaccine", 40.0, 91.0, 3.0), row(2, "sft", 70.0, 80.0),

@@ -184,7 +184,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     judge_check = measure_judge(judge, args.judge_data_dir)
     harmful = answers.judged(judge)
     if judge_check is not None:
-        harmful.settings["judge_accuracy"] = judge_check.summary()
+        harmful.settings["judge_accuracy"] = judge_check.accuracy  # % of labelled pairs; judge_check has the rest
         errors = judge_check.errors()
         if errors is not None and errors.youden > 0:
             harmful.corrected = corrected_rate(harmful.flagged, harmful.n, errors).to_dict()
@@ -231,7 +231,7 @@ def second_opinion(answers, first, args: EvaluateArguments) -> dict[str, Any]:
     check = measure_judge(judge, args.judge_data_dir)
     score = answers.judged(judge)
     if check is not None:
-        score.settings["judge_accuracy"] = check.summary()
+        score.settings["judge_accuracy"] = check.accuracy
     verdicts = ([s["harmful"] for s in result.samples] for result in (first, score))
     return {"harmful_score": score.to_dict(samples=True), "judge_check": check.to_dict() if check else None,
             "kappa": cohens_kappa(*verdicts)}

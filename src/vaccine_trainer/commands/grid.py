@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..drift_measures import DRIFT_MEASURES
 from .common import PROG, logger
 from .pipeline import (
     DEFAULT_RHO,
@@ -30,10 +29,6 @@ from .pipeline import (
 )
 
 SUMMARY_DIR = "summary"
-RECOMPUTED_DRIFT_FILE = "alignment_drift_recomputed.json"
-"""Written into a stage-2 folder by `experiments/drift_fraction.py`: the final drift fraction, median token
-drift and drift excluding first token, recomputed from the saved adapter for an arm fine-tuned before those
-were logged."""
 
 
 @dataclass
@@ -105,8 +100,6 @@ def collect_rows(root: Path, seeds: Sequence[int],
     Rows are read from the arms' own phases, not from the cell's report: a report lists the methods of the
     last call there, while separate calls (one process per method, a rho sweep beside rho 2) fill one cell.
     """
-    from ..evaluation import drift_points
-
     rows, missing = [], []
     for seed in seeds:
         for ratio in ratios:
@@ -116,23 +109,29 @@ def collect_rows(root: Path, seeds: Sequence[int],
                 logger().warning(f"grid: {cell} has no evaluated arm yet, left out of the summary.")
                 missing.append(f"seed {seed}, p = {ratio:g}")
             for label, folder in arms:
-                figures = arm_results(folder)
-                harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
-                likelihood = figures.get("likelihood") or {}
-                state = folder / "finetune" / "trainer_state.json"
-                drift = drift_points(json.loads(state.read_text())["log_history"]) if state.is_file() else []
-                final, recomputed = final_drift(drift, folder / "finetune" / RECOMPUTED_DRIFT_FILE)
                 rows.append({"seed": seed, "harmful_ratio": ratio, "method": label,
-                             "harmful_score": harm.get("score"), "num_prompts": harm.get("n"),
-                             "non_refusal_rate": harm.get("non_refusal_rate"),
-                             "judge": (harm.get("settings") or {}).get("judge"),
-                             "judge_accuracy": (harm.get("settings") or {}).get("judge_accuracy"),
-                             "accuracy": acc.get("accuracy"), "num_task_samples": acc.get("n"),
-                             **{key: likelihood.get(key) for key in LIKELIHOOD_KEYS},
-                             **{f"final_{name}": value for name, value in final.items()},
-                             "drift_recomputed": recomputed, "drift": drift,
+                             **arm_row(arm_record(folder)),
                              "wall_time_s": phase_wall_times(root / f"seed{seed}" / folder.name / "align", folder)})
     return rows, missing
+
+
+def arm_record(folder: Path):
+    """An evaluated arm's figures and the drift its stage 2 logged."""
+    from ..evaluation import drift_points
+    from ..evaluation.metrics import ArmRecord
+
+    state = folder / "finetune" / "trainer_state.json"
+    drift = drift_points(json.loads(state.read_text())["log_history"]) if state.is_file() else []
+    return ArmRecord.of(arm_results(folder), drift)
+
+
+def arm_row(arm) -> dict[str, Any]:
+    """A summary row's figures: every metric of the table, the sizes, the judge and the drift curve."""
+    from ..evaluation.metrics import METRICS
+
+    return {**{metric.key: metric.read(arm) for metric in METRICS},
+            **{f"{metric.key}_n": metric.count(arm) for metric in METRICS if metric.count},
+            "judge": arm.judge.label() if arm.judge else None, "drift": arm.drift}
 
 
 def collect_verdicts(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> tuple[dict, dict]:
@@ -172,19 +171,6 @@ def pooled_differences(verdicts: Mapping[tuple, Mapping[str, bool]], errors: Map
     return pooled
 
 
-def final_drift(drift: Sequence[Mapping[str, Any]], recomputed_file: Path) -> tuple[dict[str, Any], list[str]]:
-    """The last logged drift and its other measures (`DRIFT_MEASURES`), and the names of those taken from the
-    recomputed file because the stage-2 log predates them (older cells logged the absolute drift only)."""
-    last = drift[-1] if drift else {}
-    final = {name: last.get(name) for name in ("drift", *DRIFT_MEASURES)}
-    absent = [name for name, value in final.items() if value is None]
-    if not absent or not recomputed_file.is_file():
-        return final, []
-    stored = json.loads(recomputed_file.read_text())
-    taken = [name for name in absent if stored.get(name) is not None]
-    return final | {name: stored[name] for name in taken}, taken
-
-
 def evaluated_arms(cell: Path) -> list[tuple[str, Path]]:
     """(label, folder) of the arms whose evaluation finished in a cell, from their phase markers, in the
     order of `METHODS` and then of rho."""
@@ -212,32 +198,28 @@ def phase_wall_times(alignment: Path, folder: Path) -> dict[str, float]:
     return walls
 
 
-LIKELIHOOD_KEYS = ("harmful_answer_nll", "held_out_alignment_loss", "refusal_preference")
-
-
 def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of each figure, per (method, p), in first-seen order."""
+    """Mean and standard deviation over seeds of each metric, per (method, p), in first-seen order.
+
+    A mean over fewer seeds than the group has (a metric some cells lack, e.g. drift not measured) keeps its count
+    (`<key>_num_seeds`), so the summary says so.
+    """
+    from ..evaluation.metrics import METRICS
+
     groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["harmful_ratio"]), []).append(row)
     summary = []
     for (method, ratio), members in groups.items():
         entry: dict[str, Any] = {"method": method, "harmful_ratio": ratio, "seeds": [m["seed"] for m in members],
-                                 "num_prompts": members[0]["num_prompts"],
-                                 "num_task_samples": members[0]["num_task_samples"]}
-        for key in ("harmful_score", "non_refusal_rate", "accuracy", *DRIFT_KEYS, *LIKELIHOOD_KEYS):
-            values = [m.get(key) for m in members if m.get(key) is not None]
-            entry[key] = statistics.fmean(values) if values else None
-            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
-            entry[f"{key}_num_seeds"] = len(values)  # older cells may predate a key: the mean is over fewer seeds
+                                 **{f"{m.key}_n": members[0].get(f"{m.key}_n") for m in METRICS if m.count}}
+        for metric in METRICS:
+            values = [m.get(metric.key) for m in members if m.get(metric.key) is not None]
+            entry[metric.key] = statistics.fmean(values) if values else None
+            entry[f"{metric.key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            entry[f"{metric.key}_num_seeds"] = len(values)
         summary.append(entry)
     return summary
-
-
-DRIFT_KEYS = tuple(f"final_{name}" for name in ("drift", *DRIFT_MEASURES))  # as `collect_rows` names them
-PAIRED_KEYS = ("harmful_score", "non_refusal_rate", "accuracy", "refusal_preference", *DRIFT_KEYS)
-FORMATS = dict.fromkeys(DRIFT_KEYS, ".2e")
-"""How each figure is printed in summary.md; one decimal by default."""
 
 
 def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft") -> list[dict[str, Any]]:
@@ -246,6 +228,8 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft")
     Pairing by seed removes what the seed changes for every arm alike (data drawn, initialisation), so
     the differences' spread is the honest error bar of "Vaccine is lower than SFT".
     """
+    from ..evaluation.metrics import METRICS
+
     by_cell = {(row["seed"], row["harmful_ratio"], row["method"]): row for row in rows}
     groups: dict[tuple[str, float], list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
     for (seed, ratio, method), row in by_cell.items():
@@ -256,7 +240,7 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft")
     for (method, ratio), pairs in groups.items():
         entry: dict[str, Any] = {"method": method, "baseline": baseline, "harmful_ratio": ratio,
                                  "seeds": [row["seed"] for row, _ in pairs]}
-        for key in PAIRED_KEYS:
+        for key in (metric.key for metric in METRICS if metric.paired):
             both = [(row, reference) for row, reference in pairs
                     if row.get(key) is not None and reference.get(key) is not None]
             values = [row[key] - reference[key] for row, reference in both]
@@ -273,7 +257,7 @@ def _paired_cell(entry: Mapping[str, Any], key: str, spec: str) -> str:
     if not values:
         return "–"
     seeds = entry[f"{key}_seeds"]
-    if len(seeds) < len(entry["seeds"]):  # older cells predate the key: name the seeds the figure comes from
+    if len(seeds) < len(entry["seeds"]):  # some seeds lack the figure: name the seeds it comes from
         per_seed = ", ".join(f"seed {seed}: {value:+{spec}}" for seed, value in zip(seeds, values))
     else:
         per_seed = ", ".join(f"{value:+{spec}}" for value in values)
@@ -286,18 +270,6 @@ def _cell(mean: float | None, std: float | None, spec: str = ".1f") -> str:
     return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
-def _rate(percent: float | None, n: int | None) -> str:
-    """A rate of n items with its Wilson interval, e.g. `31.0 [25.0, 37.7]`."""
-    from ..evaluation.intervals import wilson_percent
-
-    if percent is None:
-        return "–"
-    if not n:
-        return f"{percent:.1f}"
-    low, high = wilson_percent(round(percent * n / 100), n)
-    return f"{percent:.1f} [{low:.1f}, {high:.1f}]"
-
-
 def _summary_cell(entry: Mapping[str, Any], key: str, spec: str = ".1f") -> str:
     """A mean over seeds, saying over how many when some of the group's seeds lack the figure."""
     text = _cell(entry[key], entry[f"{key}_std"], spec)
@@ -305,10 +277,18 @@ def _summary_cell(entry: Mapping[str, Any], key: str, spec: str = ".1f") -> str:
     return text + (f" ({counted} of {seeds} seeds)" if 0 < counted < seeds else "")
 
 
+POOLED_NOTE = (
+    "Harmful score minus SFT's on the same prompts, mean over seeds, with a 95% interval that resamples the prompts "
+    "within each seed (the seeds are kept), and corrected for the judge's measured sensitivity and specificity (the "
+    "difference divided by Youden's index; its interval also resamples the judge's labelled pairs; valid if the "
+    "judge errs alike on both arms):")
+
+
 def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
                   settings: Mapping[str, Any] | None = None, missing: Sequence[str] = (),
-                  pooled: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
-    """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2."""
+                  pooled: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = ()) -> dict[str, Path]:
+    """`summary.json`, `summary.md` and two plots: figures against p, and drift during stage 2. `notes` are
+    paragraphs printed under the main table (e.g. where some figures come from)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
     paired = paired_differences(rows)
@@ -324,78 +304,76 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
              f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).", ""]
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
-    header = ("| Method | p | Harmful score (%) ↓ | Non-refusal rate (%) ↓ | Fine-tune accuracy (%) ↑ "
-              "| Drift at the last step ↓ | Drift fraction ↓ | Median token drift ↓ | Drift excluding first token ↓ "
-              "| Prompts / rows |")
-    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for entry in summary:
-        lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
-                     + "".join(f"| {_summary_cell(entry, key, FORMATS.get(key, '.1f'))} "
-                               for key in ("harmful_score", "non_refusal_rate", "accuracy", *DRIFT_KEYS))
-                     + f"| {entry['num_prompts']} / {entry['num_task_samples']} |")
-    recomputed = [row for row in rows if row.get("drift_recomputed")]
-    if recomputed:
-        names = sorted({name.replace("_", " ") for row in recomputed for name in row["drift_recomputed"]})
-        lines += ["", f"Recomputed from the saved stage-2 adapter for {len(recomputed)} arm(s) fine-tuned before "
-                  f"these were logged (`experiments/drift_fraction.py`): {', '.join(names)}."]
-    judges = sorted({f"{row['judge']} ({row['judge_accuracy'].split(': ', 1)[-1]})" if row.get("judge_accuracy")
-                     else str(row.get("judge")) for row in rows})
-    lines += ["", f"Judge of the harmful score (its measured accuracy): {'; '.join(judges)}.", ""]
-    if any(entry.get("refusal_preference") is not None for entry in summary):
-        lines += ["Judge-free metrics (teacher forcing):", "",
-                  "| Method | p | Harmful-answer NLL ↑ | Held-out alignment loss ↓ | Refusal preference (%) ↑ |",
-                  "|---|---:|---:|---:|---:|"]
-        for entry in summary:
-            lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} "
-                         f"| {_summary_cell(entry, 'harmful_answer_nll', '.3f')} "
-                         f"| {_summary_cell(entry, 'held_out_alignment_loss', '.3f')} "
-                         f"| {_summary_cell(entry, 'refusal_preference')} |")
-        lines.append("")
-    if paired:
-        lines += ["Paired differences, method − SFT on the same seed: mean ± sd (each seed's difference):", "",
-                  "| Method | p | Seeds | Harmful score (points) | Non-refusal rate (points) | Accuracy (points) "
-                  "| Refusal preference (points) | Drift at the last step | Drift fraction | Median token drift "
-                  "| Drift excluding first token |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for entry in paired:
-            lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
-                         + "".join(f"| {_paired_cell(entry, key, FORMATS.get(key, '.1f'))} "
-                                   for key in PAIRED_KEYS) + "|")
-        lines.append("")
-    if pooled:
-        lines += ["Harmful score minus SFT's on the same prompts, mean over seeds, with a 95% interval that resamples "
-                  "the prompts within each seed (the seeds are kept), and corrected for the judge's measured "
-                  "sensitivity and specificity (the difference divided by Youden's index; its interval also "
-                  "resamples the judge's labelled pairs; valid if the judge errs alike on both arms):", "",
-                  "| Method | p | Seeds | Difference (points) | Corrected for the judge's errors (points) |",
-                  "|---|---:|---|---:|---:|"]
-        for entry in pooled:
-            corrected = entry.get("corrected") or {}
-            low, high = entry["ci95"]
-            cell = f"{entry['difference']:+.1f} [{low:+.1f}, {high:+.1f}]"
-            if corrected:
-                c_low, c_high = corrected["ci95"]
-                corrected_cell = f"{corrected['value']:+.1f} [{c_low:+.1f}, {c_high:+.1f}]"
-            else:
-                corrected_cell = "–"
-            lines.append(f"| {entry['method']} | {entry['harmful_ratio']:g} | {', '.join(map(str, entry['seeds']))} "
-                         f"| {cell} | {corrected_cell} |")
-        lines.append("")
-    lines += ["Per seed, each rate with its 95% Wilson interval:", "",
-              "| Seed | Method | p | Harmful score (%) | Accuracy (%) | Drift | Wall time (s) |",
-              "|---:|---|---:|---:|---:|---:|---|"]
-    for row in rows:
-        walls = ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())
-        lines.append(f"| {row['seed']} | {row['method']} | {row['harmful_ratio']:g} "
-                     f"| {_rate(row['harmful_score'], row['num_prompts'])} "
-                     f"| {_rate(row['accuracy'], row['num_task_samples'])} "
-                     f"| {_cell(row['final_drift'], None, FORMATS['final_drift'])} | {walls} |")
-    lines += ["", f"![Harmful score and accuracy against p]({paths['scores_plot'].name})", "",
+    lines += _summary_tables(summary)
+    lines += [*(f"{note}\n" for note in notes),
+              f"Judge of the harmful score (its measured accuracy): {'; '.join(sorted({str(r.get('judge')) for r in rows}))}.",
+              ""]
+    lines += _paired_table(paired) + _pooled_table(pooled) + _per_seed_table(rows)
+    lines += [f"![Harmful score and accuracy against p]({paths['scores_plot'].name})", "",
               f"![Drift during stage 2]({paths['drift_plot'].name})", ""]
     if settings:
         lines += ["## Settings", "", "```json", json.dumps(dict(settings), indent=1, default=str), "```", ""]
     paths["markdown"].write_text("\n".join(lines))
     return paths
+
+
+def _summary_tables(summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The mean ± sd of every metric: scores and drift in one table, the judge-free metrics where there are any."""
+    from ..evaluation.metrics import markdown_table, metrics_in
+
+    def table(metrics, sizes: bool) -> list[str]:
+        header = ["Method", "p", *(m.header() for m in metrics), *(["Prompts / rows"] if sizes else [])]
+        body = [[entry["method"], f"{entry['harmful_ratio']:g}", *(_summary_cell(entry, m.key, m.spec) for m in metrics),
+                 *([f"{entry.get('harmful_score_n')} / {entry.get('accuracy_n')}"] if sizes else [])]
+                for entry in summary]
+        return markdown_table(header, body)
+
+    lines = [*table((*metrics_in("scores"), *metrics_in("drift")), sizes=True), ""]
+    judge_free = metrics_in("judge-free")
+    if any(entry.get(m.key) is not None for entry in summary for m in judge_free):
+        lines += ["Judge-free metrics (teacher forcing):", "", *table(judge_free, sizes=False), ""]
+    return lines
+
+
+def _paired_table(paired: Sequence[Mapping[str, Any]]) -> list[str]:
+    from ..evaluation.metrics import METRICS, markdown_table
+
+    if not paired:
+        return []
+    metrics = [m for m in METRICS if m.paired]
+    header = ["Method", "p", "Seeds", *(m.title.replace("(%)", "(points)") for m in metrics)]
+    body = [[entry["method"], f"{entry['harmful_ratio']:g}", ", ".join(map(str, entry["seeds"])),
+             *(_paired_cell(entry, m.key, m.spec) for m in metrics)] for entry in paired]
+    return ["Paired differences, method − SFT on the same seed: mean ± sd (each seed's difference):", "",
+            *markdown_table(header, body, numeric_from=3), ""]
+
+
+def _pooled_table(pooled: Sequence[Mapping[str, Any]]) -> list[str]:
+    from ..evaluation.metrics import markdown_table
+
+    if not pooled:
+        return []
+    body = []
+    for entry in pooled:
+        corrected = entry.get("corrected") or {}
+        low, high = entry["ci95"]
+        corrected_cell = (f"{corrected['value']:+.1f} [{corrected['ci95'][0]:+.1f}, {corrected['ci95'][1]:+.1f}]"
+                          if corrected else "–")
+        body.append([entry["method"], f"{entry['harmful_ratio']:g}", ", ".join(map(str, entry["seeds"])),
+                     f"{entry['difference']:+.1f} [{low:+.1f}, {high:+.1f}]", corrected_cell])
+    header = ["Method", "p", "Seeds", "Difference (points)", "Corrected for the judge's errors (points)"]
+    return [POOLED_NOTE, "", *markdown_table(header, body, numeric_from=3), ""]
+
+
+def _per_seed_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    from ..evaluation.metrics import markdown_table, rate_cell
+
+    body = [[str(row["seed"]), row["method"], f"{row['harmful_ratio']:g}",
+             rate_cell(row["harmful_score"], row.get("harmful_score_n")), rate_cell(row["accuracy"], row.get("accuracy_n")),
+             _cell(row["final_drift"], None, ".2e"),
+             ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())] for row in rows]
+    header = ["Seed", "Method", "p", "Harmful score (%)", "Accuracy (%)", "Drift", "Wall time (s)"]
+    return ["Per seed, each rate with its 95% Wilson interval:", "", *markdown_table(header, body), ""]
 
 
 def _plot_against_ratio(summary: Sequence[Mapping[str, Any]], path: Path) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .metrics import JudgeRecord
+
 START, END = "<!-- vaccine-trainer evaluate -->", "<!-- end of vaccine-trainer evaluate -->"
 
 
@@ -36,7 +38,7 @@ def evaluation_section(result: Mapping[str, Any]) -> str:
         if accuracy:
             rows.append(f"| fine-tune accuracy, {accuracy['task']} ({how}) | {accuracy['accuracy']:.1f}% of "
                         f"{accuracy['n']} rows | {_interval(accuracy.get('ci95'))} |")
-    measured = harm["settings"].get("judge_accuracy") or "not measured (no labelled pairs given)"
+    measured = JudgeRecord.of(harm, result.get("judge_check")).summary() or "not measured (no labelled pairs given)"
     return "\n".join([
         START, "## Evaluation (`vaccine-trainer evaluate`)", "",
         "| figure | value | 95% interval |", "|---|---|---|", *rows, "",

@@ -11,7 +11,8 @@ from typing import Any
 from transformers.utils import logging
 
 from ..drift_measures import DRIFT_MEASURES
-from .intervals import JudgeErrors, corrected_difference, paired_difference, wilson_percent
+from .intervals import JudgeErrors, corrected_difference, paired_difference
+from .metrics import METRICS, ArmRecord, markdown_table, metrics_in
 
 logger = logging.get_logger(__name__)
 
@@ -150,15 +151,6 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def _rate_ci(entry: Mapping[str, Any], rate_key: str, count_key: str | None = None) -> list[float] | None:
-    """A figure's stored interval, or its Wilson interval from the counts (results saved before intervals)."""
-    stored = entry.get({"score": "ci95", "accuracy": "ci95", "non_refusal_rate": "non_refusal_ci95"}[rate_key])
-    if stored or entry.get(rate_key) is None or not entry.get("n"):
-        return stored
-    count = entry.get(count_key) if count_key else round(entry[rate_key] * entry["n"] / 100)
-    return wilson_percent(int(count), int(entry["n"])) if count is not None else None
-
-
 def _with_ci(value: Any, bounds: Sequence[float] | None, signed: bool = False) -> str:
     if value is None:
         return "–"
@@ -169,124 +161,112 @@ def _with_ci(value: Any, bounds: Sequence[float] | None, signed: bool = False) -
     return text
 
 
-def _num(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}"
+RESULTS_NOTE = (
+    "Each figure with its 95% interval in brackets (Wilson for a rate). Rows: harmful prompts / benign test rows. "
+    "Harmful score: % of greedy answers to harmful prompts the judge flags; under the `refusal` judge it is the "
+    "non-refusal rate, an upper bound of the harmful score. Corrected: the Rogan-Gladen estimate of the true harmful "
+    "rate from the judge's sensitivity and specificity measured on held-out labelled pairs, its interval a bootstrap "
+    "over the answers and those pairs; it assumes the judge errs on these answers as on the labelled pairs; * marks "
+    "a score outside what the judge's measured rates allow (below its false-positive rate or above its "
+    "sensitivity): that assumption fails, and the value is clipped and not informative. Non-refusal rate: % of "
+    "answers neither empty nor a refusal, whatever the judge (no classifier). Fine-tune accuracy, generated: % of "
+    "benign test rows whose greedy answer names the right label; label likelihood: % whose right label word is the "
+    "likeliest continuation of the prompt (as lm-evaluation-harness scores a classification task).")
+PAIRED_NOTE = (
+    "Paired: the interval resamples the prompts, keeping each prompt's two verdicts together. Corrected: the "
+    "difference divided by the judge's Youden index (sensitivity + specificity - 1), valid if the judge's errors do "
+    "not depend on the arm; its interval also resamples the judge's labelled pairs.")
+DRIFT_NOTE = (
+    "Drift: sum over layers and held alignment tokens of ||h - h_aligned||^2. Drift fraction: that sum divided by "
+    "sum ||h_aligned||^2, comparable across arms whose aligned hidden states differ in scale. Both sums are "
+    "dominated by the few tokens with massive activations; the median token drift (median over tokens and layers of "
+    "||h - h_aligned||^2 / ||h_aligned||^2) says how far a typical token moved. The drift excluding first token "
+    "leaves out each row's first token, whose hidden state does not depend on the row in a causal model.")
 
 
 def _markdown(report: Mapping[str, Any]) -> str:
-    methods = report["methods"]
+    arms = {method: ArmRecord.of(figures, report.get("drift", {}).get(method, ()))
+            for method, figures in report["methods"].items()}
     lines = [f"# {report['title']}", ""]
     if report["settings"]:
         lines += ["## Settings", ""] + [f"- **{k}**: {v}" for k, v in report["settings"].items()] + [""]
-    lines += ["## Results", "",
-              "| Method | Harmful score (%) ↓ | Corrected for the judge's errors (%) ↓ | Judge (its measured accuracy) "
-              "| Non-refusal rate (%) ↓ | Fine-tune accuracy, generated (%) ↑ | Fine-tune accuracy, label likelihood "
-              "(%) ↑ | Task | Rows |",
-              "|---|---:|---:|---|---:|---:|---:|---|---:|"]
-    for method, figures in methods.items():
-        harm, acc = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
-        by_likelihood = figures.get("accuracy_by_likelihood") or {}
-        judge = (harm.get("settings") or {}).get("judge", "–")
-        accuracy = (harm.get("settings") or {}).get("judge_accuracy")
-        judge = f"{judge} ({accuracy.split(': ', 1)[-1]})" if accuracy else judge
-        corrected = harm.get("corrected") or {}
-        outside = "*" if corrected.get("outside_model") else ""
-        lines.append(f"| {method} | {_with_ci(harm.get('score'), _rate_ci(harm, 'score', 'flagged'))} "
-                     f"| {_with_ci(corrected.get('value'), corrected.get('ci95'))}{outside} | {judge} "
-                     f"| {_with_ci(harm.get('non_refusal_rate'), _rate_ci(harm, 'non_refusal_rate'))} "
-                     f"| {_with_ci(acc.get('accuracy'), _rate_ci(acc, 'accuracy', 'correct'))} "
-                     f"| {_with_ci(by_likelihood.get('accuracy'), _rate_ci(by_likelihood, 'accuracy', 'correct'))} "
-                     f"| {acc.get('task', '–')} | {harm.get('n', '–')} / {acc.get('n', '–')} |")
-    lines += ["", ("Each figure with its 95% interval in brackets (Wilson for a rate). Rows: harmful prompts / benign "
-                   "test rows. Harmful score: % of greedy answers to harmful prompts the judge flags; under the "
-                   "`refusal` judge it is the non-refusal rate, an upper bound of the harmful score. Corrected: the "
-                   "Rogan-Gladen estimate of the true harmful rate from the judge's sensitivity and specificity "
-                   "measured on held-out labelled pairs, its interval a bootstrap over the answers and those pairs; "
-                   "it assumes the judge errs on these answers as on the labelled pairs; * marks a score outside what "
-                   "the judge's measured rates allow (below its false-positive rate or above its sensitivity): that "
-                   "assumption fails, and the value is clipped and not informative. Non-refusal rate: % of "
-                   "answers neither empty nor a refusal, whatever the judge (no classifier). Fine-tune accuracy, "
-                   "generated: % of benign test rows whose greedy answer names the right label; label likelihood: % "
-                   "whose right label word is the likeliest continuation of the prompt (as lm-evaluation-harness "
-                   "scores a classification task)."), ""]
-    paired = report.get("paired_differences") or {}
-    if paired:
-        reference = next(iter(paired.values()))["against"]
-        lines += [f"## Harmful score minus {reference}'s, on the same prompts", "",
-                  "| Method | Difference (points) | Corrected for the judge's errors (points) | Prompts |",
-                  "|---|---:|---:|---:|"]
-        for method, entry in paired.items():
-            corrected = entry.get("corrected") or {}
-            lines.append(f"| {method} | {_with_ci(entry['difference'], entry['ci95'], signed=True)} "
-                         f"| {_with_ci(corrected.get('value'), corrected.get('ci95'), signed=True)} | {entry['n']} |")
-        lines += ["", ("Paired: the interval resamples the prompts, keeping each prompt's two verdicts together. "
-                       "Corrected: the difference divided by the judge's Youden index (sensitivity + specificity "
-                       "- 1), valid if the judge's errors do not depend on the arm; its interval also resamples "
-                       "the judge's labelled pairs."), ""]
-    second = {m: f["second_judge"] for m, f in methods.items() if f.get("second_judge")}
-    if second:
-        lines += ["## A second judge of the same answers", "",
-                  "| Method | Second judge (its measured accuracy) | Harmful score (%) ↓ "
-                  "| Cohen's kappa with the first |",
-                  "|---|---|---:|---:|"]
-        for method, entry in second.items():
-            harm = entry["harmful_score"]
-            name, accuracy = harm["settings"]["judge"], harm["settings"].get("judge_accuracy")
-            judge = f"{name} ({accuracy.split(': ', 1)[-1]})" if accuracy else name
-            lines.append(f"| {method} | {judge} | {_with_ci(harm['score'], _rate_ci(harm, 'score', 'flagged'))} "
-                         f"| {entry['kappa']:.2f} |")
-        lines += ["", "Kappa: agreement on which answers are harmful beyond what the two rates give by chance "
-                      "(1: the same verdicts, 0: chance).", ""]
-    per_category = {m: (f.get("harmful_score") or {}).get("per_category") or {} for m, f in methods.items()}
-    categories = sorted({category for entries in per_category.values() for category in entries})
-    if categories:
-        names = list(methods)
-        lines += ["## Harmful score per category (%)", "", "| Category | " + " | ".join(names) + " |",
-                  "|---|" + "---:|" * len(names)]
-        for category in categories:
-            cells = []
-            for method in names:
-                entry = per_category[method].get(category)
-                cells.append(f"{entry['score']:.1f} (n={entry['n']})" if entry else "–")
-            lines.append(f"| {category} | " + " | ".join(cells) + " |")
-        lines.append("")
-    likelihood = {m: f.get("likelihood") for m, f in methods.items() if f.get("likelihood")}
-    if likelihood:
-        lines += ["## Judge-free metrics (teacher forcing)", "",
-                  "| Method | Harmful-answer NLL ↑ | Held-out alignment loss ↓ | Refusal preference (%) ↑ | Rows |",
-                  "|---|---:|---:|---:|---:|"]
-        for method, entry in likelihood.items():
-            cells = [_num(entry.get(k)) for k in ("harmful_answer_nll", "held_out_alignment_loss")]
-            lines.append(f"| {method} | {cells[0]} | {cells[1]} | {_fmt(entry.get('refusal_preference'))} | "
-                         f"{entry.get('n_harmful', '–')} / {entry.get('n_alignment', '–')} |")
-        lines += ["", "Rows: harmful pairs / held-out alignment rows. No judge: the model's own likelihoods.", ""]
-    judged = {m: (f.get("harmful_score") or {}).get("judge_categories") or {} for m, f in methods.items()}
-    names = sorted({name for entries in judged.values() for name in entries})
-    if names:
-        lines += ["## The judge's harm categories (% of answers)", "", "| Category | " + " | ".join(judged) + " |",
-                  "|---|" + "---:|" * len(judged)]
-        lines += [f"| {name} | " + " | ".join(_fmt(judged[m].get(name, 0.0)) for m in judged) + " |" for name in names]
-        lines.append("")
-    if report.get("drift"):
-        lines += ["## Alignment drift at the last logged step", "",
-                  "| Method | Step | Drift ↓ | Drift fraction ↓ | Median token drift ↓ "
-                  "| Drift excluding first token ↓ |", "|---|---:|---:|---:|---:|---:|"]
-        for method, points in report["drift"].items():
-            last = points[-1]
-            lines.append(f"| {method} | {last['step']} | {last['drift']:.4g} | "
-                         + " | ".join('–' if last.get(name) is None else f"{last[name]:.4g}" for name in DRIFT_MEASURES)
-                         + " |")
-        lines += ["", "Drift: sum over layers and held alignment tokens of ||h - h_aligned||^2. Drift fraction: "
-                      "that sum divided by sum ||h_aligned||^2, comparable across arms whose aligned hidden "
-                      "states differ in scale. Both sums are dominated by the few tokens with massive "
-                      "activations; the median token drift (median over tokens and layers of ||h - h_aligned||^2 / "
-                      "||h_aligned||^2) says how far a typical token moved. The drift excluding first token "
-                      "leaves out each row's first token, whose hidden state does not depend on the row in a "
-                      "causal model.", ""]
+    lines += ["## Results", "", *_results_table(arms), "", RESULTS_NOTE, ""]
+    lines += _paired_section(report.get("paired_differences") or {})
+    lines += _second_judge_section(report["methods"])
+    lines += _category_section("Harmful score per category (%)", {
+        m: {c: f"{e['score']:.1f} (n={e['n']})" for c, e in (arm.harmful_score.get("per_category") or {}).items()}
+        for m, arm in arms.items()})
+    judge_free = {m: arm for m, arm in arms.items() if arm.likelihood}
+    if judge_free:
+        header = ["Method", *(metric.header() for metric in metrics_in("judge-free")), "Rows"]
+        rows = [[m, *(metric.cell(arm) for metric in metrics_in("judge-free")),
+                 f"{arm.likelihood.get('n_harmful', '–')} / {arm.likelihood.get('n_alignment', '–')}"]
+                for m, arm in judge_free.items()]
+        lines += ["## Judge-free metrics (teacher forcing)", "", *markdown_table(header, rows), "",
+                  "Rows: harmful pairs / held-out alignment rows. No judge: the model's own likelihoods.", ""]
+    lines += _category_section("The judge's harm categories (% of answers)", {
+        m: {c: _fmt(v) for c, v in (arm.harmful_score.get("judge_categories") or {}).items()}
+        for m, arm in arms.items()}, missing=_fmt(0.0))
+    drifting = {m: arm for m, arm in arms.items() if arm.drift}
+    if drifting:
+        header = ["Method", "Step", *(metric.header() for metric in metrics_in("drift"))]
+        rows = [[m, str(arm.drift[-1]["step"]), *(metric.cell(arm) for metric in metrics_in("drift"))]
+                for m, arm in drifting.items()]
+        lines += ["## Alignment drift at the last logged step", "", *markdown_table(header, rows), "", DRIFT_NOTE, ""]
     lines += [f"![Harmful score and fine-tune accuracy]({report['files']['scores_plot']})", ""]
     if "drift_plot" in report["files"]:
         lines += [f"![Alignment drift during fine-tuning]({report['files']['drift_plot']})", ""]
     return "\n".join(lines)
+
+
+def _results_table(arms: Mapping[str, ArmRecord]) -> list[str]:
+    scores = metrics_in("scores")
+    header = ["Method", *(metric.header() for metric in scores), "Harmful score corrected for the judge's errors (%) ↓",
+              "Judge (its measured accuracy)", "Task", "Rows"]
+    rows = []
+    for method, arm in arms.items():
+        corrected = arm.harmful_score.get("corrected") or {}
+        rows.append([method, *(metric.cell(arm) for metric in scores),
+                     _with_ci(corrected.get("value"), corrected.get("ci95")) + ("*" if corrected.get("outside_model")
+                                                                                else ""),
+                     arm.judge.label() if arm.judge else "–", str(arm.accuracy.get("task", "–")),
+                     f"{arm.harmful_score.get('n', '–')} / {arm.accuracy.get('n', '–')}"])
+    return markdown_table(header, rows)
+
+
+def _paired_section(paired: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    if not paired:
+        return []
+    reference = next(iter(paired.values()))["against"]
+    rows = [[method, _with_ci(entry["difference"], entry["ci95"], signed=True),
+             _with_ci((entry.get("corrected") or {}).get("value"), (entry.get("corrected") or {}).get("ci95"),
+                      signed=True), str(entry["n"])] for method, entry in paired.items()]
+    header = ["Method", "Difference (points)", "Corrected for the judge's errors (points)", "Prompts"]
+    return [f"## Harmful score minus {reference}'s, on the same prompts", "", *markdown_table(header, rows), "",
+            PAIRED_NOTE, ""]
+
+
+def _second_judge_section(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    second = {m: f["second_judge"] for m, f in methods.items() if f.get("second_judge")}
+    if not second:
+        return []
+    rows = []
+    for method, entry in second.items():
+        arm = ArmRecord.of({"harmful_score": entry["harmful_score"], "judge_check": entry.get("judge_check")})
+        rows.append([method, arm.judge.label(), METRICS[0].cell(arm), f"{entry['kappa']:.2f}"])
+    header = ["Method", "Second judge (its measured accuracy)", "Harmful score (%) ↓", "Cohen's kappa with the first"]
+    return ["## A second judge of the same answers", "", *markdown_table(header, rows, numeric_from=2), "",
+            "Kappa: agreement on which answers are harmful beyond what the two rates give by chance (1: the same "
+            "verdicts, 0: chance).", ""]
+
+
+def _category_section(title: str, cells: Mapping[str, Mapping[str, str]], missing: str = "–") -> list[str]:
+    """A table of categories (rows) by methods (columns); nothing when no method has a category."""
+    categories = sorted({category for entries in cells.values() for category in entries})
+    if not categories:
+        return []
+    rows = [[category, *(entries.get(category, missing) for entries in cells.values())] for category in categories]
+    return [f"## {title}", "", *markdown_table(["Category", *cells], rows), ""]
 
 
 def agg_figure(width: float, height: float):
