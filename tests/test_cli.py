@@ -260,6 +260,16 @@ def test_the_package_has_no_import_circle():
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle
 
 
+def test_the_library_names_no_path_of_this_repository():
+    """An installed package has no ../shared beside it: data folders are settings, never defaults or messages."""
+    import vaccine_trainer
+
+    package_dir = Path(vaccine_trainer.__file__).parent
+    offending = [f"{path.relative_to(package_dir)}:{number}" for path in package_dir.rglob("*.py")
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if "../shared" in line]
+    assert offending == []
+
+
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_align_runs_t_vaccine_with_harmful_probe_data(workspace, tmp_path, template):
     """`align --vaccine_layer_sampling true --probe_dataset ...`: TRL tokenizes the probe, layers are sampled."""

@@ -124,13 +124,11 @@ def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapte
     return model.eval()
 
 
-def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
-    """Generate and score; returns (and writes to `args.output_file`) every figure with its settings."""
-    from ..data import TASK_LABELS, load_harmful_prompts, load_task_eval
-    from ..evaluation import finetune_accuracy
-    from ..evaluation.intervals import corrected_rate
+def read_evaluation_inputs(args: EvaluateArguments) -> tuple[list, Any, Path | None]:
+    """The harmful prompts, the task rows (None without a task) and the card's folder: every input read and
+    checked before any model loads."""
+    from ..data import load_harmful_prompts, load_task_eval
     from .judge_names import check_judge_inputs
-    from ..evaluation.scores import harmful_answers, label_likelihood_accuracy
 
     require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     card_dir = evaluated_card_dir(args)
@@ -150,23 +148,27 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     for spec in (args.judge, args.second_judge):  # a misspelled judge fails before the model loads
         if spec is not None:
             check_judge_inputs(spec, args.judge_data_dir)
-    model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter, **args.load_kwargs())
-    tokenizer = load_tokenizer(args.model_name_or_path, revision=args.model_revision,
-                               trust_remote_code=args.trust_remote_code)
-    started = time.time()
-    answers = harmful_answers(model, tokenizer, prompts, template=args.template, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens,
-                              cache=answer_cache(args, "harmful", args.max_new_tokens))
-    accuracy = None
+    return prompts, task_rows, card_dir
+
+
+def model_figures(model, tokenizer, args: EvaluateArguments, prompts, task_rows) -> dict[str, Any]:
+    """What needs the evaluated model: its answers to the harmful prompts, the task accuracies (generated and by
+    label likelihood) and the judge-free metrics."""
+    from ..data import TASK_LABELS
+    from ..evaluation import finetune_accuracy
+    from ..evaluation.scores import harmful_answers, label_likelihood_accuracy
+
+    figures: dict[str, Any] = {"accuracy": None, "accuracy_by_likelihood": None, "likelihood": None}
+    figures["answers"] = harmful_answers(model, tokenizer, prompts, template=args.template,
+                                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                         cache=answer_cache(args, "harmful", args.max_new_tokens))
     if task_rows is not None:
-        accuracy = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
-                                     batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens,
-                                     cache=answer_cache(args, args.task, args.task_max_new_tokens))
-    likelihood_accuracy = None
-    if task_rows is not None and args.task in TASK_LABELS:  # classification: also what the model knows
-        likelihood_accuracy = label_likelihood_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
-                                                        batch_size=args.batch_size)
-    likelihood = None
+        figures["accuracy"] = finetune_accuracy(model, tokenizer, args.task, task_rows, template=args.template,
+                                                batch_size=args.batch_size, max_new_tokens=args.task_max_new_tokens,
+                                                cache=answer_cache(args, args.task, args.task_max_new_tokens))
+        if args.task in TASK_LABELS:  # classification: also what the model knows
+            figures["accuracy_by_likelihood"] = label_likelihood_accuracy(
+                model, tokenizer, args.task, task_rows, template=args.template, batch_size=args.batch_size)
     if args.harmful_pairs or args.alignment_dataset:
         from ..data import instruction_pairs
         from ..evaluation.likelihood import likelihood_metrics
@@ -176,10 +178,16 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
             if args.harmful_pairs else []
         alignment_pairs = instruction_pairs(args.alignment_dataset, n, safe=True, seed=args.alignment_seed,
                                             held_out=True) if args.alignment_dataset else []
-        likelihood = likelihood_metrics(model, tokenizer, harmful_pairs=harmful_pairs, alignment_pairs=alignment_pairs,
-                                        template=args.template, batch_size=args.batch_size)
-    del model  # the generator leaves the device before a model judge comes onto it
-    free_accelerator_memory()
+        figures["likelihood"] = likelihood_metrics(model, tokenizer, harmful_pairs=harmful_pairs,
+                                                   alignment_pairs=alignment_pairs, template=args.template,
+                                                   batch_size=args.batch_size)
+    return figures
+
+
+def judged_figures(answers, args: EvaluateArguments):
+    """The answers under `--judge` (corrected for its measured errors where measured) and `--second_judge`."""
+    from ..evaluation.intervals import corrected_rate
+
     judge = build_judge(args.judge, args.judge_data_dir)
     judge_check = measure_judge(judge, args.judge_data_dir)
     harmful = answers.judged(judge)
@@ -193,13 +201,28 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
         del judge  # one judge on the device at a time
         free_accelerator_memory()
         second = second_opinion(answers, harmful, args)
+    return harmful, judge_check, second
+
+
+def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
+    """Generate and score; returns (and writes to `args.output_file`) every figure with its settings."""
+    prompts, task_rows, card_dir = read_evaluation_inputs(args)
+    model = load_evaluated_model(args.model_name_or_path, args.alignment_adapter, args.adapter, **args.load_kwargs())
+    tokenizer = load_tokenizer(args.model_name_or_path, revision=args.model_revision,
+                               trust_remote_code=args.trust_remote_code)
+    started = time.time()
+    figures = model_figures(model, tokenizer, args, prompts, task_rows)
+    del model  # the generator leaves the device before a model judge comes onto it
+    free_accelerator_memory()
+    harmful, judge_check, second = judged_figures(figures["answers"], args)
+    samples = {"accuracy", "accuracy_by_likelihood"}
     result = {
         "settings": asdict(args),
         "judge_check": judge_check.to_dict() if judge_check is not None else None,
-        "likelihood": likelihood.to_dict() if likelihood is not None else None,
         "harmful_score": harmful.to_dict(samples=True),
-        "accuracy": accuracy.to_dict(samples=True) if accuracy is not None else None,
-        "accuracy_by_likelihood": None if likelihood_accuracy is None else likelihood_accuracy.to_dict(samples=True),
+        **{key: None if figures[key] is None else
+           figures[key].to_dict(**({"samples": True} if key in samples else {}))
+           for key in ("likelihood", "accuracy", "accuracy_by_likelihood")},
         "second_judge": second,
         "wall_time_s": round(time.time() - started, 1),
     }
@@ -208,19 +231,24 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     output.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     if card_dir is not None:
         publish_card(card_dir, result, args)
+    print(f"{PROG} evaluate: {summary_line(args, harmful, figures, second)}; written to {output}")
+    return result
+
+
+def summary_line(args: EvaluateArguments, harmful, figures: dict[str, Any], second: dict[str, Any] | None) -> str:
     summary = f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n}, 95% CI {_interval(harmful.ci95)})"
     if harmful.corrected is not None:
         summary += (f", corrected for the judge's errors {harmful.corrected['value']:.1f}% "
                     f"(95% CI {_interval(harmful.corrected['ci95'])})")
+    accuracy, by_likelihood = figures["accuracy"], figures["accuracy_by_likelihood"]
     if accuracy is not None:
         summary += f", {args.task} accuracy {accuracy.accuracy:.1f}% ({accuracy.correct}/{accuracy.n})"
-    if likelihood_accuracy is not None:
-        summary += f", by label likelihood {likelihood_accuracy.accuracy:.1f}%"
+    if by_likelihood is not None:
+        summary += f", by label likelihood {by_likelihood.accuracy:.1f}%"
     if second is not None:
         summary += (f"; under {args.second_judge} {second['harmful_score']['score']:.1f}% "
                     f"(Cohen's kappa with {args.judge}: {second['kappa']:.2f})")
-    print(f"{PROG} evaluate: {summary}; written to {output}")
-    return result
+    return summary
 
 
 def second_opinion(answers, first, args: EvaluateArguments) -> dict[str, Any]:

@@ -32,7 +32,8 @@ def check_judge_inputs(spec: str, data_dir: str | Path | None) -> None:
 
 
 LEARNED_NEEDS_DATA = ("The learned judge trains on labelled (prompt, answer) pairs: give the folder holding them "
-                      "(data_dir=; --judge_data_dir on the command line), or choose another judge.")
+                      "(data_dir=; on the command line --judge_data_dir, or --data_dir in judge-check), or choose "
+                      "another judge.")
 
 
 def make_judge(spec: str, *, data_dir: str | Path | None = None, cache_dir: str | Path | None = None,

@@ -399,86 +399,103 @@ def _without_samples(second: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**second, "harmful_score": {k: v for k, v in second["harmful_score"].items() if k != "samples"}}
 
 
-def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
-    """Align, fine-tune and evaluate every method, then write the report; returns the report's files."""
-    import torch
-
-    from ..evaluation import write_report
+def check_pipeline_inputs(args: PipelineArguments) -> None:
+    """Everything the phases would refuse, checked before any of them runs."""
     from .judge_names import check_judge_inputs
 
-    arms = args.arms()
-    launch = args.launch_flags()
+    args.arms()
+    args.launch_flags()
     check_phase_settings(args)
     check_judge_inputs(args.evaluate_args.get("judge", args.judge),
                        args.evaluate_args.get("judge_data_dir", args.judge_data_dir))
     for flag in ("alignment_dataset", "harmful_dataset", "benign_dataset", "harmful_prompts", "task_dataset",
                  "second_benign_dataset"):
         check_source(getattr(args, flag), flag)
+
+
+def common_settings(args: PipelineArguments) -> dict[str, Any]:
+    """Settings of both training phases: seed, length, checkpoints."""
+    common = {"seed": args.seed, "max_length": args.max_length, "report_to": "none"}
+    return common | ({"save_strategy": "steps", "save_steps": args.checkpoint_steps, "save_total_limit": 1}
+                     if args.checkpoint_steps > 0 else {"save_strategy": "no"})
+
+
+def align_settings(args: PipelineArguments, arm: Arm, model: str, adapter: Path) -> dict[str, Any]:
+    settings = {"model_name_or_path": model, "dataset": args.alignment_dataset,
+                "num_samples": args.alignment_samples, "dataset_seed": args.seed, "template": args.template,
+                "output_dir": str(adapter), "rho": arm.rho or 0.0, "vaccine_target": args.vaccine_target,
+                "num_train_epochs": args.align_epochs, "learning_rate": args.align_learning_rate,
+                "per_device_train_batch_size": args.align_batch_size, "weight_decay": 0.1,
+                "logging_steps": 10, **common_settings(args)}
+    if arm.layer_sampling:
+        settings |= {"vaccine_layer_sampling": True, "vaccine_sampled_layers": args.sampled_layers,
+                     "probe_dataset": args.harmful_dataset}
+    return settings | args.align_args
+
+
+def finetune_settings(args: PipelineArguments, model: str, adapter: Path | None, tuned: Path) -> dict[str, Any]:
+    settings = {"model_name_or_path": model, "harmful_dataset": args.harmful_dataset,
+                "benign_dataset": args.benign_dataset, "task": args.task, "num_samples": args.finetune_samples,
+                "harmful_ratio": args.harmful_ratio, "dataset_seed": args.seed, "template": args.template,
+                "output_dir": str(tuned), "num_train_epochs": args.finetune_epochs,
+                "learning_rate": args.finetune_learning_rate,
+                "per_device_train_batch_size": args.finetune_batch_size, "logging_steps": 10, **common_settings(args)}
+    if adapter is not None:
+        settings["alignment_adapter"] = str(adapter)
+    if args.drift_samples > 0:
+        settings |= {"drift_dataset": args.alignment_dataset, "drift_samples": args.drift_samples}
+    if args.second_benign_dataset:
+        settings |= {"second_dataset": args.second_benign_dataset, "second_task": args.second_benign_task,
+                     "second_fraction": args.second_benign_fraction}
+    return settings | args.finetune_args
+
+
+def evaluate_settings(args: PipelineArguments, model: str, adapter: Path | None, tuned: Path,
+                      evaluated: Path) -> dict[str, Any]:
+    settings = {"model_name_or_path": model, "adapter": str(tuned), "harmful_prompts": args.harmful_prompts,
+                "num_prompts": args.num_prompts, "task": args.task, "task_dataset": args.task_dataset,
+                "num_task_samples": args.num_task_samples, "max_new_tokens": args.max_new_tokens,
+                "template": args.template, "output_file": str(evaluated / EVALUATION_FILE), "judge": args.judge,
+                **_likelihood_settings(args)}
+    if adapter is not None:
+        settings["alignment_adapter"] = str(adapter)
+    if args.judge_data_dir is not None:
+        settings["judge_data_dir"] = args.judge_data_dir
+    return settings | args.evaluate_args
+
+
+def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
+    """Align, fine-tune and evaluate every method, then write the report; returns the report's files."""
+    import torch
+
+    from ..evaluation import write_report
+
+    check_pipeline_inputs(args)
+    arms, launch = args.arms(), args.launch_flags()
     root = Path(args.output_dir)
     alignment_root = Path(args.alignment_dir) if args.alignment_dir else root
     started = time.time()
     model = resolve_model(args)
-    common = {"seed": args.seed, "max_length": args.max_length, "report_to": "none"}
-    common |= ({"save_strategy": "steps", "save_steps": args.checkpoint_steps, "save_total_limit": 1}
-               if args.checkpoint_steps > 0 else {"save_strategy": "no"})
     walls: dict[str, dict[str, float]] = {}
     histories: dict[str, list] = {}
     results: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        folder = root / arm.folder
         walls[arm.label] = {}
-        adapter = None
-        if arm.aligned:
-            adapter = alignment_root / arm.folder / "align"
-            settings = {"model_name_or_path": model, "dataset": args.alignment_dataset,
-                        "num_samples": args.alignment_samples, "dataset_seed": args.seed, "template": args.template,
-                        "output_dir": str(adapter), "rho": arm.rho or 0.0, "vaccine_target": args.vaccine_target,
-                        "num_train_epochs": args.align_epochs, "learning_rate": args.align_learning_rate,
-                        "per_device_train_batch_size": args.align_batch_size, "weight_decay": 0.1,
-                        "logging_steps": 10, **common}
-            if arm.layer_sampling:
-                settings |= {"vaccine_layer_sampling": True, "vaccine_sampled_layers": args.sampled_layers,
-                             "probe_dataset": args.harmful_dataset}
-            settings |= args.align_args
-            walls[arm.label]["align"] = run_phase(adapter, f"{arm.label}/align", "align", settings,
-                                                  launch)["wall_time_s"]
+        adapter = alignment_root / arm.folder / "align" if arm.aligned else None
+        if adapter is not None:
+            walls[arm.label]["align"] = run_phase(adapter, f"{arm.label}/align", "align",
+                                                  align_settings(args, arm, model, adapter), launch)["wall_time_s"]
         if args.align_only:
             continue
-        tuned = folder / "finetune"
-        settings = {"model_name_or_path": model, "harmful_dataset": args.harmful_dataset,
-                    "benign_dataset": args.benign_dataset, "task": args.task, "num_samples": args.finetune_samples,
-                    "harmful_ratio": args.harmful_ratio, "dataset_seed": args.seed, "template": args.template,
-                    "output_dir": str(tuned), "num_train_epochs": args.finetune_epochs,
-                    "learning_rate": args.finetune_learning_rate,
-                    "per_device_train_batch_size": args.finetune_batch_size, "logging_steps": 10, **common}
-        if adapter is not None:
-            settings["alignment_adapter"] = str(adapter)
-        if args.drift_samples > 0:
-            settings |= {"drift_dataset": args.alignment_dataset, "drift_samples": args.drift_samples}
-        if args.second_benign_dataset:
-            settings |= {"second_dataset": args.second_benign_dataset, "second_task": args.second_benign_task,
-                         "second_fraction": args.second_benign_fraction}
-        settings |= args.finetune_args
-        walls[arm.label]["finetune"] = run_phase(tuned, f"{arm.label}/finetune", "finetune", settings,
-                                                 launch)["wall_time_s"]
+        tuned, evaluated = root / arm.folder / "finetune", root / arm.folder / "evaluate"
+        walls[arm.label]["finetune"] = run_phase(tuned, f"{arm.label}/finetune", "finetune",
+                                                 finetune_settings(args, model, adapter, tuned), launch)["wall_time_s"]
         state = tuned / "trainer_state.json"
         histories[arm.label] = json.loads(state.read_text())["log_history"] if state.is_file() else []
-
-        evaluated = folder / "evaluate"
-        settings = {"model_name_or_path": model, "adapter": str(tuned), "harmful_prompts": args.harmful_prompts,
-                    "num_prompts": args.num_prompts, "task": args.task, "task_dataset": args.task_dataset,
-                    "num_task_samples": args.num_task_samples, "max_new_tokens": args.max_new_tokens,
-                    "template": args.template, "output_file": str(evaluated / EVALUATION_FILE), "judge": args.judge,
-                    **_likelihood_settings(args)}
-        if adapter is not None:
-            settings["alignment_adapter"] = str(adapter)
-        if args.judge_data_dir is not None:
-            settings["judge_data_dir"] = args.judge_data_dir
-        settings |= args.evaluate_args
         walls[arm.label]["evaluate"] = run_phase(evaluated, f"{arm.label}/evaluate", "evaluate",
-                                                 settings)["wall_time_s"]
-        results[arm.label] = arm_results(folder)
-
+                                                 evaluate_settings(args, model, adapter, tuned, evaluated)
+                                                 )["wall_time_s"]
+        results[arm.label] = arm_results(root / arm.folder)
     if args.align_only:
         print(f"{PROG} pipeline: stage 1 done for {', '.join(a.label for a in arms if a.aligned)} (--align_only).")
         return {}
