@@ -61,6 +61,10 @@ class VaccineStateCallback(TrainerCallback, ExportableState):
     def layer_sampling(self) -> dict | None:
         return self.sampler.state.to_dict() if self.sampler is not None else self._saved_sampling
 
+    @layer_sampling.setter
+    def layer_sampling(self, saved: dict | None) -> None:  # the Trainer restores attributes by setting them
+        self._saved_sampling = saved
+
     def state(self) -> dict:
         return {
             "args": {"settings": self.settings, "modules": self.modules},
