@@ -60,7 +60,7 @@ class EvaluateArguments(ModelLoadingArguments):
     task_dataset: str | None = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
     judge: str = field(default="refusal", metadata={
-        "help": "refusal, learned, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
+        "help": "refusal, learned, learned-pair, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
                 "classifier:<path>."})
     second_judge: str | None = field(default=None, metadata={
         "help": "A second judge of the same answers: its harmful score and its agreement with --judge (Cohen's "

@@ -16,7 +16,7 @@ class JudgeCheckArguments:
     """A judge's accuracy, precision and recall on human-labelled pairs (`prompt`, `response`, `is_safe`).
 
     Parameters:
-        judge (`str`, defaults to `"learned"`): refusal, learned or classifier:<path-or-hub-id>.
+        judge (`str`, defaults to `"learned"`): a judge name as `--judge` takes it (`vaccine-trainer evaluate --help`).
         labelled (`str`): a .jsonl file of labelled pairs, e.g. beavertails_qa_labeled.jsonl.
         held_out_only (`bool`, defaults to `False`): keep only the pairs whose prompts the learned judge held out
             (for BeaverTails; measuring the learned judge on pairs it trained on says little).
@@ -28,7 +28,7 @@ class JudgeCheckArguments:
     """
 
     judge: str = field(default="learned", metadata={
-        "help": "refusal, learned, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
+        "help": "refusal, learned, learned-pair, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
                 "classifier:<path>."})
     labelled: str | None = field(default=None, metadata={"help": "Labelled pairs (.jsonl: prompt, response, is_safe)."})
     held_out_only: bool = field(default=False, metadata={"help": "Only the learned judge's held-out prompts."})

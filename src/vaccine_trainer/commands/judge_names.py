@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-JUDGE_NAMES = ("refusal", "learned", "beaverdam:<path-or-hub-id>", "llamaguard:<path-or-hub-id>",
+JUDGE_NAMES = ("refusal", "learned", "learned-pair", "beaverdam:<path-or-hub-id>", "llamaguard:<path-or-hub-id>",
                "qwen3guard:<path-or-hub-id>", "qwen3guard-loose:<path-or-hub-id>", "classifier:<path-or-hub-id>")
 MODEL_JUDGES = ("beaverdam", "llamaguard", "qwen3guard", "qwen3guard-loose", "classifier")
 
@@ -19,7 +19,7 @@ def check_judge_spec(spec: str) -> None:
     """Fail on a judge name `make_judge` would refuse, without loading or training anything."""
     kind, _, target = spec.partition(":")
     kind = kind.strip().lower()
-    if (kind in ("refusal", "learned") and not target) or (kind in MODEL_JUDGES and target):
+    if (kind in ("refusal", "learned", "learned-pair") and not target) or (kind in MODEL_JUDGES and target):
         return
     raise ValueError(f"Unknown judge {spec!r}: use one of {', '.join(JUDGE_NAMES)}.")
 
@@ -27,22 +27,23 @@ def check_judge_spec(spec: str) -> None:
 def check_judge_inputs(spec: str, data_dir: str | Path | None) -> None:
     """`check_judge_spec`, and the learned judge's labelled pairs given: what a command checks at start-up."""
     check_judge_spec(spec)
-    if spec.strip().lower() == "learned" and data_dir is None:
+    if spec.strip().lower() in ("learned", "learned-pair") and data_dir is None:
         raise ValueError(LEARNED_NEEDS_DATA)
 
 
-LEARNED_NEEDS_DATA = ("The learned judge trains on labelled (prompt, answer) pairs: give the folder holding them "
+LEARNED_NEEDS_DATA = ("The learned judges train on labelled (prompt, answer) pairs: give the folder holding them "
                       "(data_dir=; on the command line --judge_data_dir, or --data_dir in judge-check), or choose "
                       "another judge.")
 
 
 def make_judge(spec: str, *, data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                device: Any = None) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
-    """A judge from its name: ``refusal``, ``learned``, ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict;
+    """A judge from its name: ``refusal``, ``learned`` (TF-IDF of the answer), ``learned-pair`` (the offline model
+    trained as a pair classifier; minutes to train), ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict;
     ``qwen3guard-loose:``) or ``classifier:<path>``.
 
-    ``data_dir`` is the folder of labelled pairs the learned judge trains on (required for it); ``cache_dir``
-    where it keeps the trained classifier.
+    ``data_dir`` is the folder of labelled pairs the learned judges train on (required for them); ``cache_dir``
+    where they keep the trained classifier.
     """
     check_judge_spec(spec)
     kind, _, target = spec.partition(":")
@@ -51,11 +52,15 @@ def make_judge(spec: str, *, data_dir: str | Path | None = None, cache_dir: str 
         from ..evaluation.judges import RefusalJudge
 
         return RefusalJudge()
-    if kind == "learned":
-        from ..evaluation.learned_judge import LearnedJudge
-
+    if kind in ("learned", "learned-pair"):
         if data_dir is None:
             raise ValueError(LEARNED_NEEDS_DATA)
+        if kind == "learned-pair":
+            from ..evaluation.pair_judge import PairClassifierJudge
+
+            return PairClassifierJudge(data_dir, cache_dir=cache_dir, device=device)
+        from ..evaluation.learned_judge import LearnedJudge
+
         return LearnedJudge(data_dir, cache_dir=cache_dir)
     from ..evaluation import model_judges
 

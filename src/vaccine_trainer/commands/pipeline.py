@@ -104,7 +104,7 @@ class PipelineArguments:
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
     max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per harmful prompt (paper: 128)."})
     judge: str = field(default="refusal", metadata={
-        "help": "refusal, learned, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
+        "help": "refusal, learned, learned-pair, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
                 "classifier:<path>."})
     judge_data_dir: str | None = field(default=None, metadata={
         "help": "Folder of labelled pairs the learned judge trains on and judges are measured on."})

@@ -114,11 +114,20 @@ def build_classifier(settings: LearnedJudgeSettings):
                                                       random_state=settings.seed))
 
 
+def data_fingerprint(data_dir: Path) -> str:
+    """A digest of the files the learned judges train on and hold out: a trained judge is cached under it."""
+    return _with_data(hashlib.sha256(), data_dir).hexdigest()
+
+
 def _fingerprint(data_dir: Path, settings: LearnedJudgeSettings) -> str:
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **asdict(settings)}, sort_keys=True).encode())
+    return _with_data(digest, data_dir).hexdigest()[:16]
+
+
+def _with_data(digest, data_dir: Path):
     for name in (SAFERLHF_FILE, BEAVERTAILS_FILE, EVAL_PROMPTS_FILE, ATTACK_FILE):
         digest.update((data_dir / name).read_bytes())
-    return digest.hexdigest()[:16]
+    return digest
 
 
 class LearnedJudge:
