@@ -66,10 +66,9 @@ FINETUNE_ARGUMENTS = (FinetuneScriptArguments, AlignedSFTConfig, ModelLoadingArg
 def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
                  model_args: ModelLoadingArguments | None = None) -> None:
     """Merge the alignment adapter, train a fresh LoRA on the mix (tracking drift), save it with its card."""
-    from ..callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
     from ..data import build_alignment_dataset, build_finetune_mix
     from ..sft import AlignedSFTTrainer, merge_alignment_adapter
-    from ..stage2_output import alignment_settings, write_stage2_record
+    from ..stage2_output import write_stage2_record
 
     require(script.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     if script.alignment_adapter is None:
@@ -84,7 +83,6 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
                              template=script.template, tokenizer=tokenizer, second_source=script.second_dataset,
                              second_task=script.second_task, second_fraction=script.second_fraction)
     require_rows(mix, "fine-tuning", "benign_dataset/--harmful_dataset")
-    n_harmful = sum(mix["is_harmful"])
     drift = None
     if script.drift_dataset is not None:
         drift = build_alignment_dataset(script.drift_dataset, script.drift_samples, seed=script.dataset_seed,
@@ -103,7 +101,22 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
                          f"{args.max_length} (their prompt fills it) and are left out of training; raise "
                          "--max_length to keep them.")
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    callback = trainer.drift_callback
+    if callback is not None:
+        Path(args.output_dir, "alignment_drift.json").write_text(json.dumps(callback.history, indent=1))
+    section = stage2_card_section(script, args, mix, dropped, drift, callback)
+    save_run(trainer, args.output_dir, script.benign_dataset, section,
+             write_extras=lambda output: write_stage2_record(output, script.model_name_or_path,
+                                                              script.alignment_adapter))
 
+
+def stage2_card_section(script: FinetuneScriptArguments, args: AlignedSFTConfig, mix, dropped: int, drift,
+                        callback) -> str:
+    """The card's account of stage 2: data, drift from the aligned model, stage 1's settings, how to load."""
+    from ..callbacks import DRIFT_FRACTION_KEY, DRIFT_KEY, LOSS_KEY, MEDIAN_TOKEN_DRIFT_KEY
+    from ..stage2_output import alignment_settings
+
+    n_harmful = sum(mix["is_harmful"])
     section = (
         "## Stage-2 fine-tuning of an aligned model\n\n"
         + (f"Base `{script.model_name_or_path}` with the alignment adapter `{script.alignment_adapter}` merged into "
@@ -114,9 +127,7 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
         + (f", of which {dropped} were left out: no completion token within max_length {args.max_length}"
            if dropped else "") + ".\n"
     )
-    callback = trainer.drift_callback
     if callback is not None:
-        Path(args.output_dir, "alignment_drift.json").write_text(json.dumps(callback.history, indent=1))
         first, last = callback.history[0], callback.history[-1]
         section += (
             f"\nAlignment drift on {len(drift)} held rows of `{script.drift_dataset}` "
@@ -138,9 +149,7 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
             "fit:\n\n```python\nfrom vaccine_trainer import load_finetuned_model\n\n"
             f"model = load_finetuned_model(\"{args.hub_model_id or args.output_dir}\")\n```\n"
         )
-    save_run(trainer, args.output_dir, script.benign_dataset, section,
-             write_extras=lambda output: write_stage2_record(output, script.model_name_or_path,
-                                                              script.alignment_adapter))
+    return section
 
 
 def main(argv: list[str]) -> int:
