@@ -19,6 +19,18 @@ from scipy.stats import binomtest
 from vaccine_trainer.commands.judge_names import make_judge
 from vaccine_trainer.evaluation import check_judge, split_labelled_pairs
 from vaccine_trainer.evaluation.intervals import paired_difference, wilson_percent
+from vaccine_trainer.evaluation.judges import judge_name
+
+
+class AlreadyJudged:
+    """A judge as `check_judge` sees it, answering with the verdicts it already gave (judging takes minutes)."""
+
+    def __init__(self, judge, verdicts):
+        self.name, self.verdicts = judge_name(judge), verdicts
+        self.published_accuracy = getattr(judge, "published_accuracy", None)
+
+    def __call__(self, prompts, answers):
+        return self.verdicts
 
 
 def main(argv=None) -> None:
@@ -35,11 +47,14 @@ def main(argv=None) -> None:
         started = time.time()
         judge.classifier  # trained or loaded before the judging is timed
         trained_s = time.time() - started
+        started = time.time()
         verdicts = judge([row["prompt"] for row in held_out], [row["response"] for row in held_out])
+        judging_s = time.time() - started
         right[name] = [v == t for v, t in zip(verdicts, truth)]
-        check = check_judge(judge, held_out, source="beavertails_qa_labeled.jsonl (held-out prompts)")
+        check = check_judge(AlreadyJudged(judge, verdicts), held_out,
+                            source="beavertails_qa_labeled.jsonl (held-out prompts)")
         figures[name] = {**check.to_dict(), "accuracy_ci95": wilson_percent(sum(right[name]), len(truth)),
-                         "train_or_load_seconds": round(trained_s)}
+                         "train_or_load_seconds": round(trained_s), "seconds": round(judging_s, 1)}
         print(f"{name}: accuracy {check.accuracy:.1f}% {figures[name]['accuracy_ci95']}, precision "
               f"{check.precision:.1f}, recall {check.recall:.1f}, safe flagged {check.false_positive_rate:.1f}%",
               flush=True)
