@@ -357,7 +357,8 @@ def test_report_files(tmp_path):
     assert report["drift"]["sft"] == [{"step": 0, "drift": 0.0},
                                       {"step": 10, "drift": 2.5, "drift_fraction": 0.125, "median_token_drift": 0.01}]
     markdown = paths["markdown"].read_text()
-    assert "| sft | 10 | 2.50e+00 | 1.25e-01 | 1.00e-02 |" in markdown and "| vaccine | 10 | 1.00e+00 | – | – |" in markdown
+    assert "| sft | 10 | 2.50e+00 | 1.25e-01 | 1.00e-02 |" in markdown
+    assert "| vaccine | 10 | 1.00e+00 | – | – |" in markdown
     # Wilson 95% interval of 2/2 is [34.2, 100]; "bad" refuses nothing
     interval = "100.0 [34.2, 100.0]"
     assert f"| sft | {interval} | {interval} | {interval} | – | – | <lambda> | sst2 | 2 / 2 |" in markdown

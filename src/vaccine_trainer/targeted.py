@@ -99,7 +99,8 @@ class LayerSampler:
         state.draw_step = step
         active_layers = state.active_layers()
         logger.info(f"T-Vaccine: step {step}, active layers {active_layers}.")
-        self.logs.update({"vaccine/lowest_active_layer": min(active_layers), "vaccine/active_layers": len(active_layers)})
+        self.logs.update({"vaccine/lowest_active_layer": min(active_layers),
+                          "vaccine/active_layers": len(active_layers)})
         self.logs.update({f"vaccine/layer_active/{layer}": float(layer in active_layers)
                           for layer in state.layer_indices})
 

@@ -305,9 +305,8 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     if missing:
         lines += [f"**Not finished, left out:** {'; '.join(missing)}.", ""]
     lines += _summary_tables(summary)
-    lines += [*(f"{note}\n" for note in notes),
-              f"Judge of the harmful score (its measured accuracy): {'; '.join(sorted({str(r.get('judge')) for r in rows}))}.",
-              ""]
+    judges = "; ".join(sorted({str(row.get("judge")) for row in rows}))
+    lines += [*(f"{note}\n" for note in notes), f"Judge of the harmful score (its measured accuracy): {judges}.", ""]
     lines += _paired_table(paired) + _pooled_table(pooled) + _per_seed_table(rows)
     lines += [f"![Harmful score and accuracy against p]({paths['scores_plot'].name})", "",
               f"![Drift during stage 2]({paths['drift_plot'].name})", ""]
@@ -323,7 +322,8 @@ def _summary_tables(summary: Sequence[Mapping[str, Any]]) -> list[str]:
 
     def table(metrics, sizes: bool) -> list[str]:
         header = ["Method", "p", *(m.header() for m in metrics), *(["Prompts / rows"] if sizes else [])]
-        body = [[entry["method"], f"{entry['harmful_ratio']:g}", *(_summary_cell(entry, m.key, m.spec) for m in metrics),
+        body = [[entry["method"], f"{entry['harmful_ratio']:g}",
+                 *(_summary_cell(entry, m.key, m.spec) for m in metrics),
                  *([f"{entry.get('harmful_score_n')} / {entry.get('accuracy_n')}"] if sizes else [])]
                 for entry in summary]
         return markdown_table(header, body)
@@ -369,7 +369,8 @@ def _per_seed_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     from ..evaluation.metrics import markdown_table, rate_cell
 
     body = [[str(row["seed"]), row["method"], f"{row['harmful_ratio']:g}",
-             rate_cell(row["harmful_score"], row.get("harmful_score_n")), rate_cell(row["accuracy"], row.get("accuracy_n")),
+             rate_cell(row["harmful_score"], row.get("harmful_score_n")),
+             rate_cell(row["accuracy"], row.get("accuracy_n")),
              _cell(row["final_drift"], None, ".2e"),
              ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in row["wall_time_s"].items())] for row in rows]
     header = ["Seed", "Method", "p", "Harmful score (%)", "Accuracy (%)", "Drift", "Wall time (s)"]

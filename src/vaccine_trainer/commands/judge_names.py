@@ -1,4 +1,5 @@
-"""Judges by name, as `--judge` and `--second_judge` take them: ``refusal``, ``learned``, ``<kind>:<model>``.
+"""Judges by name, as `--judge` and `--second_judge` take them: ``refusal``, ``learned``, ``learned-pair`` or
+``<kind>:<model>``.
 
 The names are checked before any model loads (`check_judge_spec`), so a misspelled judge fails at start-up;
 `make_judge` then builds the judge, importing a model-backed one only when it is asked for.

@@ -221,8 +221,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
 
 def _results_table(arms: Mapping[str, ArmRecord]) -> list[str]:
     scores = metrics_in("scores")
-    header = ["Method", *(metric.header() for metric in scores), "Harmful score corrected for the judge's errors (%) ↓",
-              "Judge (its measured accuracy)", "Task", "Rows"]
+    header = ["Method", *(metric.header() for metric in scores),
+              "Harmful score corrected for the judge's errors (%) ↓", "Judge (its measured accuracy)", "Task", "Rows"]
     rows = []
     for method, arm in arms.items():
         corrected = arm.harmful_score.get("corrected") or {}
