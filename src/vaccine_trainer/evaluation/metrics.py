@@ -16,6 +16,17 @@ from ..drift_measures import DRIFT_MEASURES
 from .intervals import wilson_percent
 
 
+def figure_dict(figure: Any) -> dict[str, Any] | None:
+    """A figure (`HarmfulScore`, `Accuracy`, `JudgeCheck`, ... or its `to_dict()` form) as a dict without samples."""
+    if figure is None:
+        return None
+    if hasattr(figure, "to_dict"):
+        return figure.to_dict()
+    if isinstance(figure, Mapping):
+        return {k: v for k, v in figure.items() if k != "samples"}
+    raise TypeError(f"Expected a HarmfulScore / Accuracy or its to_dict(), got {type(figure).__name__}.")
+
+
 @dataclass(frozen=True)
 class JudgeRecord:
     """A judge and, where it was measured on labelled pairs, its accuracy there."""
@@ -67,16 +78,11 @@ class ArmRecord:
     @classmethod
     def of(cls, figures: Mapping[str, Any], drift: Sequence[Mapping[str, Any]] = ()) -> ArmRecord:
         """From an evaluation's figures (`HarmfulScore` / `Accuracy` objects or their `to_dict()` forms)."""
-        def plain(value: Any) -> dict[str, Any]:
-            if value is None:
-                return {}
-            return value.to_dict() if hasattr(value, "to_dict") else {k: v for k, v in value.items() if k != "samples"}
-
-        harm = plain(figures.get("harmful_score"))
-        check = figures.get("judge_check")
-        check = check.to_dict() if hasattr(check, "to_dict") else check
-        return cls(harm, plain(figures.get("accuracy")), plain(figures.get("accuracy_by_likelihood")),
-                   plain(figures.get("likelihood")), JudgeRecord.of(harm, check) if harm else None,
+        harm = figure_dict(figures.get("harmful_score")) or {}
+        return cls(harm, figure_dict(figures.get("accuracy")) or {},
+                   figure_dict(figures.get("accuracy_by_likelihood")) or {},
+                   figure_dict(figures.get("likelihood")) or {},
+                   JudgeRecord.of(harm, figure_dict(figures.get("judge_check"))) if harm else None,
                    [dict(point) for point in drift])
 
     def final(self, measure: str) -> float | None:

@@ -12,7 +12,7 @@ from transformers.utils import logging
 
 from ..drift_measures import DRIFT_MEASURES
 from .intervals import JudgeErrors, corrected_difference, paired_difference
-from .metrics import METRICS, ArmRecord, markdown_table, metrics_in
+from .metrics import METRICS, ArmRecord, figure_dict, markdown_table, metrics_in
 
 logger = logging.get_logger(__name__)
 
@@ -45,16 +45,6 @@ def drift_points(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
             for step, drift in drift_series(log_history)]
 
 
-def _as_dict(result: Any) -> dict[str, Any] | None:
-    if result is None:
-        return None
-    if hasattr(result, "to_dict"):
-        return result.to_dict()
-    if isinstance(result, Mapping):
-        return {k: v for k, v in result.items() if k != "samples"}
-    raise TypeError(f"Expected a HarmfulScore / Accuracy or its to_dict(), got {type(result).__name__}.")
-
-
 def harmful_verdicts(figure: Any) -> dict[str, bool]:
     """Prompt -> harmful verdict of a HarmfulScore (or its dict with samples)."""
     samples = getattr(figure, "samples", None) if not isinstance(figure, Mapping) else figure.get("samples")
@@ -81,7 +71,7 @@ def paired_differences(results: Mapping[str, Mapping[str, Any]], reference: str 
     base_figure = results[reference].get("harmful_score")
     base = harmful_verdicts(base_figure)
     errors = judge_errors_of(results[reference].get("judge_check"))
-    judge_of = {m: ((_as_dict(f.get("harmful_score")) or {}).get("settings") or {}).get("judge")
+    judge_of = {m: ((figure_dict(f.get("harmful_score")) or {}).get("settings") or {}).get("judge")
                 for m, f in results.items()}
     paired = {}
     for method, figures in results.items():
@@ -115,7 +105,7 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
         raise ValueError("write_report needs at least one method's results.")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    methods = {method: {kind: _as_dict(value) for kind, value in figures.items() if value is not None}
+    methods = {method: {kind: figure_dict(value) for kind, value in figures.items() if value is not None}
                for method, figures in results.items()}
     paired = paired_differences(results)
     drift = {method: drift_points(history) for method, history in (log_histories or {}).items()}
