@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import PROG, logger
 from .pipeline import (
@@ -27,6 +27,9 @@ from .pipeline import (
     resolve_model,
     run_pipeline,
 )
+
+if TYPE_CHECKING:
+    from ..evaluation.metrics import ArmRecord
 
 SUMMARY_DIR = "summary"
 
@@ -115,7 +118,7 @@ def collect_rows(root: Path, seeds: Sequence[int],
     return rows, missing
 
 
-def arm_record(folder: Path):
+def arm_record(folder: Path) -> ArmRecord:
     """An evaluated arm's figures and the drift its stage 2 logged."""
     from ..evaluation import drift_points
     from ..evaluation.metrics import ArmRecord
@@ -125,7 +128,7 @@ def arm_record(folder: Path):
     return ArmRecord.of(arm_results(folder), drift)
 
 
-def arm_row(arm) -> dict[str, Any]:
+def arm_row(arm: ArmRecord) -> dict[str, Any]:
     """A summary row's figures: every metric of the table, the sizes, the judge and the drift curve."""
     from ..evaluation.metrics import METRICS
 
