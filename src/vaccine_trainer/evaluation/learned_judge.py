@@ -20,6 +20,7 @@ data files' contents.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
@@ -145,14 +146,11 @@ class LearnedJudge:
             "learned_judge"
         self.refusals = RefusalJudge()
         self.name = "learned"
-        self._classifier = None
         self.trained_now = False
 
-    @property
+    @functools.cached_property
     def classifier(self):
-        if self._classifier is None:
-            self._classifier = self._load_or_train()
-        return self._classifier
+        return self._load_or_train()
 
     def _load_or_train(self):
         require_data_files(self.data_dir)

@@ -10,6 +10,7 @@ settings, the base model and the data files. docs/judges.md has what it was meas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -58,7 +59,6 @@ class PairClassifierJudge:
         self.settings = settings
         self.device = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._model = None
         self.trained_now = False
         require_data_files(self.data_dir)
 
@@ -74,12 +74,10 @@ class PairClassifierJudge:
                                             "data": data_fingerprint(self.data_dir)}, sort_keys=True).encode())
         return self.cache_dir / f"pair-classifier-{digest.hexdigest()[:16]}"
 
-    @property
+    @functools.cached_property
     def classifier(self):
         """The trained model and tokenizer (loaded from the cache, or trained now)."""
-        if self._model is None:
-            self._model = self._load_or_train()
-        return self._model
+        return self._load_or_train()
 
     def _load_or_train(self):
         from peft import PeftModel
