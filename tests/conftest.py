@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -161,6 +162,7 @@ def load_script(relative_path: str) -> ModuleType:
     path = REPO_ROOT / relative_path
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
 
