@@ -56,6 +56,10 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
     benign = json.loads((out / "seed1" / "p0" / "sft" / "evaluate" / "evaluation.json").read_text())
     assert all(r["benign_accuracy"] == benign["accuracy"]["accuracy"] for r in summary["rows"] if r["method"] == "sft")
     assert [w["method"] for w in summary["worst_cases"]] == ["sft", "vaccine"]
+    assert summary["planned_cells"] == 4  # one seed, one p, two settings, two arms
+    assert "Cells finished: 4 of 4 planned" in (out / "sweep_summary" / "sweep.md").read_text()
+    assert main(["sweep", *base, "--learning_rates", "0.01,0.05,0.1", "--summary_only", "true"]) == 0
+    assert "Cells finished: 4 of 6 planned" in (out / "sweep_summary" / "sweep.md").read_text()  # a partial sweep
     for name in ("sweep.md", "harmful_score_heatmap.png", "worst_case.png"):
         assert (out / "sweep_summary" / name).stat().st_size > 0
 

@@ -80,9 +80,10 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
     rows = collect_cells(root, seeds, ratios, settings, args)
     if not rows:
         raise ValueError(f"No finished sweep cell under {root}: run the sweep first.")
+    planned = len(seeds) * len(ratios) * len(settings) * sum(1 for arm in args.arms() if arm.aligned)
     summary = {"settings": {**asdict(args), **asdict(sweep), "model": model,
                             "wall_time_s_this_run": round(time.time() - started, 1)},
-               "guard_points": sweep.accuracy_guard, "rows": rows,
+               "guard_points": sweep.accuracy_guard, "planned_cells": planned, "rows": rows,
                "worst_cases": worst_cases(rows, sweep.accuracy_guard)}
     paths = write_sweep_summary(root / SUMMARY_DIR, summary)
     print(f"{PROG} sweep: summary in {paths['markdown']}")
@@ -152,6 +153,8 @@ def write_sweep_summary(output_dir: Path, summary: Mapping[str, Any]) -> dict[st
              f"Guard (fixed before the runs): a cell counts for the worst case when its fine-tune accuracy is at most "
              f"{points:g} points below the arm's benign-only fine-tune (p = 0, the configuration's own stage-2 "
              "setting). Harmful score and accuracy with their 95% Wilson intervals.", "",
+             f"Cells finished: {len(rows)} of {summary['planned_cells']} planned. A worst case over part of the "
+             "sweep is a lower bound on the whole sweep's.", "",
              "## Worst case per arm", "",
              "| Seed | p | Method | Worst harmful score (%) among guarded cells | at (lr, epochs) "
              "| Mean over all cells "
