@@ -85,6 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger().debug("Failed with", exc_info=True)
         print(f"{PROG} {name}: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Tear a launched rank's process group down before the interpreter does: left to exit, a rank could abort
+    ("terminate called without an active exception") after its work was saved, failing the launch."""
+    if "torch" not in sys.modules:  # no torch, no process group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # `python -m vaccine_trainer.cli`
