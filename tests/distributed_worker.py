@@ -459,6 +459,9 @@ def main() -> None:
         run(name, backend, out_dir)
     if dist.is_initialized():
         dist.barrier()
+        # Left to the interpreter's exit, a ZeRO-3 rank could abort after its results were saved ("terminate
+        # called without an active exception"), failing the launch: end the group as `vaccine-trainer` does.
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

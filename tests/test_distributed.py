@@ -78,19 +78,30 @@ class Launches:
     def __init__(self, root: Path):
         self.root = root
         self.results: dict[str, dict[str, list[dict]]] = {}
+        self.failures: dict[str, str] = {}
 
     def __call__(self, backend: str) -> dict[str, list[dict]]:
+        if backend in self.failures:  # every test of a failed backend reports the launch's own error
+            pytest.fail(self.failures[backend])
         if backend not in self.results:
             out = self.root / backend
             out.mkdir()
             done = subprocess.run(launch_command(backend, out), cwd=REPO, env=worker_environment(),
                                   capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
             if done.returncode != 0:
-                pytest.fail(f"{backend}: 2-process run failed (exit {done.returncode}):\n"
-                            f"{done.stdout[-3000:]}\n{done.stderr[-8000:]}")
+                self.failures[backend] = (f"{backend}: 2-process run failed (exit {done.returncode}):\n"
+                                          f"{done.stdout[-3000:]}\n{error_lines(done.stderr)}")
+                pytest.fail(self.failures[backend])
             names = [n for n, s in worker.SCENARIOS.items() if backend in s.backends]
             self.results[backend] = load_results(out, backend, names)
         return self.results[backend]
+
+
+def error_lines(stderr: str, limit: int = 8000) -> str:
+    """The stderr's tail without the deprecation warnings that drown the traceback."""
+    noise = ("FutureWarning", "return func(*args, **kwargs)", "UserWarning", "warnings.warn(")
+    kept = [line for line in stderr.splitlines() if not any(marker in line for marker in noise)]
+    return "\n".join(kept)[-limit:]
 
 
 @pytest.fixture(scope="module")
