@@ -11,6 +11,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from ..sft import VaccineSFTConfig
 from .common import PROG, check_source, load_tokenizer, logger, require, require_rows, save_run
+from .spellings import argv_for_installed
 
 
 @dataclass
@@ -101,5 +102,5 @@ def run_align(script: AlignScriptArguments, args: VaccineSFTConfig, model_args: 
 
 
 def main(argv: list[str]) -> int:
-    run_align(*TrlParser(ALIGN_ARGUMENTS, prog=f"{PROG} align").parse_args_and_config(argv))
+    run_align(*TrlParser(ALIGN_ARGUMENTS, prog=f"{PROG} align").parse_args_and_config(argv_for_installed(argv)))
     return 0

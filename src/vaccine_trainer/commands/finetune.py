@@ -17,6 +17,7 @@ from ..sft import AlignedSFTConfig
 from .common import (
     PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require, require_rows, save_run,
 )
+from .spellings import argv_for_installed
 
 
 @dataclass
@@ -153,5 +154,6 @@ def stage2_card_section(script: FinetuneScriptArguments, args: AlignedSFTConfig,
 
 
 def main(argv: list[str]) -> int:
-    run_finetune(*TrlParser(FINETUNE_ARGUMENTS, prog=f"{PROG} finetune").parse_args_and_config(argv))
+    parser = TrlParser(FINETUNE_ARGUMENTS, prog=f"{PROG} finetune")
+    run_finetune(*parser.parse_args_and_config(argv_for_installed(argv)))
     return 0

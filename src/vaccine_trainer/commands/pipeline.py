@@ -21,6 +21,7 @@ from typing import Any
 
 from .common import PROG, check_source, logger
 from .evaluate import EVALUATION_FILE
+from .spellings import settings_for_installed
 
 METHODS = ("non-aligned", "sft", "vaccine", "t-vaccine")
 PHASE_MARKER = "phase.json"
@@ -258,18 +259,20 @@ def _field_types(command: str) -> dict[str, Any]:
 
 
 def _check_known(command: str, settings: Mapping[str, Any], flag: str) -> dict[str, Any]:
+    """`settings` under the names the installed transformers knows (see `spellings`); an unknown one is an error."""
     types = _field_types(command)
+    settings = settings_for_installed(settings, types)
     unknown = sorted(set(settings) - set(types))
     if unknown:
         raise ValueError(f"{flag}: unknown setting(s) {unknown}; `{PROG} {command} --help` lists the flags.")
-    return types
+    return settings
 
 
 def phase_arguments(command: str, settings: Mapping[str, Any]) -> tuple[Any, ...]:
     """The command's argument dataclasses built from `settings`; an unknown flag is an error that names it."""
     from transformers import HfArgumentParser
 
-    types = _check_known(command, settings, command)
+    settings, types = _check_known(command, settings, command), _field_types(command)
     typed = {key: _coerce(value, types[key]) for key, value in settings.items()}
     return HfArgumentParser(PHASE_COMMANDS[command].load()[0]).parse_dict(typed)
 
