@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -165,78 +164,3 @@ def test_the_replication_reread_rebuilds_the_committed_cells(capsys):
     assert "| 0.1 | 42 | 31.0 [25.0, 37.7] | 29.0 [23.2, 35.6] |" in out
     assert "| 0.1 | mean of 3 | | | | | -4.2 [" in out
     assert "sensitivity 0.818 (468/572), specificity 0.589 (256/435)" in out
-
-
-def sweep_parallel_argv(output_dir) -> list[str]:
-    return ["--output_dir", str(output_dir), "--model_name_or_path", "base", "--methods", "sft,vaccine",
-            "--seeds", "1,2", "--harmful_ratios", "0.1", "--learning_rates", "4e-3,1e-3", "--epochs", "6,2",
-            "--finetune_learning_rate", "1e-3", "--finetune_epochs", "2"]
-
-
-def test_sweep_parallel_runs_the_sweeps_own_cells_one_arm_a_job(tmp_path, monkeypatch):
-    import vaccine_trainer.commands.sweep as sweep_command
-
-    script = load_script("experiments/sweep_parallel.py")
-    scheduling, args, sweep = script.parse(sweep_parallel_argv(tmp_path / "s"))
-
-    def fields(run):
-        return (run.output_dir, run.seed, run.harmful_ratio, run.finetune_learning_rate, run.finetune_epochs,
-                run.alignment_dir, run.model_name_or_path)
-
-    theirs, ours = [], []
-    monkeypatch.setattr(sweep_command, "run_pipeline", theirs.append)
-    with pytest.raises(ValueError, match="No finished sweep cell"):  # nothing ran, so nothing to summarise
-        sweep_command.run_sweep(args, sweep)
-    monkeypatch.setattr(script, "run_pipeline", ours.append)
-    jobs = script.jobs_of(args, sweep)
-    for job in jobs:
-        script.run_job(args, job.name)
-
-    # Stage 1 of every seed and arm first (side by side); every other job waits for its own stage 1.
-    assert [job.name for job in jobs[:4]] == ["align:1:sft", "align:1:vaccine", "align:2:sft", "align:2:vaccine"]
-    assert all(job.needs == "align:" + ":".join(job.name.split(":")[1:3]) for job in jobs[4:])
-    aligns = [run for run in ours if run.align_only]
-    assert [(run.seed, run.methods) for run in aligns] == [(1, "sft"), (1, "vaccine"), (2, "sft"), (2, "vaccine")]
-    assert all(run.alignment_dir == str(tmp_path / "s" / f"seed{run.seed}") for run in aligns)
-    # The rest are the sweep's own runs (p = 0 references, then each setting), one arm at a time.
-    expected = sorted((fields(run), method) for run in theirs for method in ("sft", "vaccine"))
-    assert sorted((fields(run), run.methods) for run in ours if not run.align_only) == expected
-    assert len(expected) == 2 * 2 * (1 + 4)  # seeds x arms x (reference + settings)
-    assert (str(tmp_path / "s" / "seed1" / "p0.1"), 1, 0.1, 1e-3, 2.0) in {fields(run)[:5] for run in ours}
-
-
-def fake_start(exit_codes: dict[str, str]):
-    """Jobs as shell commands, chosen by name: `exit 1` fails, `sleep 30` outlives a deadline."""
-    def start(job, argv, log_dir):
-        job.process = subprocess.Popen(["sh", "-c", exit_codes.get(job.name, "exit 0")], start_new_session=True)
-        job.started, job.tries = time.time(), job.tries + 1
-    return start
-
-
-def test_sweep_parallel_retries_a_failed_job_once_and_drops_what_needs_it(tmp_path, monkeypatch):
-    script = load_script("experiments/sweep_parallel.py")
-    scheduling, args, sweep = script.parse([*sweep_parallel_argv(tmp_path), "--workers", "3", "--seeds", "1"])
-    monkeypatch.setattr(script, "POLL_S", 0.01)
-    monkeypatch.setattr(script, "start", fake_start({"align:1:vaccine": "exit 1"}))
-    ended = {job.name: job for job in script.schedule([], scheduling, args, sweep)}
-
-    assert [run["rc"] for run in ended["align:1:vaccine"].history] == [1, 1]  # the first try and one retry
-    vaccine = [name for name in ended if name.split(":")[2] == "vaccine" and not name.startswith("align")]
-    assert len(vaccine) == 5 and all(not ended[name].history for name in vaccine)  # never started
-    sft = [job for name, job in ended.items() if name.split(":")[2] == "sft"]
-    assert len(sft) == 6 and all([run["rc"] for run in job.history] == [0] for job in sft)
-    status = json.loads((tmp_path / "jobs" / "jobs.json").read_text())
-    assert len(status["jobs"]) == 12
-
-
-def test_sweep_parallel_stops_its_jobs_at_the_deadline_and_starts_no_more(tmp_path, monkeypatch):
-    script = load_script("experiments/sweep_parallel.py")
-    argv = [*sweep_parallel_argv(tmp_path), "--seeds", "1", "--stop_after_s", "0.2", "--kill_after_s", "0.5"]
-    scheduling, args, sweep = script.parse(argv)
-    monkeypatch.setattr(script, "POLL_S", 0.01)
-    monkeypatch.setattr(script, "start", fake_start({"align:1:sft": "sleep 30", "align:1:vaccine": "sleep 30"}))
-    started = time.time()
-    ended = {job.name: job for job in script.schedule([], scheduling, args, sweep)}
-    assert time.time() - started < 10
-    assert [run["rc"] for run in ended["align:1:sft"].history] == ["stopped"]  # stopped, not retried
-    assert sum(1 for job in ended.values() if job.history) == 2 and len(ended) == 12

@@ -67,3 +67,145 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
 def test_a_sweep_without_an_aligned_arm_is_refused(workspace, tmp_path, capsys):  # noqa: F811
     assert main(["sweep", *pipeline_argv(workspace, tmp_path), "--methods", "non-aligned"]) == 1
     assert "aligned arms" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ --workers: parallel cells
+
+def parsed(argv: list[str]):
+    from trl import TrlParser
+
+    from vaccine_trainer.commands.pipeline import PipelineArguments
+    from vaccine_trainer.commands.sweep import SweepArguments
+
+    return TrlParser((PipelineArguments, SweepArguments)).parse_args_and_config(argv)
+
+
+def parallel_argv(output_dir) -> list[str]:
+    return ["--output_dir", str(output_dir), "--model_name_or_path", "base", "--methods", "sft,vaccine",
+            "--seeds", "1,2", "--harmful_ratios", "0.1", "--learning_rates", "4e-3,1e-3", "--epochs", "6,2",
+            "--finetune_learning_rate", "1e-3", "--finetune_epochs", "2"]
+
+
+def test_the_parallel_jobs_are_the_sequential_sweeps_runs_one_arm_a_job(tmp_path, monkeypatch):
+    import vaccine_trainer.commands.sweep as sweep_command
+
+    args, sweep = parsed(parallel_argv(tmp_path / "s"))
+
+    def fields(run):
+        return (run.output_dir, run.seed, run.harmful_ratio, run.finetune_learning_rate, run.finetune_epochs,
+                run.alignment_dir, run.model_name_or_path)
+
+    theirs, ours = [], []
+    monkeypatch.setattr(sweep_command, "run_pipeline", theirs.append)
+    sweep_command.run_cells_here(args, sweep)
+    monkeypatch.setattr(sweep_command, "run_pipeline", ours.append)
+    jobs = sweep_command.sweep_jobs(args, sweep, tmp_path / "arguments.json")
+    for job in jobs:
+        sweep_command.run_job(args, job.name)
+
+    # Stage 1 of every seed and arm first (side by side); every other job waits for its own stage 1.
+    assert [job.name for job in jobs[:4]] == ["align:1:sft", "align:1:vaccine", "align:2:sft", "align:2:vaccine"]
+    assert all(job.needs == "align:" + ":".join(job.name.split(":")[1:3]) for job in jobs[4:])
+    assert jobs[-1].command[-3:] == ["vaccine_trainer.commands.sweep_worker", str(tmp_path / "arguments.json"),
+                                     "cell:2:vaccine:0.1:0.001:2"]
+    aligns = [run for run in ours if run.align_only]
+    assert [(run.seed, run.methods) for run in aligns] == [(1, "sft"), (1, "vaccine"), (2, "sft"), (2, "vaccine")]
+    assert all(run.alignment_dir == str(tmp_path / "s" / f"seed{run.seed}") for run in aligns)
+    # The rest are the sequential sweep's own runs (p = 0 references, then each setting), one arm at a time.
+    expected = sorted((fields(run), method) for run in theirs for method in ("sft", "vaccine"))
+    assert sorted((fields(run), run.methods) for run in ours if not run.align_only) == expected
+    assert len(expected) == 2 * 2 * (1 + 4)  # seeds x arms x (reference + settings)
+    assert (str(tmp_path / "s" / "seed1" / "p0.1"), 1, 0.1, 1e-3, 2.0) in {fields(run)[:5] for run in ours}
+    with pytest.raises(ValueError, match="Unknown sweep job 'cell:1:sft:0.1'"):
+        sweep_command.run_job(args, "cell:1:sft:0.1")
+
+
+def shell_jobs(tmp_path, commands: dict[str, str], seeds: str = "1"):
+    """The sweep's jobs with shell commands in place of runs: `exit 1` fails, `sleep 30` outlives a deadline."""
+    from vaccine_trainer.commands.sweep import sweep_jobs
+
+    args, sweep = parsed([*parallel_argv(tmp_path), "--seeds", seeds])
+    jobs = sweep_jobs(args, sweep, tmp_path / "arguments.json")
+    for job in jobs:
+        job.command = ["sh", "-c", commands.get(job.name, "exit 0")]
+    return jobs
+
+
+def test_a_failed_job_is_retried_once_and_what_needs_it_never_starts(tmp_path, monkeypatch):
+    from vaccine_trainer.commands import parallel_jobs
+
+    monkeypatch.setattr(parallel_jobs, "POLL_S", 0.01)
+    jobs = shell_jobs(tmp_path, {"align:1:vaccine": "exit 1"})
+    ended = {job.name: job for job in parallel_jobs.run_jobs(jobs, tmp_path / "jobs", workers=3)}
+
+    assert [run["rc"] for run in ended["align:1:vaccine"].history] == [1, 1]  # the first try and one retry
+    vaccine = [name for name in ended if name.split(":")[2] == "vaccine" and not name.startswith("align")]
+    assert len(vaccine) == 5 and all(not ended[name].history for name in vaccine)  # never started
+    sft = [job for name, job in ended.items() if name.split(":")[2] == "sft"]
+    assert len(sft) == 6 and all([run["rc"] for run in job.history] == [0] and job.succeeded for job in sft)
+    status = json.loads((tmp_path / "jobs" / "jobs.json").read_text())
+    assert len(status["jobs"]) == 12 and (tmp_path / "jobs" / "align_1_vaccine.log").is_file()
+
+
+def test_at_the_deadline_running_jobs_stop_and_no_more_start(tmp_path, monkeypatch):
+    import time
+
+    from vaccine_trainer.commands import parallel_jobs
+
+    monkeypatch.setattr(parallel_jobs, "POLL_S", 0.01)
+    jobs = shell_jobs(tmp_path, {"align:1:sft": "sleep 30", "align:1:vaccine": "sleep 30"})
+    started = time.time()
+    ended = {job.name: job for job in parallel_jobs.run_jobs(jobs, tmp_path / "jobs", workers=2, stop_after_s=0.2,
+                                                             kill_after_s=0.5)}
+    assert time.time() - started < 10
+    assert [run["rc"] for run in ended["align:1:sft"].history] == ["stopped"]  # stopped, not retried
+    assert sum(1 for job in ended.values() if job.history) == 2 and len(ended) == 12
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "2", "--accelerate_config", "multi_gpu"], "use --workers 1 with it"),
+])
+def test_bad_worker_settings_are_refused_before_anything_runs(workspace, tmp_path, capsys, extra, message):  # noqa: F811
+    assert main(["sweep", *pipeline_argv(workspace, tmp_path), "--methods", "sft", *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "seed42").exists()
+
+
+def test_a_parallel_sweep_trains_what_the_sequential_one_does(workspace, tmp_path, monkeypatch):  # noqa: F811
+    """Real jobs (`python -m vaccine_trainer.commands.sweep_worker`), each one CPU thread as this process."""
+    import os
+
+    from vaccine_trainer.commands import parallel_jobs
+
+    monkeypatch.setattr(parallel_jobs, "POLL_S", 0.2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # 2 workers: one thread each, as the sequential run here
+    base = ["--methods", "sft,vaccine", "--seeds", "1", "--harmful_ratios", "0.5", "--finetune_epochs", "1",
+            "--epochs", "1", "--learning_rates", "0.05"]
+    sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
+    assert main(["sweep", *pipeline_argv(workspace, sequential), *base]) == 0
+    assert main(["sweep", *pipeline_argv(workspace, parallel), *base, "--workers", "2"]) == 0
+
+    jobs = json.loads((parallel / "jobs" / "jobs.json").read_text())["jobs"]
+    assert sorted(job["job"] for job in jobs) == sorted(
+        ["align:1:sft", "align:1:vaccine", "reference:1:sft", "reference:1:vaccine", "cell:1:sft:0.5:0.05:1",
+         "cell:1:vaccine:0.5:0.05:1"]) and all(job["runs"][-1]["rc"] == 0 for job in jobs)
+    for cell in ("p0", "sweep-p0.5/lr0.05-ep1"):
+        for arm in ("sft", "vaccine-rho2"):
+            ours, theirs = (json.loads((root / "seed1" / cell / arm / "evaluate" / "evaluation.json").read_text())
+                            for root in (parallel, sequential))
+            assert ours["harmful_score"]["samples"] == theirs["harmful_score"]["samples"]
+            assert ours["accuracy"]["accuracy"] == theirs["accuracy"]["accuracy"]
+    from safetensors.torch import load_file
+
+    for arm in ("sft", "vaccine-rho2"):
+        tuned = "sweep-p0.5/lr0.05-ep1/" + arm + "/finetune/adapter_model.safetensors"
+        for path in (f"{arm}/align/adapter_model.safetensors", tuned):
+            ours, theirs = (load_file(root / "seed1" / path) for root in (parallel, sequential))
+            assert all(ours[key].equal(theirs[key]) for key in theirs)
+    for cell in ("p0", "sweep-p0.5/lr0.05-ep1"):  # each job wrote its own arm; the sweep wrote both at the end
+        ours, theirs = (json.loads((root / "seed1" / cell / "report" / "report.json").read_text())["methods"]
+                        for root in (parallel, sequential))
+        assert list(ours) == list(theirs) == ["sft", "vaccine"]
+    rows = json.loads((parallel / "sweep_summary" / "sweep.json").read_text())["rows"]
+    assert sorted(row["method"] for row in rows) == ["sft", "vaccine"]

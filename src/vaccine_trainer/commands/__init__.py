@@ -7,6 +7,9 @@
 - `judge_check`: a judge measured on human-labelled pairs.
 - `pipeline`: align -> finetune -> evaluate per method, resumable by phase, with a report.
 - `grid`: the pipeline over seeds and harmful ratios, and the summary across them.
+- `sweep`: stage 2 over the attacker's settings per aligned arm, and the worst case per arm.
+- `parallel_jobs`, `sweep_worker`: `sweep --workers N`, its cells as processes side by side.
+- `spellings`: training flags transformers renamed within 5.x, accepted under either name.
 
 Each command module has a `main(argv) -> exit code` for the command line and a `run_*` function that
 takes its typed argument dataclasses, which is what the pipeline calls. Nothing here imports torch,

@@ -11,12 +11,18 @@ runs: the cell's fine-tune accuracy is no more than `accuracy_guard` points belo
 
     vaccine-trainer sweep --config experiments/replication.yaml --methods sft,vaccine --seeds 42 \\
         --harmful_ratios 0.1 --learning_rates 5e-4,1e-3,2e-3,4e-3 --epochs 2,4,6
+
+With `--workers N` the cells run as N processes side by side (`parallel_jobs`): stage 1 of every seed and arm
+first, then each arm's p = 0 reference and attacker settings, one arm a job, each job waiting only for its own
+stage 1. The folders are the same, so a sweep run either way resumes, and summarises, the other's cells.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,9 +31,11 @@ from typing import Any
 
 from .common import PROG, logger
 from .grid import GridArguments, _parse_list, cell_dir, evaluated_arms
-from .pipeline import PipelineArguments, arm_results, resolve_model, run_pipeline
+from .parallel_jobs import Job, run_jobs
+from .pipeline import PHASE_MARKER, PipelineArguments, arm_results, resolve_model, run_pipeline
 
 SUMMARY_DIR = "sweep_summary"
+JOBS_DIR = "jobs"  # with --workers: each job's log, jobs.json (every try) and the arguments the jobs read
 
 
 @dataclass
@@ -39,12 +47,24 @@ class SweepArguments(GridArguments):
         epochs (`str`): comma-separated stage-2 epoch counts.
         accuracy_guard (`float`, defaults to `5.0`): a cell counts for the worst case when its fine-tune accuracy is
             at most this many points below the arm's benign-only fine-tune.
+        workers (`int`, defaults to `1`): cells run side by side as this many processes (1: one after another, in
+            this process).
+        stop_after_s (`float`, *optional*): with `workers` > 1, start no job after this many seconds.
+        kill_after_s (`float`, *optional*): with `workers` > 1, stop the running jobs after this many seconds; their
+            cells resume on the next run.
     """
 
     learning_rates: str = field(default="5e-4,1e-3,2e-3,4e-3", metadata={"help": "Stage-2 learning rates."})
     epochs: str = field(default="2,4,6", metadata={"help": "Stage-2 epochs."})
     accuracy_guard: float = field(default=5.0, metadata={
         "help": "Points of fine-tune accuracy an attack may lose against the arm's benign-only fine-tune and count."})
+    workers: int = field(default=1, metadata={
+        "help": "Cells run side by side as this many processes (1: one after another). A small model leaves one "
+                "GPU mostly idle: e.g. 12 for 135M on one GPU."})
+    stop_after_s: float | None = field(default=None, metadata={
+        "help": "With --workers > 1: start no job after this many seconds."})
+    kill_after_s: float | None = field(default=None, metadata={
+        "help": "With --workers > 1: stop the running jobs after this many seconds (they resume on the next run)."})
 
     def settings(self) -> list[tuple[float, float]]:
         rates = _parse_list(self.learning_rates, float, "learning_rates", "5e-4,1e-3", lambda v: v > 0)
@@ -64,19 +84,18 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
     seeds, ratios, settings = sweep.seed_list(), sweep.ratio_list(), sweep.settings()
     if not any(arm.aligned for arm in args.arms()):
         raise ValueError("The sweep compares aligned arms: give --methods with sft, vaccine or t-vaccine.")
+    if sweep.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {sweep.workers}.")
+    if sweep.workers > 1 and args.launch_flags():
+        raise ValueError("--workers runs cells as separate one-process jobs; with --accelerate_config each cell "
+                         "would take every device: use --workers 1 with it.")
     root = Path(args.output_dir)
     model = resolve_model(args)
     started = time.time()
-    for seed in seeds if not sweep.summary_only else ():
-        common = dict(seed=seed, alignment_dir=str(root / f"seed{seed}"), model_name_or_path=model)
-        logger().warning(f"sweep: seed {seed}, benign-only reference (p = 0)")
-        run_pipeline(replace(args, output_dir=str(cell_dir(root, seed, 0.0)), harmful_ratio=0.0, **common))
-        for ratio in ratios:
-            for rate, epochs in settings:
-                logger().warning(f"sweep: seed {seed}, p = {ratio:g}, lr {rate:g}, {epochs:g} epochs")
-                run_pipeline(replace(args, output_dir=str(attack_cell(root, seed, ratio, rate, epochs, args)),
-                                     harmful_ratio=ratio, finetune_learning_rate=rate, finetune_epochs=epochs,
-                                     **common))
+    if not sweep.summary_only and sweep.workers > 1:
+        run_cells_in_parallel(replace(args, model_name_or_path=model), sweep)
+    elif not sweep.summary_only:
+        run_cells_here(replace(args, model_name_or_path=model), sweep)
     rows = collect_cells(root, seeds, ratios, settings, args)
     if not rows:
         raise ValueError(f"No finished sweep cell under {root}: run the sweep first.")
@@ -88,6 +107,101 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
     paths = write_sweep_summary(root / SUMMARY_DIR, summary)
     print(f"{PROG} sweep: summary in {paths['markdown']}")
     return paths
+
+
+def cell_runs(args: PipelineArguments, sweep: SweepArguments, seed: int) -> list[tuple[str, PipelineArguments]]:
+    """(description, pipeline arguments) of one seed's cells: the p = 0 reference, then each attacker setting."""
+    root = Path(args.output_dir)
+    common = dict(seed=seed, alignment_dir=str(root / f"seed{seed}"))
+    runs = [(f"seed {seed}, benign-only reference (p = 0)",
+             replace(args, output_dir=str(cell_dir(root, seed, 0.0)), harmful_ratio=0.0, **common))]
+    for ratio in sweep.ratio_list():
+        for rate, epochs in sweep.settings():
+            runs.append((f"seed {seed}, p = {ratio:g}, lr {rate:g}, {epochs:g} epochs",
+                         replace(args, output_dir=str(attack_cell(root, seed, ratio, rate, epochs, args)),
+                                 harmful_ratio=ratio, finetune_learning_rate=rate, finetune_epochs=epochs, **common)))
+    return runs
+
+
+def run_cells_here(args: PipelineArguments, sweep: SweepArguments) -> None:
+    """Every cell, one after another in this process: per seed the p = 0 references, then each setting."""
+    for seed in sweep.seed_list():
+        for description, cell in cell_runs(args, sweep, seed):
+            logger().warning(f"sweep: {description}")
+            run_pipeline(cell)
+
+
+def write_cell_reports(args: PipelineArguments, sweep: SweepArguments) -> int:
+    """Each cell whose arms all finished gets its report with every arm (a parallel job writes its arm's only);
+    every phase is done, so `run_pipeline` only reads their markers and writes the report. Returns the count."""
+    written = 0
+    for seed in sweep.seed_list():
+        for _, cell in cell_runs(args, sweep, seed):
+            folder = Path(cell.output_dir)
+            if all((folder / arm.folder / "evaluate" / PHASE_MARKER).is_file() for arm in cell.arms()):
+                run_pipeline(cell)
+                written += 1
+    return written
+
+
+def sweep_jobs(args: PipelineArguments, sweep: SweepArguments, arguments_file: Path) -> list[Job]:
+    """The sweep's runs, one arm a job: stage 1 of every seed and arm first, then seed by seed each arm's p = 0
+    reference and attacker settings, each needing only its own arm's stage 1."""
+    methods, seeds = args.method_list(), sweep.seed_list()
+    root = Path(args.output_dir)
+    threads = str(max(1, (os.cpu_count() or 1) // sweep.workers))
+
+    def job(name: str, needs: str | None) -> Job:
+        cache = root / JOBS_DIR / "datasets_cache" / name.replace(":", "_")  # no two writers on one cache entry
+        environment = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+                       "HF_DATASETS_CACHE": str(cache)}
+        command = [sys.executable, "-m", "vaccine_trainer.commands.sweep_worker", str(arguments_file), name]
+        return Job(name, command, needs=needs, environment=environment)
+
+    def stage_one(seed: int, method: str) -> str | None:
+        return None if method == "non-aligned" else f"align:{seed}:{method}"
+
+    jobs = [job(f"align:{seed}:{method}", None) for seed in seeds for method in methods if stage_one(seed, method)]
+    for seed in seeds:
+        jobs += [job(f"reference:{seed}:{method}", stage_one(seed, method)) for method in methods]
+        for ratio in sweep.ratio_list():
+            for rate, epochs in sweep.settings():
+                jobs += [job(f"cell:{seed}:{method}:{ratio:g}:{rate:g}:{epochs:g}", stage_one(seed, method))
+                         for method in methods]
+    return jobs
+
+
+def run_job(args: PipelineArguments, name: str) -> None:
+    """One job of `sweep_jobs`, in this process: the `run_pipeline` call the sequential sweep makes, for one arm."""
+    kind, seed_text, method, *setting = name.split(":")
+    root, seed = Path(args.output_dir), int(seed_text)
+    common = dict(seed=seed, methods=method, alignment_dir=str(root / f"seed{seed}"))
+    if kind in ("align", "reference") and not setting:
+        run_pipeline(replace(args, output_dir=str(cell_dir(root, seed, 0.0)), harmful_ratio=0.0,
+                             align_only=kind == "align", **common))
+    elif kind == "cell" and len(setting) == 3:
+        ratio, rate, epochs = (float(value) for value in setting)
+        run_pipeline(replace(args, output_dir=str(attack_cell(root, seed, ratio, rate, epochs, args)),
+                             harmful_ratio=ratio, finetune_learning_rate=rate, finetune_epochs=epochs, **common))
+    else:
+        raise ValueError(f"Unknown sweep job {name!r}.")
+
+
+def run_cells_in_parallel(args: PipelineArguments, sweep: SweepArguments) -> list[Job]:
+    """Every job of `sweep_jobs`, `sweep.workers` at a time; the arguments they read are written once, here."""
+    jobs_dir = Path(args.output_dir) / JOBS_DIR
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    arguments_file = jobs_dir / "sweep_arguments.json"
+    arguments_file.write_text(json.dumps({"pipeline": asdict(args), "sweep": asdict(sweep)}, indent=1) + "\n")
+    ended = run_jobs(sweep_jobs(args, sweep, arguments_file), jobs_dir, sweep.workers,
+                     stop_after_s=sweep.stop_after_s, kill_after_s=sweep.kill_after_s)
+    write_cell_reports(args, sweep)
+    unfinished = [job.name for job in ended if not job.succeeded]
+    if unfinished:
+        logger().warning(f"sweep: {len(unfinished)} of {len(ended)} jobs did not finish ({', '.join(unfinished[:5])}"
+                         f"{', ...' if len(unfinished) > 5 else ''}); their logs are in {jobs_dir}. A new run "
+                         "resumes them.")
+    return ended
 
 
 def collect_cells(root: Path, seeds: Sequence[int], ratios: Sequence[float], settings: Sequence[tuple[float, float]],
