@@ -81,17 +81,17 @@ class Launches:
         self.failures: dict[str, str] = {}
 
     def __call__(self, backend: str) -> dict[str, list[dict]]:
-        if backend in self.failures:  # every test of a failed backend reports the launch's own error
-            pytest.fail(self.failures[backend])
+        if backend in self.failures:  # the launch's output is in the first failure; the rest name it
+            pytest.fail(f"{backend}: the 2-process launch failed; its output is in {self.failures[backend]}.")
         if backend not in self.results:
             out = self.root / backend
             out.mkdir()
             done = subprocess.run(launch_command(backend, out), cwd=REPO, env=worker_environment(),
                                   capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
             if done.returncode != 0:
-                self.failures[backend] = (f"{backend}: 2-process run failed (exit {done.returncode}):\n"
-                                          f"{done.stdout[-3000:]}\n{error_lines(done.stderr)}")
-                pytest.fail(self.failures[backend])
+                self.failures[backend] = os.environ.get("PYTEST_CURRENT_TEST", "the first test").split(" ")[0]
+                pytest.fail(f"{backend}: 2-process run failed (exit {done.returncode}):\n"
+                            f"{done.stdout[-3000:]}\n{error_lines(done.stderr)}")
             names = [n for n, s in worker.SCENARIOS.items() if backend in s.backends]
             self.results[backend] = load_results(out, backend, names)
         return self.results[backend]
