@@ -207,5 +207,13 @@ def test_a_parallel_sweep_trains_what_the_sequential_one_does(workspace, tmp_pat
         ours, theirs = (json.loads((root / "seed1" / cell / "report" / "report.json").read_text())["methods"]
                         for root in (parallel, sequential))
         assert list(ours) == list(theirs) == ["sft", "vaccine"]
-    rows = json.loads((parallel / "sweep_summary" / "sweep.json").read_text())["rows"]
-    assert sorted(row["method"] for row in rows) == ["sft", "vaccine"]
+    summary = json.loads((parallel / "sweep_summary" / "sweep.json").read_text())
+    assert sorted(row["method"] for row in summary["rows"]) == ["sft", "vaccine"] and summary["unfinished_jobs"] == []
+
+    # Past its deadline a run starts nothing: the summary keeps the finished cells, names the rest, and exits 1.
+    more = [*pipeline_argv(workspace, parallel), *base[:-1], "0.05,0.1", "--workers", "2", "--stop_after_s", "0"]
+    assert main(["sweep", *more]) == 1
+    summary = json.loads((parallel / "sweep_summary" / "sweep.json").read_text())
+    assert len(summary["rows"]) == 2 and len(summary["unfinished_jobs"]) == 2 + 2 + 2 * 2
+    assert "Jobs that did not finish in this run (8; a new run resumes them): align:1:sft" in (
+        parallel / "sweep_summary" / "sweep.md").read_text()

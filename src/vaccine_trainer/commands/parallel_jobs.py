@@ -79,7 +79,7 @@ def run_jobs(jobs: Sequence[Job], log_dir: Path, workers: int, retries: int = 1,
             elapsed = time.time() - began
             for job in list(running):
                 rc = job.process.poll()
-                if rc is None and elapsed > kill_after:
+                if rc is None and elapsed >= kill_after:
                     stop(job)
                     rc = STOPPED
                 if rc is None:
@@ -95,7 +95,7 @@ def run_jobs(jobs: Sequence[Job], log_dir: Path, workers: int, retries: int = 1,
                 else:
                     failed.add(job.name)
                     ended.append(job)
-            if elapsed > stop_after:
+            if elapsed >= stop_after:
                 ended += waiting
                 waiting = []
             for job in list(waiting):

@@ -92,8 +92,9 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
     root = Path(args.output_dir)
     model = resolve_model(args)
     started = time.time()
+    unfinished: list[str] = []
     if not sweep.summary_only and sweep.workers > 1:
-        run_cells_in_parallel(replace(args, model_name_or_path=model), sweep)
+        unfinished = run_cells_in_parallel(replace(args, model_name_or_path=model), sweep)
     elif not sweep.summary_only:
         run_cells_here(replace(args, model_name_or_path=model), sweep)
     rows = collect_cells(root, seeds, ratios, settings, args)
@@ -103,7 +104,7 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
     summary = {"settings": {**asdict(args), **asdict(sweep), "model": model,
                             "wall_time_s_this_run": round(time.time() - started, 1)},
                "guard_points": sweep.accuracy_guard, "planned_cells": planned, "rows": rows,
-               "worst_cases": worst_cases(rows, sweep.accuracy_guard)}
+               "worst_cases": worst_cases(rows, sweep.accuracy_guard), "unfinished_jobs": unfinished}
     paths = write_sweep_summary(root / SUMMARY_DIR, summary)
     print(f"{PROG} sweep: summary in {paths['markdown']}")
     return paths
@@ -187,8 +188,9 @@ def run_job(args: PipelineArguments, name: str) -> None:
         raise ValueError(f"Unknown sweep job {name!r}.")
 
 
-def run_cells_in_parallel(args: PipelineArguments, sweep: SweepArguments) -> list[Job]:
-    """Every job of `sweep_jobs`, `sweep.workers` at a time; the arguments they read are written once, here."""
+def run_cells_in_parallel(args: PipelineArguments, sweep: SweepArguments) -> list[str]:
+    """Every job of `sweep_jobs`, `sweep.workers` at a time (the arguments they read are written once, here);
+    returns the names of the jobs that did not finish."""
     jobs_dir = Path(args.output_dir) / JOBS_DIR
     jobs_dir.mkdir(parents=True, exist_ok=True)
     arguments_file = jobs_dir / "sweep_arguments.json"
@@ -201,7 +203,7 @@ def run_cells_in_parallel(args: PipelineArguments, sweep: SweepArguments) -> lis
         logger().warning(f"sweep: {len(unfinished)} of {len(ended)} jobs did not finish ({', '.join(unfinished[:5])}"
                          f"{', ...' if len(unfinished) > 5 else ''}); their logs are in {jobs_dir}. A new run "
                          "resumes them.")
-    return ended
+    return unfinished
 
 
 def collect_cells(root: Path, seeds: Sequence[int], ratios: Sequence[float], settings: Sequence[tuple[float, float]],
@@ -269,6 +271,8 @@ def write_sweep_summary(output_dir: Path, summary: Mapping[str, Any]) -> dict[st
              "setting). Harmful score and accuracy with their 95% Wilson intervals.", "",
              f"Cells finished: {len(rows)} of {summary['planned_cells']} planned. A worst case over part of the "
              "sweep is a lower bound on the whole sweep's.", "",
+             *([f"Jobs that did not finish in this run ({len(summary['unfinished_jobs'])}; a new run resumes them): "
+                f"{', '.join(summary['unfinished_jobs'])}.", ""] if summary.get("unfinished_jobs") else []),
              "## Worst case per arm", "",
              "| Seed | p | Method | Worst harmful score (%) among guarded cells | at (lr, epochs) "
              "| Mean over all cells "
@@ -348,5 +352,6 @@ def main(argv: list[str]) -> int:
     from trl import TrlParser
 
     args, sweep = TrlParser((PipelineArguments, SweepArguments), prog=f"{PROG} sweep").parse_args_and_config(argv)
-    run_sweep(args, sweep)
-    return 0
+    paths = run_sweep(args, sweep)
+    unfinished = json.loads(paths["json"].read_text())["unfinished_jobs"]
+    return 1 if unfinished else 0  # the summary is written either way; a script still learns that jobs failed
