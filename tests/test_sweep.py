@@ -166,7 +166,8 @@ def test_at_the_deadline_running_jobs_stop_and_no_more_start(tmp_path, monkeypat
     (["--workers", "0"], "--workers must be at least 1"),
     (["--workers", "2", "--accelerate_config", "multi_gpu"], "use --workers 1 with it"),
 ])
-def test_bad_worker_settings_are_refused_before_anything_runs(workspace, tmp_path, capsys, extra, message):  # noqa: F811
+def test_bad_worker_settings_are_refused_before_anything_runs(
+        workspace, tmp_path, capsys, extra, message):  # noqa: F811
     assert main(["sweep", *pipeline_argv(workspace, tmp_path), "--methods", "sft", *extra]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "seed42").exists()
