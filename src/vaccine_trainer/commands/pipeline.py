@@ -258,21 +258,22 @@ def _field_types(command: str) -> dict[str, Any]:
     return hints
 
 
-def _check_known(command: str, settings: Mapping[str, Any], flag: str) -> dict[str, Any]:
-    """`settings` under the names the installed transformers knows (see `spellings`); an unknown one is an error."""
+def _check_known(command: str, settings: Mapping[str, Any], flag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`settings` under the names the installed transformers knows (see `spellings`), and every flag's type; an
+    unknown setting is an error that names it."""
     types = _field_types(command)
     settings = settings_for_installed(settings, types)
     unknown = sorted(set(settings) - set(types))
     if unknown:
         raise ValueError(f"{flag}: unknown setting(s) {unknown}; `{PROG} {command} --help` lists the flags.")
-    return settings
+    return settings, types
 
 
 def phase_arguments(command: str, settings: Mapping[str, Any]) -> tuple[Any, ...]:
     """The command's argument dataclasses built from `settings`; an unknown flag is an error that names it."""
     from transformers import HfArgumentParser
 
-    settings, types = _check_known(command, settings, command), _field_types(command)
+    settings, types = _check_known(command, settings, command)
     typed = {key: _coerce(value, types[key]) for key, value in settings.items()}
     return HfArgumentParser(PHASE_COMMANDS[command].load()[0]).parse_dict(typed)
 

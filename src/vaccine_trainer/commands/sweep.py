@@ -110,17 +110,25 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
     return paths
 
 
-def cell_runs(args: PipelineArguments, sweep: SweepArguments, seed: int) -> list[tuple[str, PipelineArguments]]:
-    """(description, pipeline arguments) of one seed's cells: the p = 0 reference, then each attacker setting."""
+def cell_arguments(args: PipelineArguments, seed: int, setting: tuple[float, float, float] | None = None
+                   ) -> PipelineArguments:
+    """The pipeline arguments of one cell: the seed's p = 0 reference, or a (p, lr, epochs) attacker setting."""
     root = Path(args.output_dir)
     common = dict(seed=seed, alignment_dir=str(root / f"seed{seed}"))
-    runs = [(f"seed {seed}, benign-only reference (p = 0)",
-             replace(args, output_dir=str(cell_dir(root, seed, 0.0)), harmful_ratio=0.0, **common))]
+    if setting is None:
+        return replace(args, output_dir=str(cell_dir(root, seed, 0.0)), harmful_ratio=0.0, **common)
+    ratio, rate, epochs = setting
+    return replace(args, output_dir=str(attack_cell(root, seed, ratio, rate, epochs, args)), harmful_ratio=ratio,
+                   finetune_learning_rate=rate, finetune_epochs=epochs, **common)
+
+
+def cell_runs(args: PipelineArguments, sweep: SweepArguments, seed: int) -> list[tuple[str, PipelineArguments]]:
+    """(description, pipeline arguments) of one seed's cells: the p = 0 reference, then each attacker setting."""
+    runs = [(f"seed {seed}, benign-only reference (p = 0)", cell_arguments(args, seed))]
     for ratio in sweep.ratio_list():
         for rate, epochs in sweep.settings():
             runs.append((f"seed {seed}, p = {ratio:g}, lr {rate:g}, {epochs:g} epochs",
-                         replace(args, output_dir=str(attack_cell(root, seed, ratio, rate, epochs, args)),
-                                 harmful_ratio=ratio, finetune_learning_rate=rate, finetune_epochs=epochs, **common)))
+                         cell_arguments(args, seed, (ratio, rate, epochs))))
     return runs
 
 
@@ -174,16 +182,13 @@ def sweep_jobs(args: PipelineArguments, sweep: SweepArguments, arguments_file: P
 
 def run_job(args: PipelineArguments, name: str) -> None:
     """One job of `sweep_jobs`, in this process: the `run_pipeline` call the sequential sweep makes, for one arm."""
-    kind, seed_text, method, *setting = name.split(":")
-    root, seed = Path(args.output_dir), int(seed_text)
-    common = dict(seed=seed, methods=method, alignment_dir=str(root / f"seed{seed}"))
+    kind, seed, method, *setting = name.split(":")
+    one_arm = replace(args, methods=method)
     if kind in ("align", "reference") and not setting:
-        run_pipeline(replace(args, output_dir=str(cell_dir(root, seed, 0.0)), harmful_ratio=0.0,
-                             align_only=kind == "align", **common))
+        run_pipeline(replace(cell_arguments(one_arm, int(seed)), align_only=kind == "align"))
     elif kind == "cell" and len(setting) == 3:
         ratio, rate, epochs = (float(value) for value in setting)
-        run_pipeline(replace(args, output_dir=str(attack_cell(root, seed, ratio, rate, epochs, args)),
-                             harmful_ratio=ratio, finetune_learning_rate=rate, finetune_epochs=epochs, **common))
+        run_pipeline(cell_arguments(one_arm, int(seed), (ratio, rate, epochs)))
     else:
         raise ValueError(f"Unknown sweep job {name!r}.")
 
