@@ -79,8 +79,9 @@ def attack_cell(root: Path, seed: int, ratio: float, rate: float, epochs: float,
     return root / f"seed{seed}" / f"sweep-p{ratio:g}" / f"lr{rate:g}-ep{epochs:g}"
 
 
-def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]:
-    """Run every cell (benign-only references first), then write the summary; returns its files."""
+def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> tuple[dict[str, Path], list[str]]:
+    """Run every cell (benign-only references first), then write the summary; returns its files and the jobs
+    of this run that did not finish (always none without --workers: a failing cell raises there)."""
     seeds, ratios, settings = sweep.seed_list(), sweep.ratio_list(), sweep.settings()
     if not any(arm.aligned for arm in args.arms()):
         raise ValueError("The sweep compares aligned arms: give --methods with sft, vaccine or t-vaccine.")
@@ -93,10 +94,11 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
     model = resolve_model(args)
     started = time.time()
     unfinished: list[str] = []
+    cells_args = replace(args, model_name_or_path=model)
     if not sweep.summary_only and sweep.workers > 1:
-        unfinished = run_cells_in_parallel(replace(args, model_name_or_path=model), sweep)
+        unfinished = run_cells_in_parallel(cells_args, sweep)
     elif not sweep.summary_only:
-        run_cells_here(replace(args, model_name_or_path=model), sweep)
+        run_cells_here(cells_args, sweep)
     rows = collect_cells(root, seeds, ratios, settings, args)
     if not rows:
         raise ValueError(f"No finished sweep cell under {root}: run the sweep first.")
@@ -107,7 +109,7 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> dict[str, Path]
                "worst_cases": worst_cases(rows, sweep.accuracy_guard), "unfinished_jobs": unfinished}
     paths = write_sweep_summary(root / SUMMARY_DIR, summary)
     print(f"{PROG} sweep: summary in {paths['markdown']}")
-    return paths
+    return paths, unfinished
 
 
 def cell_arguments(args: PipelineArguments, seed: int, setting: tuple[float, float, float] | None = None
@@ -357,6 +359,5 @@ def main(argv: list[str]) -> int:
     from trl import TrlParser
 
     args, sweep = TrlParser((PipelineArguments, SweepArguments), prog=f"{PROG} sweep").parse_args_and_config(argv)
-    paths = run_sweep(args, sweep)
-    unfinished = json.loads(paths["json"].read_text())["unfinished_jobs"]
+    _, unfinished = run_sweep(args, sweep)
     return 1 if unfinished else 0  # the summary is written either way; a script still learns that jobs failed
