@@ -62,6 +62,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from vaccine_trainer import (  # noqa: E402
     AlignedSFTConfig, AlignedSFTTrainer, VaccineSFTConfig, VaccineSFTTrainer, VaccineTrainer, VaccineTrainingArguments,
 )
+from vaccine_trainer.launch import exit_launched_rank  # noqa: E402
 from vaccine_trainer.perturbation import uses_reentrant_checkpointing  # noqa: E402
 
 RHO = 2.0
@@ -460,9 +461,11 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         # Left to the interpreter's exit, a ZeRO-3 rank could abort after its results were saved ("terminate
-        # called without an active exception"), failing the launch: end the group as `vaccine-trainer` does.
+        # called without an active exception"), failing the launch: end the group and leave as `vaccine-trainer`
+        # does.
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_launched_rank(0)

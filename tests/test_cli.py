@@ -137,7 +137,7 @@ def test_clear_errors(workspace, tmp_path, capsys, argv, code, stream, message):
 
 def test_console_script_and_help():
     (script,) = entry_points(group="console_scripts", name="vaccine-trainer")
-    assert script.value == "vaccine_trainer.cli:main"
+    assert script.value == "vaccine_trainer.cli:run"
     assert set(COMMANDS) >= {"align", "finetune"}
     result = subprocess.run([sys.executable, "-m", "vaccine_trainer.cli", "align", "--help"],
                             capture_output=True, text=True, timeout=120)

@@ -32,6 +32,46 @@ def test_launch_flags_are_split_from_the_commands_own():
         split_launch_flags(["--accelerate_config"])
 
 
+LEAVING_PROCESS = """
+import atexit, sys, torch
+from pathlib import Path
+from vaccine_trainer.launch import exit_launched_rank
+
+folder = Path(sys.argv[1])
+
+
+class Finalized:
+    def __init__(self, path):  # holds what it needs: module globals may be gone when it runs
+        self.path, self.write = path, Path.write_text
+
+    def __del__(self):  # runs while the interpreter tears its modules down
+        self.write(self.path, "yes")
+
+
+kept = Finalized(folder / "finalized")
+atexit.register(lambda: (folder / "exit_handler").write_text("yes"))
+print("saved", end="")  # buffered: a pipe is not a terminal
+exit_launched_rank(3)
+"""
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["rank-of-a-launch", "plain-process"])
+def test_a_launched_rank_exits_with_its_code_and_handlers_but_without_finalization(tmp_path, launched):
+    """A rank started by torchrun runs the exit handlers and flushes its output, then skips the finalization in
+    which a native thread could abort it; any other process exits as usual."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "LOCAL_RANK"} | ({"LOCAL_RANK": "1"}
+                                                                                      if launched else {})
+    done = subprocess.run([sys.executable, "-c", LEAVING_PROCESS, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3 and done.stdout == "saved", done.stderr
+    assert (tmp_path / "exit_handler").read_text() == "yes"
+    assert (tmp_path / "finalized").exists() is not launched
+
+
 def test_align_with_a_config_runs_itself_under_accelerate_launch(monkeypatch):
     import accelerate.commands.launch as accelerate_launch
 

@@ -17,9 +17,10 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .commands.common import PROG, logger
-from .launch import launch, split_launch_flags
+from .launch import exit_launched_rank, launch, split_launch_flags
 
 LAUNCHED = ("align", "finetune")  # commands that take --accelerate_config / --num_processes
 
@@ -89,9 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _end_process_group()
 
 
+def run() -> NoReturn:
+    """The console script and `python -m vaccine_trainer.cli` (how `accelerate launch` starts each rank): `main`,
+    then the exit; a launched rank leaves without the interpreter's finalization (`exit_launched_rank`)."""
+    exit_launched_rank(main())
+
+
 def _end_process_group() -> None:
-    """Tear a launched rank's process group down before the interpreter does: left to exit, a rank could abort
-    ("terminate called without an active exception") after its work was saved, failing the launch."""
+    """End a launched rank's process group while the interpreter is whole (left to its exit, a rank could abort
+    after its work was saved, failing the launch); `run` then leaves without the finalization."""
     if "torch" not in sys.modules:  # no torch, no process group
         return
     import torch.distributed as dist
@@ -100,5 +107,5 @@ def _end_process_group() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # `python -m vaccine_trainer.cli`
-    raise SystemExit(main())
+if __name__ == "__main__":
+    run()
