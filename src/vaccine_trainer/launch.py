@@ -3,6 +3,7 @@ under `accelerate launch`, as TRL's CLI does for `trl sft --accelerate_config ze
 `--mixed_precision` (e.g. `fp16` on GPUs without bf16, `no` on the CPU) override the config's values.
 
 The named configs (multi_gpu, fsdp2, zero2, zero3) ship inside the package, so a `pip install` has them.
+A launched rank ends with `exit_launched_rank`, which skips the interpreter's finalization.
 """
 
 from __future__ import annotations
