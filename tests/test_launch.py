@@ -33,7 +33,7 @@ def test_launch_flags_are_split_from_the_commands_own():
 
 
 LEAVING_PROCESS = """
-import atexit, sys, torch
+import atexit, os, sys, torch
 from pathlib import Path
 from vaccine_trainer.launch import exit_launched_rank
 
@@ -41,11 +41,11 @@ folder = Path(sys.argv[1])
 
 
 class Finalized:
-    def __init__(self, path):  # holds what it needs: module globals may be gone when it runs
-        self.path, self.write = path, Path.write_text
+    def __init__(self, path):  # holds an open file and os.write: modules may be torn down when it runs
+        self.file, self.write = os.open(path, os.O_WRONLY | os.O_CREAT), os.write
 
-    def __del__(self):  # runs while the interpreter tears its modules down
-        self.write(self.path, "yes")
+    def __del__(self):  # runs while the interpreter clears __main__, after the exit handlers
+        self.write(self.file, b"yes")
 
 
 kept = Finalized(folder / "finalized")
@@ -69,7 +69,7 @@ def test_a_launched_rank_exits_with_its_code_and_handlers_but_without_finalizati
                           text=True, timeout=120)
     assert done.returncode == 3 and done.stdout == "saved", done.stderr
     assert (tmp_path / "exit_handler").read_text() == "yes"
-    assert (tmp_path / "finalized").exists() is not launched
+    assert (tmp_path / "finalized").read_text() == ("" if launched else "yes")
 
 
 def test_align_with_a_config_runs_itself_under_accelerate_launch(monkeypatch):
