@@ -51,25 +51,30 @@ class Finalized:
 kept = Finalized(folder / "finalized")
 atexit.register(lambda: (folder / "exit_handler").write_text("yes"))
 print("saved", end="")  # buffered: a pipe is not a terminal
+if len(sys.argv) > 2:  # a Python whose atexit lacks CPython's private runner
+    del atexit._run_exitfuncs
 exit_launched_rank(3)
 """
 
 
-@pytest.mark.parametrize("launched", [True, False], ids=["rank-of-a-launch", "plain-process"])
-def test_a_launched_rank_exits_with_its_code_and_handlers_but_without_finalization(tmp_path, launched):
+@pytest.mark.parametrize("launched, without_runner", [(True, False), (False, False), (True, True)],
+                         ids=["rank-of-a-launch", "plain-process", "rank-on-a-python-without-the-runner"])
+def test_a_launched_rank_exits_with_its_code_and_handlers_but_without_finalization(tmp_path, launched,
+                                                                                    without_runner):
     """A rank started by torchrun runs the exit handlers and flushes its output, then skips the finalization in
-    which a native thread could abort it; any other process exits as usual."""
+    which a native thread could abort it; any other process, or a Python that lacks the private runner of the exit
+    handlers, exits as usual."""
     import os
     import subprocess
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "LOCAL_RANK"} | ({"LOCAL_RANK": "1"}
                                                                                       if launched else {})
-    done = subprocess.run([sys.executable, "-c", LEAVING_PROCESS, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    argv = [sys.executable, "-c", LEAVING_PROCESS, str(tmp_path)] + (["without-runner"] if without_runner else [])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3 and done.stdout == "saved", done.stderr
     assert (tmp_path / "exit_handler").read_text() == "yes"
-    assert (tmp_path / "finalized").read_text() == ("" if launched else "yes")
+    assert (tmp_path / "finalized").read_text() == ("" if launched and not without_runner else "yes")
 
 
 def test_align_with_a_config_runs_itself_under_accelerate_launch(monkeypatch):

@@ -68,10 +68,12 @@ def exit_launched_rank(code: int) -> NoReturn:
     ("terminate called without an active exception", SIGABRT; the launch then exits 1): a native thread touched
     Python objects while the interpreter was being torn down (pytorch/pytorch#190489). Such a rank runs the exit
     handlers (logging's flush, `report_to` integrations) and flushes its streams itself, then `os._exit`s: nothing
-    is left to finalize. Any other process exits normally."""
-    if "LOCAL_RANK" not in os.environ or "torch" not in sys.modules:
+    is left to finalize. Any other process, or a Python without `atexit._run_exitfuncs` (CPython's, underscore-named),
+    exits normally."""
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if "LOCAL_RANK" not in os.environ or "torch" not in sys.modules or run_exit_handlers is None:
         raise SystemExit(code)
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
