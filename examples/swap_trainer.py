@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from vaccine_trainer import VaccineTrainer as Trainer  # Vaccine: was `from transformers import Trainer`
 from vaccine_trainer import VaccineTrainingArguments as TrainingArguments  # Vaccine: adds --rho etc.
+from vaccine_trainer.launch import exit_launched_rank  # Vaccine (optional): see the end of the file
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -78,3 +79,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_launched_rank(0)  # Vaccine (optional): a rank of `accelerate launch` skips the teardown that can abort it

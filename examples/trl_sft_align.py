@@ -101,3 +101,7 @@ if __name__ == "__main__":
     parser = make_parser()
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
     main(script_args, training_args, model_args, dataset_args)
+
+    from vaccine_trainer.launch import exit_launched_rank
+
+    exit_launched_rank(0)  # Vaccine (optional): a rank of `accelerate launch` skips the teardown that can abort it
