@@ -14,11 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from scipy.stats import binomtest
-
 from vaccine_trainer.commands.judge_names import make_judge
 from vaccine_trainer.evaluation import check_judge, split_labelled_pairs
-from vaccine_trainer.evaluation.intervals import paired_difference, wilson_percent
+from vaccine_trainer.evaluation.intervals import exact_mcnemar, paired_difference, wilson_percent
 from vaccine_trainer.evaluation.judges import judge_name
 
 
@@ -62,7 +60,7 @@ def main(argv=None) -> None:
     difference, low, high = paired_difference(right[second], right[first])
     only_first = sum(a and not b for a, b in zip(right[first], right[second]))
     only_second = sum(b and not a for a, b in zip(right[first], right[second]))
-    p = binomtest(only_second, only_first + only_second, 0.5).pvalue if only_first + only_second else 1.0
+    p = exact_mcnemar(only_first, only_second)
     comparison = {"difference_points": 100 * difference, "ci95": [100 * low, 100 * high],
                   f"right_only_{first}": only_first, f"right_only_{second}": only_second, "mcnemar_p": p}
     print(f"{second} - {first}: {100 * difference:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]; right only "

@@ -8,7 +8,8 @@ With several cells (one per seed) it also pools their (cell, prompt) pairs into 
 discordant prompts are independent draws of the same question, which arm is flagged alone.
 
 A difference of a few points in harmful score on 200 prompts can be noise: the prompts both arms are
-flagged on say nothing about the difference, the discordant ones decide it.
+flagged on say nothing about the difference, the discordant ones decide it. `vaccine-trainer sweep` writes the
+same comparison for its cells into its summary.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from scipy.stats import binomtest
+from vaccine_trainer.evaluation.intervals import exact_mcnemar
 
 
 def verdicts(cell: Path, folder: str) -> dict[str, bool]:
@@ -34,11 +35,6 @@ def discordant_split(cell: Path, first: str, second: str) -> tuple[int, int, int
             sum(b[p] and not a[p] for p in a))
 
 
-def mcnemar_p(only_first: int, only_second: int) -> float:
-    """Exact two-sided McNemar test: a binomial test of the discordant split against one half."""
-    return binomtest(only_second, only_first + only_second, 0.5).pvalue if only_first + only_second else 1.0
-
-
 def main() -> None:
     if len(sys.argv) < 4:
         raise SystemExit("usage: paired_prompts.py CELL [CELL ...] FIRST_ARM SECOND_ARM")
@@ -48,11 +44,11 @@ def main() -> None:
         split = discordant_split(cell, first, second)
         totals = [total + part for total, part in zip(totals, split)]
         print(f"{cell}: {split[0]} prompts; flagged for both {split[1]}, {first} only {split[2]}, "
-              f"{second} only {split[3]}; exact McNemar p = {mcnemar_p(split[2], split[3]):.2f}")
+              f"{second} only {split[3]}; exact McNemar p = {exact_mcnemar(split[2], split[3]):.2f}")
     if len(cells) > 1:
         print(f"pooled over {len(cells)} cells: {totals[0]} (cell, prompt) pairs; flagged for both {totals[1]}, "
               f"{first} only {totals[2]}, {second} only {totals[3]}; "
-              f"exact McNemar p = {mcnemar_p(totals[2], totals[3]):.2f}")
+              f"exact McNemar p = {exact_mcnemar(totals[2], totals[3]):.2f}")
 
 
 if __name__ == "__main__":

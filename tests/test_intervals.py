@@ -122,3 +122,35 @@ def test_a_corrected_difference_stays_within_100_points():
     errors = JudgeErrors(60, 100, 60, 100)  # J = 0.2: a 30-point raw difference would "correct" to 150
     result = corrected_difference([True] * 40 + [False] * 60, [True] * 10 + [False] * 90, errors)
     assert result.value == 100.0 and -100.0 <= result.ci95[0] <= result.ci95[1] <= 100.0
+
+
+def test_exact_mcnemar_by_hand():
+    from vaccine_trainer.evaluation.intervals import exact_mcnemar
+
+    assert exact_mcnemar(0, 5) == pytest.approx(2 / 2**5)  # all five discordant items one way: twice 1/32
+    assert exact_mcnemar(5, 0) == exact_mcnemar(0, 5)
+    # 21 against 27: twice P(X <= 21) for X ~ Binomial(48, 1/2)
+    assert exact_mcnemar(21, 27) == pytest.approx(2 * sum(math.comb(48, k) for k in range(22)) / 2**48)
+    assert exact_mcnemar(10, 10) == 1.0 and exact_mcnemar(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        exact_mcnemar(-1, 3)
+
+
+def test_worst_case_difference_by_hand_and_against_the_paired_bootstrap():
+    from vaccine_trainer.evaluation.intervals import worst_case_difference
+
+    first = [[True, True, False, False], [True, False, False, False]]   # rates 1/2 and 1/4: the worst is 1/2
+    second = [[True, False, False, False]]                              # 1/4
+    point, low, high = worst_case_difference(first, second)
+    assert point == pytest.approx(0.25) and 0.0 <= low <= point <= high  # `first`'s worst cell never flags less
+    assert worst_case_difference(first, first) == (0.0, 0.0, 0.0)
+    # one cell each: the worst-case difference is the paired difference, and so is its bootstrap distribution
+    generator = np.random.default_rng(1)
+    a, b = generator.random(200) < 0.55, generator.random(200) < 0.45
+    single = worst_case_difference([a], [b])
+    assert single[0] == pytest.approx(paired_difference(a, b)[0])
+    assert single[1:] == pytest.approx(paired_difference(a, b)[1:], abs=0.015)
+    with pytest.raises(ValueError):
+        worst_case_difference(first, [[True, False]])  # other items
+    with pytest.raises(ValueError):
+        worst_case_difference([], second)

@@ -33,6 +33,39 @@ def test_the_guard_and_the_worst_case_by_hand():
     assert worst_cases([row("sft", 1e-3, 2, 30.0, 10.0)], 5.0)[0]["worst_harmful_score"] is None
 
 
+def flags(*harmful):
+    """Verdicts on prompts q0, q1, ...: True where harmful."""
+    return {f"q{index}": bool(value) for index, value in enumerate(harmful)}
+
+
+def test_the_arms_against_sft_on_the_same_prompts_by_hand():
+    from vaccine_trainer.commands.sweep_pairs import cell_key, paired_cells, paired_markdown, paired_targets
+
+    rows = [row("sft", 1e-3, 2, 50.0, 80.0), row("sft", 4e-3, 2, 75.0, 80.0),
+            row("vaccine", 1e-3, 2, 75.0, 70.0),   # broken guard (70 < 75): not Vaccine's worst case
+            row("vaccine", 4e-3, 2, 50.0, 80.0)]
+    verdicts = {cell_key(rows[0]): flags(1, 1, 0, 0), cell_key(rows[1]): flags(1, 1, 1, 0),
+                cell_key(rows[2]): flags(1, 1, 1, 0), cell_key(rows[3]): flags(1, 0, 0, 1)}
+    cells = paired_cells(rows, verdicts)
+    # lr 1e-3: Vaccine flags q2 alone: 75 - 50 = +25 points, split 0 / 1
+    # lr 4e-3: SFT flags q1, q2 alone, Vaccine q3 alone: 50 - 75 = -25 points, split 2 / 1
+    assert [(c["learning_rate"], c["difference"], c["only_baseline"], c["only_method"]) for c in cells] == [
+        (1e-3, 25.0, 0, 1), (4e-3, -25.0, 2, 1)]
+    assert cells[1]["mcnemar_p"] == pytest.approx(1.0) and cells[1]["ci95"][0] <= -25.0 <= cells[1]["ci95"][1]
+    (target,) = paired_targets(rows, verdicts, lambda r: keeps_guard(r, 5.0))
+    # worst cases: Vaccine 50 (its one guarded cell), SFT 75: -25 points; mean: (75 + 50) / 2 - (50 + 75) / 2 = 0
+    assert (target["method"], target["worst_difference"], target["mean_difference"]) == ("vaccine", -25.0, 0.0)
+    assert (target["common_cells"], target["only_baseline"], target["only_method"]) == (2, 2, 2)
+    assert target["worst_ci95"][0] <= -25.0 <= target["worst_ci95"][1] and target["mcnemar_p"] == 1.0
+    assert paired_targets(rows, verdicts, lambda r: True)[0]["worst_difference"] == 0.0  # without the guard: 75 - 75
+    markdown = "\n".join(paired_markdown(cells, [target]))
+    assert "| 42 | 0.1 | vaccine | -25.0 [" in markdown and "| 2 | 2 / 2 | 1.00 |" in markdown
+    assert "| 0.004 | 2 | -25.0 [" in markdown and "| 2 / 1 | 1.00 |" in markdown
+    # judged on other prompts: no comparison rather than a wrong one
+    verdicts[cell_key(rows[3])] = {"other": True, "q1": False, "q2": False, "q3": True}
+    assert len(paired_cells(rows, verdicts)) == 1 and paired_targets(rows, verdicts, lambda r: True) == []
+
+
 def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
     base = [*pipeline_argv(workspace, out), "--methods", "sft,vaccine", "--seeds", "1", "--harmful_ratios", "0.5",
@@ -56,6 +89,13 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
     benign = json.loads((out / "seed1" / "p0" / "sft" / "evaluate" / "evaluation.json").read_text())
     assert all(r["benign_accuracy"] == benign["accuracy"]["accuracy"] for r in summary["rows"] if r["method"] == "sft")
     assert [w["method"] for w in summary["worst_cases"]] == ["sft", "vaccine"]
+    paired = {(c["method"], c["learning_rate"]): c for c in summary["paired_cells"]}
+    by_setting = {(r["method"], r["learning_rate"]): r["harmful_score"] for r in summary["rows"]}
+    assert sorted(paired) == [("vaccine", 0.01), ("vaccine", 0.05)]
+    for (method, rate), entry in paired.items():  # the paired difference is the difference of the two scores
+        assert entry["difference"] == pytest.approx(by_setting[method, rate] - by_setting["sft", rate])
+    (target,) = summary["paired_targets"]
+    assert target["mean_difference"] == pytest.approx(sum(e["difference"] for e in paired.values()) / 2)
     assert summary["planned_cells"] == 4  # one seed, one p, two settings, two arms
     assert "Cells finished: 4 of 4 planned" in (out / "sweep_summary" / "sweep.md").read_text()
     assert main(["sweep", *base, "--learning_rates", "0.01,0.05,0.1", "--summary_only", "true"]) == 0

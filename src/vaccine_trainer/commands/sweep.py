@@ -33,6 +33,7 @@ from .common import PROG, logger
 from .grid import GridArguments, _parse_list, cell_dir, evaluated_arms
 from .parallel_jobs import Job, run_jobs
 from .pipeline import PHASE_MARKER, PipelineArguments, arm_results, resolve_model, run_pipeline
+from .sweep_pairs import CellKey, cell_key, paired_cells, paired_markdown, paired_targets
 
 SUMMARY_DIR = "sweep_summary"
 JOBS_DIR = "jobs"  # with --workers: each job's log, jobs.json (every try) and the arguments the jobs read
@@ -103,10 +104,13 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> tuple[dict[str,
     if not rows:
         raise ValueError(f"No finished sweep cell under {root}: run the sweep first.")
     planned = len(seeds) * len(ratios) * len(settings) * sum(1 for arm in args.arms() if arm.aligned)
+    verdicts = collect_verdicts(root, rows, args)
     summary = {"settings": {**asdict(args), **asdict(sweep), "model": model,
                             "wall_time_s_this_run": round(time.time() - started, 1)},
                "guard_points": sweep.accuracy_guard, "planned_cells": planned, "rows": rows,
-               "worst_cases": worst_cases(rows, sweep.accuracy_guard), "unfinished_jobs": unfinished}
+               "worst_cases": worst_cases(rows, sweep.accuracy_guard),
+               "paired_targets": paired_targets(rows, verdicts, lambda row: keeps_guard(row, sweep.accuracy_guard)),
+               "paired_cells": paired_cells(rows, verdicts), "unfinished_jobs": unfinished}
     paths = write_sweep_summary(root / SUMMARY_DIR, summary)
     print(f"{PROG} sweep: summary in {paths['markdown']}")
     return paths, unfinished
@@ -234,6 +238,17 @@ def collect_cells(root: Path, seeds: Sequence[int], ratios: Sequence[float], set
     return rows
 
 
+def collect_verdicts(root: Path, rows: Sequence[Mapping[str, Any]], args: PipelineArguments) -> dict[CellKey, Any]:
+    """Each summarised arm's verdict per prompt, for the comparisons on the same prompts."""
+    from ..evaluation.report import harmful_verdicts
+
+    verdicts = {}
+    for seed, ratio, rate, epochs in dict.fromkeys(cell_key(row)[:4] for row in rows):
+        for label, folder in evaluated_arms(attack_cell(root, seed, ratio, rate, epochs, args)):
+            verdicts[seed, ratio, rate, epochs, label] = harmful_verdicts(arm_results(folder)["harmful_score"])
+    return verdicts
+
+
 def keeps_guard(row: Mapping[str, Any], points: float) -> bool:
     """The capability guard: accuracy at most `points` below the arm's benign-only fine-tune (fixed before the
     runs). A cell without either accuracy does not count."""
@@ -290,7 +305,8 @@ def write_sweep_summary(output_dir: Path, summary: Mapping[str, Any]) -> dict[st
         lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
                      f"| {_with(entry['worst_harmful_score'], entry['worst_ci95'])} | {where} "
                      f"| {_with(entry['mean_harmful_score'], None)} | {entry['guarded_cells']} of {entry['cells']} |")
-    lines += ["", "## Every cell", "",
+    lines += ["", *paired_markdown(summary.get("paired_cells", []), summary.get("paired_targets", [])),
+              "## Every cell", "",
               "| Seed | p | Method | lr | Epochs | Harmful score (%) | Fine-tune accuracy (%) | Benign-only (%) "
               "| Guard |", "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for row in sorted(rows, key=lambda r: (r["seed"], r["harmful_ratio"], r["method"], r["learning_rate"],

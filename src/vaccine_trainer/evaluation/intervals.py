@@ -64,7 +64,8 @@ def _paired_draws(a: np.ndarray, b: np.ndarray, generator: np.random.Generator, 
 
 def paired_difference(first: Sequence[bool], second: Sequence[bool], *, resamples: int = RESAMPLES,
                       seed: int = SEED) -> tuple[float, float, float]:
-    """Rate of `first` minus rate of `second` on the same items, with a 95% paired bootstrap interval (fractions)."""
+    """Rate of `first` minus rate of `second` on the same items, with a 95% paired bootstrap interval (fractions).
+    Per-item means of verdicts work too: the mean over several cells of each cell's difference."""
     a, b = _paired(first, second)
     differences = _paired_draws(a, b, np.random.default_rng(seed), resamples)
     return float(a.mean() - b.mean()), *_percentile_interval(differences)
@@ -197,6 +198,33 @@ def stratified_paired_difference(groups: Sequence[tuple[Sequence[bool], Sequence
     return result
 
 
+def exact_mcnemar(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value of two arms judged on the same items: only the discordant items (flagged for
+    one arm alone) carry evidence, and with no difference each falls either way with probability one half."""
+    from scipy.stats import binomtest
+
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"Discordant counts cannot be negative, got {only_first} and {only_second}.")
+    total = only_first + only_second
+    return float(binomtest(only_second, total, 0.5).pvalue) if total else 1.0
+
+
+def worst_case_difference(first: Sequence[Sequence[bool]], second: Sequence[Sequence[bool]], *,
+                          resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float, float]:
+    """The highest rate over `first`'s cells minus the highest over `second`'s (fractions), every cell judged on the
+    same items in the same order, with a 95% bootstrap interval. One draw of the items serves every cell of both
+    arms, so the prompts the cells share stay shared. The maximum of noisy rates is biased upwards; for two arms
+    with about as many cells the bias is alike, so the difference is fair where each maximum alone is not."""
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if a.ndim != 2 or b.ndim != 2 or 0 in (*a.shape, *b.shape) or a.shape[1] != b.shape[1]:
+        raise ValueError(f"Each arm needs at least one cell, every cell verdicts on the same non-empty items; got "
+                         f"cells x items {a.shape} and {b.shape}.")
+    items = a.shape[1]
+    counts = np.random.default_rng(seed).multinomial(items, np.full(items, 1 / items), size=resamples).T / items
+    draws = (a @ counts).max(axis=0) - (b @ counts).max(axis=0)  # each cell's rate in each draw, then the arm's max
+    return float(a.mean(axis=1).max() - b.mean(axis=1).max()), *_percentile_interval(draws)
+
+
 def cohens_kappa(first: Sequence[bool], second: Sequence[bool]) -> float:
     """Agreement of two judges on the same answers beyond chance (1: always agree, 0: as by chance)."""
     a, b = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
@@ -207,5 +235,6 @@ def cohens_kappa(first: Sequence[bool], second: Sequence[bool]) -> float:
     return 1.0 if chance == 1.0 else (observed - chance) / (1 - chance)
 
 
-__all__ = ["CorrectedRate", "JudgeErrors", "cohens_kappa", "corrected_difference", "corrected_rate",
-           "paired_difference", "rogan_gladen", "stratified_paired_difference", "wilson_interval", "wilson_percent"]
+__all__ = ["CorrectedRate", "JudgeErrors", "cohens_kappa", "corrected_difference", "corrected_rate", "exact_mcnemar",
+           "paired_difference", "rogan_gladen", "stratified_paired_difference", "wilson_interval", "wilson_percent",
+           "worst_case_difference"]

@@ -1,0 +1,148 @@
+"""The sweep's arms against a baseline arm (SFT) on the same prompts.
+
+Two arms of one cell are judged on the same prompts, so a difference of a few points is decided by the prompts
+flagged for one arm alone, not by two independent intervals: per cell a paired interval and the exact McNemar
+test; for the sweep's targets, the worst case and the mean over the cells, intervals that resample the prompts
+once for every cell (the cells share their prompts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .common import logger
+
+Verdicts = Mapping[str, bool]  # prompt -> harmful
+CellKey = tuple[int, float, float, float, str]  # seed, harmful ratio, learning rate, epochs, method
+
+
+def cell_key(row: Mapping[str, Any], method: str | None = None) -> CellKey:
+    """The key of a sweep row (or of the same cell's `method` arm) in the verdicts."""
+    return (row["seed"], row["harmful_ratio"], row["learning_rate"], row["epochs"], method or row["method"])
+
+
+def _discordant(mine: Sequence[bool], theirs: Sequence[bool]) -> tuple[int, int]:
+    """(prompts flagged for the baseline alone, for the arm alone)."""
+    return (sum(b and not a for a, b in zip(mine, theirs)), sum(a and not b for a, b in zip(mine, theirs)))
+
+
+def _aligned(mine: Verdicts | None, theirs: Verdicts | None) -> tuple[list[bool], list[bool]] | None:
+    """Both arms' verdicts in the baseline's prompt order, or None unless both judged the same prompts."""
+    if not mine or not theirs or mine.keys() != theirs.keys():
+        return None
+    return [mine[prompt] for prompt in theirs], [theirs[prompt] for prompt in theirs]
+
+
+def paired_cells(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, Verdicts],
+                 baseline: str = "sft") -> list[dict[str, Any]]:
+    """Per cell and arm other than `baseline`: its harmful score minus the baseline's on the same prompts, in
+    points, with a 95% paired bootstrap interval, the discordant prompts and the exact McNemar p-value."""
+    from ..evaluation.intervals import exact_mcnemar, paired_difference
+
+    result = []
+    for row in rows:
+        pair = _aligned(verdicts.get(cell_key(row)), verdicts.get(cell_key(row, baseline)))
+        if row["method"] == baseline or pair is None:
+            continue
+        difference, low, high = paired_difference(*pair)
+        only_baseline, only_method = _discordant(*pair)
+        result.append({"seed": row["seed"], "harmful_ratio": row["harmful_ratio"],
+                       "learning_rate": row["learning_rate"], "epochs": row["epochs"], "method": row["method"],
+                       "baseline": baseline, "difference": 100 * difference, "ci95": [100 * low, 100 * high],
+                       "prompts": len(pair[0]), "only_baseline": only_baseline, "only_method": only_method,
+                       "mcnemar_p": exact_mcnemar(only_baseline, only_method)})
+    return result
+
+
+def paired_targets(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, Verdicts],
+                   guard: Callable[[Mapping[str, Any]], bool], baseline: str = "sft") -> list[dict[str, Any]]:
+    """Per (seed, p, arm other than `baseline`): the sweep's two targets as differences from the baseline, in
+    points. The worst case: the highest harmful score among the arm's guarded cells minus the baseline's; the mean:
+    over the settings both arms finished, the arm's score minus the baseline's; each with a 95% interval from one
+    resampling of the prompts shared by every cell; beside them the discordant prompts pooled over those cells."""
+    from ..evaluation.intervals import exact_mcnemar, paired_difference, worst_case_difference
+
+    groups: dict[tuple[int, float, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if cell_key(row) in verdicts:
+            groups.setdefault((row["seed"], row["harmful_ratio"], row["method"]), []).append(row)
+    result = []
+    for (seed, ratio, method), cells in sorted(groups.items()):
+        theirs = groups.get((seed, ratio, baseline), [])
+        if method == baseline or not theirs:
+            continue
+        prompts = list(verdicts[cell_key(theirs[0])])
+        if any(verdicts[cell_key(row)].keys() != set(prompts) for row in [*cells, *theirs]):
+            logger().warning(f"sweep: seed {seed}, p {ratio:g}: the cells of {method} and {baseline} were not all "
+                             "judged on the same prompts; no paired worst case or mean for them.")
+            continue
+
+        def matrix(selected: Sequence[Mapping[str, Any]]) -> np.ndarray:
+            return np.array([[verdicts[cell_key(row)][prompt] for prompt in prompts] for row in selected], dtype=bool)
+
+        entry: dict[str, Any] = {"seed": seed, "harmful_ratio": ratio, "method": method, "baseline": baseline,
+                                 "prompts": len(prompts)}
+        mine_guarded, theirs_guarded = [r for r in cells if guard(r)], [r for r in theirs if guard(r)]
+        if mine_guarded and theirs_guarded:
+            point, low, high = worst_case_difference(matrix(mine_guarded), matrix(theirs_guarded))
+            entry.update(worst_difference=100 * point, worst_ci95=[100 * low, 100 * high])
+        by_setting = {(r["learning_rate"], r["epochs"]): r for r in theirs}
+        common = [r for r in cells if (r["learning_rate"], r["epochs"]) in by_setting]
+        if common:
+            mine, base = matrix(common), matrix([by_setting[r["learning_rate"], r["epochs"]] for r in common])
+            point, low, high = paired_difference(mine.mean(axis=0), base.mean(axis=0))
+            only_baseline, only_method = _discordant(mine.ravel().tolist(), base.ravel().tolist())
+            entry.update(mean_difference=100 * point, mean_ci95=[100 * low, 100 * high], common_cells=len(common),
+                         only_baseline=only_baseline, only_method=only_method,
+                         mcnemar_p=exact_mcnemar(only_baseline, only_method))
+        result.append(entry)
+    return result
+
+
+def paired_markdown(cells: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary's section: the targets as paired differences, then every cell's."""
+    if not cells and not targets:
+        return []
+    baseline = (cells or targets)[0]["baseline"]
+    lines = [f"## Against {baseline}, on the same prompts", "",
+             f"Each arm's harmful score minus {baseline}'s in the same cell, in points, with a 95% interval that "
+             "resamples the prompts (paired: the prompts flagged for both arms or for neither say nothing about "
+             f"the difference); the prompts flagged for {baseline} alone and for the arm alone, and the exact "
+             "McNemar p-value of that split. Worst case: the highest score among each arm's guarded cells, the "
+             "interval resampling the prompts once for every cell; mean: over the settings both arms finished, the "
+             "discordant prompts pooled over those cells.", "",
+             f"| Seed | p | Method | Worst case − {baseline}'s (points) | Mean − {baseline}'s (points) | Cells "
+             f"| {baseline} only / method only | McNemar p |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for entry in targets:
+        lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
+                     f"| {_signed(entry.get('worst_difference'), entry.get('worst_ci95'))} "
+                     f"| {_signed(entry.get('mean_difference'), entry.get('mean_ci95'))} "
+                     f"| {entry.get('common_cells', '–')} | {_split(entry)} | {_p(entry)} |")
+    lines += ["", f"| Seed | p | Method | lr | Epochs | Difference (points) | {baseline} only / method only "
+                  "| McNemar p |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for entry in cells:
+        lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
+                     f"| {entry['learning_rate']:g} | {entry['epochs']:g} "
+                     f"| {_signed(entry['difference'], entry['ci95'])} | {_split(entry)} | {_p(entry)} |")
+    return [*lines, ""]
+
+
+def _signed(value: float | None, bounds: Sequence[float] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.1f}" + (f" [{bounds[0]:+.1f}, {bounds[1]:+.1f}]" if bounds else "")
+
+
+def _split(entry: Mapping[str, Any]) -> str:
+    return f"{entry['only_baseline']} / {entry['only_method']}" if "only_baseline" in entry else "–"
+
+
+def _p(entry: Mapping[str, Any]) -> str:
+    return f"{entry['mcnemar_p']:.2f}" if "mcnemar_p" in entry else "–"
+
+
+__all__ = ["cell_key", "paired_cells", "paired_markdown", "paired_targets"]
