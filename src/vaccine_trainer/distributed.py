@@ -65,6 +65,24 @@ def check_distributed_support(trainer: Any) -> None:
     Call once from the trainer's `__init__`, after `Trainer.__init__` created the accelerator and
     after `trainer.vaccine_args` is set. Raises `ValueError` with what to change instead.
     """
+    _refuse_batch_splitting(trainer)
+    settings = trainer.vaccine_args
+    two_pass = settings.rho > 0 and settings.vaccine_perturbation == "gradient"
+    backend = describe_backend(trainer)
+    logger.info(f"Vaccine runs under {backend}.")
+    if two_pass and backend == "FSDP1":
+        raise ValueError(
+            "Vaccine supports FSDP2 (`fully_shard`), not FSDP1: accelerate runs FSDP1 only on GPUs, so Vaccine's "
+            "pass 1 has never been verified under it, and FSDP1 is deprecated. Set `fsdp_version: 2` in the "
+            "accelerate config (`--accelerate_config fsdp2`) or `fsdp_config={'version': 2}` in the training "
+            "arguments."
+        )
+    if two_pass and reentrant_checkpointing_requested(trainer):
+        _check_reentrant_checkpointing(trainer, backend)
+
+
+def _refuse_batch_splitting(trainer: Any) -> None:
+    """DataParallel, context and sequence parallelism split the batch differently in the two passes."""
     args = trainer.args
     if args.n_gpu > 1:
         raise ValueError(
@@ -81,20 +99,10 @@ def check_distributed_support(trainer: Any) -> None:
                 f"`accelerate launch` (see {_DOCS})."
             )
 
-    settings = trainer.vaccine_args
-    two_pass = settings.rho > 0 and settings.vaccine_perturbation == "gradient"
-    backend = describe_backend(trainer)
-    logger.info(f"Vaccine runs under {backend}.")
-    if two_pass and backend == "FSDP1":
-        raise ValueError(
-            "Vaccine supports FSDP2 (`fully_shard`), not FSDP1: accelerate runs FSDP1 only on GPUs, so Vaccine's "
-            "pass 1 has never been verified under it, and FSDP1 is deprecated. Set `fsdp_version: 2` in the "
-            "accelerate config (`--accelerate_config fsdp2`) or `fsdp_config={'version': 2}` in the training "
-            "arguments."
-        )
-    if not two_pass or not reentrant_checkpointing_requested(trainer):
-        return
 
+def _check_reentrant_checkpointing(trainer: Any, backend: str) -> None:
+    """Reentrant checkpointing makes pass 1 a full backward(): refused where the backend takes gradients as they
+    are produced (DeepSpeed, FSDP); under DDP, DDP must not look for unused parameters."""
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
         trl_hint = (
             " TRL forces `use_reentrant=True` for PEFT models under ZeRO-3, so with a TRL trainer use FSDP2 "
@@ -110,7 +118,7 @@ def check_distributed_support(trainer: Any) -> None:
             "(`activation_checkpointing_kwargs={'use_reentrant': False}`, transformers' default; with FSDP, "
             f"`fsdp_activation_checkpointing: true` is non-reentrant too) or turn checkpointing off.{trl_hint}"
         )
-
+    args = trainer.args
     if trainer.accelerator.distributed_type == DistributedType.NO or args.world_size <= 1:
         return
     handler = getattr(trainer.accelerator, "ddp_handler", None)
