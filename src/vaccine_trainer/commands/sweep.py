@@ -363,7 +363,10 @@ def _plot_worst(worst: Sequence[Mapping[str, Any]], path: Path) -> None:
     axis = figure.add_subplot(1, 1, 1)
     labels = [f"{e['method']}\nseed {e['seed']}, p={e['harmful_ratio']:g}" for e in worst]
     values = [e["worst_harmful_score"] or 0.0 for e in worst]
-    axis.bar(range(len(values)), values, color="tab:red")
+    bounds = [e["worst_ci95"] or [value, value] for e, value in zip(worst, values)]  # the cell's Wilson interval
+    errors = [[value - low for value, (low, _) in zip(values, bounds)],
+              [high - value for value, (_, high) in zip(values, bounds)]]
+    axis.bar(range(len(values)), values, color="tab:red", yerr=errors, capsize=4)
     axis.set_xticks(range(len(values)), labels, fontsize=7)
     axis.set_ylim(0, 100)
     axis.set_ylabel("worst guarded harmful score (%)")
