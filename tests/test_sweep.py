@@ -56,10 +56,10 @@ def test_the_arms_against_sft_on_the_same_prompts_by_hand():
     # worst cases: Vaccine 50 (its one guarded cell), SFT 75: -25 points; mean: (75 + 50) / 2 - (50 + 75) / 2 = 0
     assert (target["method"], target["worst_difference"], target["mean_difference"]) == ("vaccine", -25.0, 0.0)
     assert (target["common_cells"], target["only_baseline"], target["only_method"]) == (2, 2, 2)
-    assert target["worst_ci95"][0] <= -25.0 <= target["worst_ci95"][1] and target["mcnemar_p"] == 1.0
+    assert target["worst_ci95"][0] <= -25.0 <= target["worst_ci95"][1] and "mcnemar_p" not in target
     assert paired_targets(rows, verdicts, lambda r: True)[0]["worst_difference"] == 0.0  # without the guard: 75 - 75
     markdown = "\n".join(paired_markdown(cells, [target]))
-    assert "| 42 | 0.1 | vaccine | -25.0 [" in markdown and "| 2 | 2 / 2 | 1.00 |" in markdown
+    assert "| 42 | 0.1 | vaccine | -25.0 [" in markdown and "| 2 | 2 / 2 |\n" in markdown
     assert "| 0.004 | 2 | -25.0 [" in markdown and "| 2 / 1 | 1.00 |" in markdown
     # judged on other prompts: no comparison rather than a wrong one
     verdicts[cell_key(rows[3])] = {"other": True, "q1": False, "q2": False, "q3": True}

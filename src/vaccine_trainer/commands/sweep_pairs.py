@@ -62,8 +62,9 @@ def paired_targets(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey,
     """Per (seed, p, arm other than `baseline`): the sweep's two targets as differences from the baseline, in
     points. The worst case: the highest harmful score among the arm's guarded cells minus the baseline's; the mean:
     over the settings both arms finished, the arm's score minus the baseline's; each with a 95% interval from one
-    resampling of the prompts shared by every cell; beside them the discordant prompts pooled over those cells."""
-    from ..evaluation.intervals import exact_mcnemar, paired_difference, worst_case_difference
+    resampling of the prompts shared by every cell; beside them the discordant prompts summed over those cells (no
+    test of the sum: the cells share their prompts, so its (cell, prompt) pairs are not independent)."""
+    from ..evaluation.intervals import paired_difference, worst_case_difference
 
     groups: dict[tuple[int, float, str], list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -96,8 +97,7 @@ def paired_targets(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey,
             point, low, high = paired_difference(mine.mean(axis=0), base.mean(axis=0))
             only_baseline, only_method = _discordant(mine.ravel().tolist(), base.ravel().tolist())
             entry.update(mean_difference=100 * point, mean_ci95=[100 * low, 100 * high], common_cells=len(common),
-                         only_baseline=only_baseline, only_method=only_method,
-                         mcnemar_p=exact_mcnemar(only_baseline, only_method))
+                         only_baseline=only_baseline, only_method=only_method)
         result.append(entry)
     return result
 
@@ -111,16 +111,17 @@ def paired_markdown(cells: Sequence[Mapping[str, Any]], targets: Sequence[Mappin
              f"Each arm's harmful score minus {baseline}'s in the same cell, in points, with a 95% interval that "
              "resamples the prompts (paired: the prompts flagged for both arms or for neither say nothing about "
              f"the difference); the prompts flagged for {baseline} alone and for the arm alone, and the exact "
-             "McNemar p-value of that split. Worst case: the highest score among each arm's guarded cells, the "
-             "interval resampling the prompts once for every cell; mean: over the settings both arms finished, the "
-             "discordant prompts pooled over those cells.", "",
+             "McNemar p-value of that split. Worst case: the highest score among each arm's guarded cells; mean: "
+             "over the settings both arms finished; both intervals resample the prompts once for every cell, as the "
+             "cells share their prompts (which is also why the discordant prompts summed over the cells get no "
+             "test: those pairs are not independent).", "",
              f"| Seed | p | Method | Worst case − {baseline}'s (points) | Mean − {baseline}'s (points) | Cells "
-             f"| {baseline} only / method only | McNemar p |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+             f"| {baseline} only / method only, summed |", "|---:|---:|---|---:|---:|---:|---:|"]
     for entry in targets:
         lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
                      f"| {_signed(entry.get('worst_difference'), entry.get('worst_ci95'))} "
                      f"| {_signed(entry.get('mean_difference'), entry.get('mean_ci95'))} "
-                     f"| {entry.get('common_cells', '–')} | {_split(entry)} | {_p(entry)} |")
+                     f"| {entry.get('common_cells', '–')} | {_split(entry)} |")
     lines += ["", f"| Seed | p | Method | lr | Epochs | Difference (points) | {baseline} only / method only "
                   "| McNemar p |",
               "|---:|---:|---|---:|---:|---:|---:|---:|"]
