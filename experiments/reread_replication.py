@@ -7,6 +7,11 @@ depend on nothing else: only the 2x2 table of (SFT flagged, Vaccine flagged) cou
 and specificity come from docs/judges/judges.json (held-out BeaverTails pairs), its counts recovered from the rates.
 
     python experiments/reread_replication.py            # prints the Markdown tables of docs/replication.md
+
+The three seeds were judged on the same 200 prompts, which the 2x2 tables do not tie together: "mean of 3" resamples
+each seed's prompts apart (as if independent); "widest" places every seed's discordant prompts on the same prompts as
+far as the counts allow and draws the prompts once for all seeds, the widest interval the committed counts permit.
+The exact interval lies between; `vaccine-trainer grid --summary_only true` computes it from the saved evaluations.
 """
 
 from __future__ import annotations
@@ -52,6 +57,18 @@ def cell_verdicts(scores: dict, ratio: float, seed: int) -> tuple[list[bool], li
     return vaccine_verdicts, sft_verdicts
 
 
+def coinciding_discordance(ratio: float) -> list[tuple[list[bool], list[bool]]]:
+    """(Vaccine, SFT) verdicts per seed with the discordant prompts on the same prompts across seeds as far as the
+    counts allow: SFT-only from the first prompt on, Vaccine-only from the last prompt back (the prompts flagged for
+    both or neither do not move a paired difference)."""
+    groups = []
+    for seed in (42, 43, 44):
+        sft_only, vaccine_only = DISCORDANT[ratio, seed]
+        groups.append(([False] * (PROMPTS - vaccine_only) + [True] * vaccine_only,
+                       [True] * sft_only + [False] * (PROMPTS - sft_only)))
+    return groups
+
+
 def main() -> None:
     summary = json.loads((DOCS / "replication" / "summary.json").read_text())
     scores = {(r["seed"], r["harmful_ratio"], r["method"]): r["harmful_score"] for r in summary["rows"]}
@@ -84,6 +101,11 @@ def main() -> None:
         corrected = pooled["corrected"]
         print(f"| {ratio:g} | mean of 3 | | | | | {pooled['difference']:+.1f} [{pooled['ci95'][0]:+.1f}, "
               f"{pooled['ci95'][1]:+.1f}] | {corrected['value']:+.1f} [{corrected['ci95'][0]:+.1f}, "
+              f"{corrected['ci95'][1]:+.1f}] |")
+        widest = stratified_paired_difference(coinciding_discordance(ratio), errors, shared_items=True)
+        corrected = widest["corrected"]
+        print(f"| {ratio:g} | mean of 3, widest | | | | | {widest['difference']:+.1f} [{widest['ci95'][0]:+.1f}, "
+              f"{widest['ci95'][1]:+.1f}] | {corrected['value']:+.1f} [{corrected['ci95'][0]:+.1f}, "
               f"{corrected['ci95'][1]:+.1f}] |")
 
 

@@ -163,4 +163,9 @@ def test_the_replication_reread_rebuilds_the_committed_cells(capsys):
     out = capsys.readouterr().out
     assert "| 0.1 | 42 | 31.0 [25.0, 37.7] | 29.0 [23.2, 35.6] |" in out
     assert "| 0.1 | mean of 3 | | | | | -4.2 [" in out
+    # the seeds' discordant prompts made to coincide: the same difference, a wider interval drawn once for all seeds
+    apart = next(line for line in out.splitlines() if line.startswith("| 0.1 | mean of 3 |"))
+    widest = next(line for line in out.splitlines() if line.startswith("| 0.1 | mean of 3, widest |"))
+    bounds = [[float(v) for v in line.split("| -4.2 [")[1].split("]")[0].split(", ")] for line in (apart, widest)]
+    assert bounds[1][0] < bounds[0][0] and bounds[1][1] > bounds[0][1]
     assert "sensitivity 0.818 (468/572), specificity 0.589 (256/435)" in out

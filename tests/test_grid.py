@@ -45,6 +45,7 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
     # differences, inside its interval.
     for entry in summary["pooled_paired"]:
         assert (entry["method"], entry["seeds"], entry["n"]) == ("non-aligned", [1, 2], 6)
+        assert entry["prompts_shared_by_seeds"]  # the same prompts on both seeds: one draw of them for both
         per_seed = [next(r["harmful_score"] for r in summary["rows"] if (r["seed"], r["harmful_ratio"], r["method"])
                          == (seed, entry["harmful_ratio"], method))
                     for seed in (1, 2) for method in ("non-aligned", "sft")]

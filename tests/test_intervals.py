@@ -154,3 +154,20 @@ def test_worst_case_difference_by_hand_and_against_the_paired_bootstrap():
         worst_case_difference(first, [[True, False]])  # other items
     with pytest.raises(ValueError):
         worst_case_difference([], second)
+
+
+def test_seeds_judged_on_the_same_prompts_are_resampled_together():
+    from vaccine_trainer.evaluation.intervals import stratified_paired_difference
+
+    generator = np.random.default_rng(2)
+    first, second = generator.random(200) < 0.5, generator.random(200) < 0.4
+    one = stratified_paired_difference([(first, second)])
+    # two seeds with the very same verdicts carry no more evidence than one: drawn together, the interval is one
+    # seed's; drawn apart, it would shrink by about 1 / sqrt(2)
+    shared = stratified_paired_difference([(first, second), (first, second)], shared_items=True)
+    apart = stratified_paired_difference([(first, second), (first, second)])
+    assert shared["difference"] == pytest.approx(one["difference"])
+    assert shared["ci95"] == pytest.approx(one["ci95"])
+    assert apart["ci95"][1] - apart["ci95"][0] < 0.8 * (shared["ci95"][1] - shared["ci95"][0])
+    with pytest.raises(ValueError):
+        stratified_paired_difference([(first, second), (first[:100], second[:100])], shared_items=True)

@@ -154,21 +154,26 @@ def collect_verdicts(root: Path, seeds: Sequence[int], ratios: Sequence[float]) 
 def pooled_differences(verdicts: Mapping[tuple, Mapping[str, bool]], errors: Mapping[tuple, Any],
                        baseline: str = "sft") -> list[dict[str, Any]]:
     """Per (arm, p): the harmful score minus the baseline's on the same prompts, averaged over the seeds that have
-    both, with an interval that resamples prompts within seeds, and corrected for the judge's measured errors."""
+    both, with an interval that resamples the prompts (once for every seed when the seeds share their prompts, as
+    the grid's do), and corrected for the judge's measured errors."""
     from ..evaluation.intervals import stratified_paired_difference
 
     groups: dict[tuple[str, float], list[tuple[int, list[bool], list[bool]]]] = {}
+    prompt_lists: dict[tuple[str, float], set[tuple[str, ...]]] = {}
     for (seed, ratio, method), mine in verdicts.items():
         theirs = verdicts.get((seed, ratio, baseline))
-        prompts = [prompt for prompt in (theirs or {}) if prompt in mine]
+        prompts = sorted(prompt for prompt in (theirs or {}) if prompt in mine)
         if method != baseline and prompts:
             groups.setdefault((method, ratio), []).append(
                 (seed, [mine[p] for p in prompts], [theirs[p] for p in prompts]))
+            prompt_lists.setdefault((method, ratio), set()).add(tuple(prompts))
     pooled = []
     for (method, ratio), pairs in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
         judge_errors = next((errors.get((seed, ratio, baseline)) for seed, _, _ in pairs
                              if errors.get((seed, ratio, baseline)) is not None), None)
-        result = stratified_paired_difference([(a, b) for _, a, b in pairs], judge_errors)
+        shared = len(prompt_lists[method, ratio]) == 1  # every seed judged the same prompts: one draw for all
+        result = stratified_paired_difference([(a, b) for _, a, b in pairs], judge_errors, shared_items=shared)
+        result["prompts_shared_by_seeds"] = shared
         pooled.append({"method": method, "baseline": baseline, "harmful_ratio": ratio,
                        "seeds": [seed for seed, _, _ in pairs], **result})
     return pooled
@@ -282,7 +287,8 @@ def _summary_cell(entry: Mapping[str, Any], key: str, spec: str = ".1f") -> str:
 
 POOLED_NOTE = (
     "Harmful score minus SFT's on the same prompts, mean over seeds, with a 95% interval that resamples the prompts "
-    "within each seed (the seeds are kept), and corrected for the judge's measured sensitivity and specificity (the "
+    "(the seeds are kept; one draw for every seed when the seeds judged the same prompts, as a prompt that draws "
+    "harmful answers on one seed tends to on the others), and corrected for the judge's measured sensitivity and specificity (the "
     "difference divided by Youden's index; its interval also resamples the judge's labelled pairs; valid if the "
     "judge errs alike on both arms):")
 

@@ -178,17 +178,28 @@ def corrected_difference(first: Sequence[bool], second: Sequence[bool], errors: 
 
 
 def stratified_paired_difference(groups: Sequence[tuple[Sequence[bool], Sequence[bool]]],
-                                 errors: JudgeErrors | None = None, *, resamples: int = RESAMPLES,
-                                 seed: int = SEED) -> dict:
+                                 errors: JudgeErrors | None = None, *, shared_items: bool = False,
+                                 resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     """The mean over groups (seeds) of each group's paired difference, in points, with a 95% bootstrap interval that
-    resamples the prompts within each group (the groups are kept: three seeds are too few to resample); with the
-    judge's `errors`, also that difference divided by Youden's index, its interval resampling the judge's rates."""
+    resamples the prompts (the groups are kept: three seeds are too few to resample); with the judge's `errors`,
+    also that difference divided by Youden's index, its interval resampling the judge's rates.
+
+    With `shared_items` every group judged the same prompts in the same order, and one draw of the prompts serves
+    every group: a prompt that draws harmful answers on one seed tends to on the others, and drawing each group's
+    prompts apart would take that correlation for independent evidence (too narrow an interval)."""
     if not groups:
         raise ValueError("Each group needs two equal, non-empty lists of verdicts; got no group.")
     arrays = [_paired(a, b) for a, b in groups]
     generator = np.random.default_rng(seed)
     point = float(np.mean([a.mean() - b.mean() for a, b in arrays]))
-    draws = sum(_paired_draws(a, b, generator, resamples) for a, b in arrays) / len(arrays)
+    if shared_items:
+        if len({len(a) for a, _ in arrays}) != 1:
+            raise ValueError("shared_items needs every group judged on the same prompts; got groups of "
+                             f"{sorted({len(a) for a, _ in arrays})} prompts.")
+        differences = np.mean([a - b for a, b in arrays], axis=0)  # per prompt, the mean over groups
+        draws = _paired_draws(differences, np.zeros_like(differences), generator, resamples)
+    else:
+        draws = sum(_paired_draws(a, b, generator, resamples) for a, b in arrays) / len(arrays)
     result = {"difference": 100 * point, "ci95": [100 * v for v in _percentile_interval(draws)],
               "groups": len(arrays), "n": sum(len(a) for a, _ in arrays)}
     if errors is not None and errors.youden > 0:
