@@ -4,8 +4,10 @@ the exact McNemar test of that split (reads the saved evaluations; runs no model
     python experiments/paired_prompts.py outputs/replication/seed42/p0.1 sft vaccine-rho2
     python experiments/paired_prompts.py outputs/replication/seed4[234]/p0.1 sft vaccine-rho2   # and pooled
 
-With several cells (one per seed) it also pools their (cell, prompt) pairs into one test: each seed's
-discordant prompts are independent draws of the same question, which arm is flagged alone.
+With several cells (one per seed) it also pools their (cell, prompt) pairs into one test, which counts the pairs as
+independent. Cells judged on the same prompts (a grid's seeds, a sweep's settings) are not: a prompt flagged on one
+tends to be on the others, so the pooled p is too small. `grid` and `sweep` summaries give intervals that draw
+the prompts once for every cell instead.
 
 A difference of a few points in harmful score on 200 prompts can be noise: the prompts both arms are
 flagged on say nothing about the difference, the discordant ones decide it. `vaccine-trainer sweep` writes the
