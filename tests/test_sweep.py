@@ -258,3 +258,40 @@ def test_a_parallel_sweep_trains_what_the_sequential_one_does(workspace, tmp_pat
     assert len(summary["rows"]) == 2 and len(summary["unfinished_jobs"]) == 2 + 2 + 2 * 2
     assert "Jobs that did not finish in this run (8; a new run resumes them): align:1:sft" in (
         parallel / "sweep_summary" / "sweep.md").read_text()
+
+
+def test_summaries_of_different_cells_combine_and_the_worst_case_is_recomputed_over_all(tmp_path):
+    from conftest import load_script
+
+    combine_sweeps = load_script("experiments/combine_sweeps.py")
+
+    def part(rows, planned, guard=5.0):
+        rows = [{**r, "accuracy_ci95": None, "num_prompts": 4} for r in rows]  # as collect_cells writes them
+        cells = [{"seed": 42, "harmful_ratio": 0.1, "learning_rate": r["learning_rate"], "epochs": r["epochs"],
+                  "method": "vaccine", "baseline": "sft", "difference": 1.0, "ci95": [-1.0, 3.0], "prompts": 4,
+                  "only_baseline": 1, "only_method": 2, "mcnemar_p": 1.0} for r in rows if r["method"] == "vaccine"]
+        return {"guard_points": guard, "planned_cells": planned, "rows": rows, "worst_cases": [],
+                "paired_targets": [{"seed": 42, "method": "vaccine", "mean_difference": 9.9}], "paired_cells": cells}
+
+    first = part([row("sft", 4e-3, 6, 60.0, 80.0), row("vaccine", 4e-3, 6, 55.0, 80.0)], planned=6)
+    second = part([row("sft", 5e-4, 2, 20.0, 80.0), row("vaccine", 5e-4, 2, 65.0, 80.0),  # Vaccine's worst
+                   row("sft", 5e-4, 4, 70.0, 70.0)], planned=3)                              # broken guard
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    assert combine_sweeps.main([str(tmp_path / "out"), str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    combined = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    sft, vaccine = combined["worst_cases"]
+    # by hand: SFT's guarded cells 60 and 20 -> 60 at (4e-3, 6), mean (60 + 20 + 70) / 3; Vaccine 65 at (5e-4, 2)
+    assert (sft["worst_harmful_score"], sft["worst_setting"], sft["guarded_cells"], sft["cells"]) == (
+        60.0, {"learning_rate": 4e-3, "epochs": 6}, 2, 3)
+    assert sft["mean_harmful_score"] == pytest.approx(50.0) and vaccine["mean_harmful_score"] == pytest.approx(60.0)
+    assert (vaccine["worst_harmful_score"], vaccine["worst_setting"]) == (65.0, {"learning_rate": 5e-4, "epochs": 2})
+    assert combined["planned_cells"] == 6 and len(combined["rows"]) == 5 and len(combined["paired_cells"]) == 2
+    assert combined["paired_targets"] == []  # the parts' intervals need verdicts per prompt: not carried over
+    markdown = (tmp_path / "out" / "sweep.md").read_text()
+    assert "Cells finished: 5 of 6 planned" in markdown and "No paired interval" in markdown
+    assert "Worst case − sft's" not in markdown and "| 42 | 0.1 | vaccine | 0.0005 | 2 | +1.0" in markdown
+    with pytest.raises(ValueError, match="in both"):
+        combine_sweeps.combine({"a": first, "again": first})
+    with pytest.raises(ValueError, match="different guards"):
+        combine_sweeps.combine({"a": first, "b": {**second, "guard_points": 3.0}})

@@ -293,6 +293,7 @@ def write_sweep_summary(output_dir: Path, summary: Mapping[str, Any]) -> dict[st
              "setting). Harmful score and accuracy with their 95% Wilson intervals.", "",
              f"Cells finished: {len(rows)} of {summary['planned_cells']} planned. A worst case over part of the "
              "sweep is a lower bound on the whole sweep's.", "",
+             *[line for note in summary.get("notes", []) for line in (note, "")],
              *([f"Jobs that did not finish in this run ({len(summary['unfinished_jobs'])}; a new run resumes them): "
                 f"{', '.join(summary['unfinished_jobs'])}.", ""] if summary.get("unfinished_jobs") else []),
              "## Worst case per arm", "",

@@ -111,20 +111,21 @@ def paired_markdown(cells: Sequence[Mapping[str, Any]], targets: Sequence[Mappin
              f"Each arm's harmful score minus {baseline}'s in the same cell, in points, with a 95% interval that "
              "resamples the prompts (paired: the prompts flagged for both arms or for neither say nothing about "
              f"the difference); the prompts flagged for {baseline} alone and for the arm alone, and the exact "
-             "McNemar p-value of that split. Worst case: the highest score among each arm's guarded cells; mean: "
-             "over the settings both arms finished; both intervals resample the prompts once for every cell, as the "
-             "cells share their prompts (which is also why the discordant prompts summed over the cells get no "
-             "test: those pairs are not independent).", "",
-             f"| Seed | p | Method | Worst case − {baseline}'s (points) | Mean − {baseline}'s (points) | Cells "
-             f"| {baseline} only / method only, summed |", "|---:|---:|---|---:|---:|---:|---:|"]
-    for entry in targets:
-        lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
-                     f"| {_signed(entry.get('worst_difference'), entry.get('worst_ci95'))} "
-                     f"| {_signed(entry.get('mean_difference'), entry.get('mean_ci95'))} "
-                     f"| {entry.get('common_cells', '–')} | {_split(entry)} |")
-    lines += ["", f"| Seed | p | Method | lr | Epochs | Difference (points) | {baseline} only / method only "
-                  "| McNemar p |",
-              "|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "McNemar p-value of that split." + (
+                 " Worst case: the highest score among each arm's guarded cells; mean: over the settings both arms "
+                 "finished; both intervals resample the prompts once for every cell, as the cells share their "
+                 "prompts (which is also why the discordant prompts summed over the cells get no test: those pairs "
+                 "are not independent)." if targets else ""), ""]
+    if targets:  # absent where the verdicts per prompt are not all at hand (e.g. summaries combined)
+        lines += [f"| Seed | p | Method | Worst case − {baseline}'s (points) | Mean − {baseline}'s (points) | Cells "
+                  f"| {baseline} only / method only, summed |", "|---:|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
+                  f"| {_signed(entry.get('worst_difference'), entry.get('worst_ci95'))} "
+                  f"| {_signed(entry.get('mean_difference'), entry.get('mean_ci95'))} "
+                  f"| {entry.get('common_cells', '–')} | {_split(entry)} |" for entry in targets]
+        lines.append("")
+    lines += [f"| Seed | p | Method | lr | Epochs | Difference (points) | {baseline} only / method only "
+              "| McNemar p |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for entry in cells:
         lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
                      f"| {entry['learning_rate']:g} | {entry['epochs']:g} "
