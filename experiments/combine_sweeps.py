@@ -22,15 +22,18 @@ from vaccine_trainer.commands.sweep import worst_cases, write_sweep_summary
 from vaccine_trainer.commands.sweep_pairs import cell_key
 
 
-def _unique(entries: Sequence[Mapping[str, Any]], what: str, sources: Sequence[str]) -> list[Mapping[str, Any]]:
-    """The entries, refusing a cell that two parts both hold: which of them to keep is not this script's call."""
-    seen: dict[tuple, str] = {}
-    for entry, source in zip(entries, sources):
-        key = cell_key(entry)
-        if key in seen:
-            raise ValueError(f"{what} {key} is in both {seen[key]} and {source}: combine parts whose cells differ.")
-        seen[key] = source
-    return list(entries)
+def _gather(parts: Mapping[str, Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
+    """Every part's `key` entries, refusing a cell that two parts both hold: which to keep is not this script's
+    call."""
+    entries, seen = [], {}
+    for source, summary in parts.items():
+        for entry in summary.get(key, []):
+            if cell_key(entry) in seen:
+                raise ValueError(f"{key}: cell {cell_key(entry)} is in both {seen[cell_key(entry)]} and {source}: "
+                                 "combine parts whose cells differ.")
+            seen[cell_key(entry)] = source
+            entries.append(entry)
+    return entries
 
 
 def combine(parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -40,14 +43,7 @@ def combine(parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"The parts use different guards ({sorted(guards)} points): their worst cases differ in "
                          "meaning, so they do not combine.")
     (guard,) = guards
-    rows, row_sources, cells, cell_sources = [], [], [], []
-    for source, summary in parts.items():
-        rows += summary["rows"]
-        row_sources += [source] * len(summary["rows"])
-        cells += summary.get("paired_cells", [])
-        cell_sources += [source] * len(summary.get("paired_cells", []))
-    rows = _unique(rows, "Cell", row_sources)
-    cells = _unique(cells, "Paired cell", cell_sources)
+    rows, cells = _gather(parts, "rows"), _gather(parts, "paired_cells")
     note = (f"Combined from {', '.join(parts)} by experiments/combine_sweeps.py. No paired interval for the worst "
             "case or the mean here: those resample the prompts once for every cell, which needs every cell's "
             "verdict per prompt; each part's summary has its own.")
