@@ -74,3 +74,56 @@ def test_zero_and_non_finite_gradients_are_skipped_not_propagated():
     assert bad.skipped_reason == "non-finite hidden-state gradient" and bad.eps == [None, None]
     assert build_perturbation([torch.tensor([float("inf")])], 2.0, "layer").skipped_reason is not None
     assert build_perturbation([None, None], 2.0).eps == [None, None]
+
+
+@st.composite
+def hidden_and_gradient(draw):
+    """A (batch, tokens, hidden) hidden state and its gradient, with some tokens' gradients exactly zero."""
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 8)))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(shape, generator=generator) * draw(st.sampled_from([1e-2, 1.0, 300.0]))
+    grad = torch.randn(shape, generator=generator) * draw(st.sampled_from([1e-4, 1.0, 50.0]))
+    grad[torch.rand(shape[:2], generator=generator) < 0.3] = 0.0  # padding, or positions after the last label
+    return hidden, grad
+
+
+@settings(max_examples=150, deadline=None)
+@given(pair=hidden_and_gradient(), rho=st.sampled_from([0.01, 0.05, 0.5]))
+def test_relative_norm_pushes_every_token_by_rho_of_its_own_size(pair, rho):
+    from vaccine_trainer.perturbation import token_norms
+
+    hidden, grad = pair
+    result = build_perturbation([grad.clone()], rho, "relative", [token_norms(hidden)])
+    moving = grad.norm(dim=-1) > 0
+    if not moving.any():
+        assert result.skipped_reason == "zero hidden-state gradient"
+        return
+    eps = result.eps[0].double()
+    assert torch.allclose(eps.norm(dim=-1)[moving], rho * hidden.double().norm(dim=-1)[moving], rtol=1e-5)
+    assert torch.all(eps[~moving] == 0)  # no gradient, no push
+    cosine = torch.nn.functional.cosine_similarity(eps[moving], grad.double()[moving], dim=-1)
+    assert torch.allclose(cosine, torch.ones_like(cosine))  # along the gradient
+    assert result.eps_norms[0] == pytest.approx(eps.norm().item(), rel=1e-5)
+
+
+def test_relative_norm_does_not_depend_on_batch_size_or_other_layers():
+    """The paper's norm gives each sample less when the batch or the model grows; the relative one does not."""
+    from vaccine_trainer.perturbation import token_norms
+
+    generator = torch.Generator().manual_seed(0)
+    hidden, grad = torch.randn(1, 4, 8, generator=generator), torch.randn(1, 4, 8, generator=generator)
+    alone = build_perturbation([grad.clone()], 0.05, "relative", [token_norms(hidden)]).eps[0]
+    batch = build_perturbation([grad.repeat(3, 1, 1)], 0.05, "relative", [token_norms(hidden.repeat(3, 1, 1))]).eps[0]
+    other = torch.randn(1, 4, 8, generator=generator) * 100
+    deeper = build_perturbation([grad.clone(), other.clone()], 0.05, "relative",
+                                [token_norms(hidden), token_norms(other)]).eps[0]
+    assert torch.allclose(batch[:1], alone) and torch.allclose(batch[2:], alone) and torch.allclose(deeper, alone)
+    paper = build_perturbation([grad.clone()], 2.0).eps[0]
+    paper_batch = build_perturbation([grad.repeat(3, 1, 1)], 2.0).eps[0]
+    assert not torch.allclose(paper_batch[:1], paper)  # negative control: the global norm is shared by the batch
+
+
+def test_relative_norm_needs_the_hidden_norms():
+    with pytest.raises(ValueError, match="needs the norms of the hidden states"):
+        build_perturbation([torch.ones(1, 2, 3)], 0.05, "relative")

@@ -122,6 +122,25 @@ def test_bf16_end_to_end_within_bf16_tolerance_with_the_applied_norm_logged(tmp_
     assert 0.5 < logged["vaccine/perturbation_kept"] <= 1.01
 
 
+@pytest.mark.parametrize("norm, rho", [("global", 1e-3), ("relative", 1e-4)])
+def test_bf16_autocast_over_fp32_weights_keeps_eps_whole_and_bf16_weights_round_it(tmp_path, norm, rho):
+    """A perturbation far below bf16's spacing of the hidden states: under autocast the attention block returns bf16
+    but its input, the residual stream, is fp32, so eps is added in fp32 and kept whole; with bf16 weights the
+    stream itself is bf16 and rounding takes most of it (the measured negative control)."""
+    def kept(model, tag: str) -> float:
+        args = VaccineTrainingArguments(**training_args(tmp_path / tag), bf16=True, rho=rho, vaccine_norm=norm)
+        trainer = VaccineTrainer(model=model, args=args, train_dataset=token_rows(4))
+        outputs = []
+        layer = trainer.model.base_model.model.model.layers[0]
+        layer.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
+        train(trainer)
+        assert set(outputs) == {next(model.parameters()).dtype}  # the residual stream keeps the weights' dtype
+        return next(e for e in trainer.state.log_history if "vaccine/perturbation_kept" in e)["vaccine/perturbation_kept"]
+
+    assert kept(tiny_lora_model(), "fp32-weights") >= 0.99
+    assert kept(tiny_lora_model().to(torch.bfloat16), "bf16-weights") < 0.5
+
+
 class Constant(nn.Module):
     def __init__(self, value: float, dtype: torch.dtype):
         super().__init__()

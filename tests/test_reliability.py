@@ -26,6 +26,7 @@ def make_trainer(tmp_path, model=None, rows=None, **overrides):
     ({"rho": float("inf")}, "rho must be a finite number >= 0"),
     ({"vaccine_target": "mlp"}, "vaccine_target must be one of"),
     ({"vaccine_norm": "l1"}, "vaccine_norm must be one of"),
+    ({"vaccine_norm": "relative"}, r"rho=2.0 would push it by 200%. Set rho to a small fraction"),  # the default rho
     ({"vaccine_perturbation": "uniform"}, "vaccine_perturbation must be one of"),
     ({"vaccine_layers": "1-x"}, "malformed"),
     ({"vaccine_layers": "3-1"}, "empty"),

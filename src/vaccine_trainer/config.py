@@ -15,7 +15,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 VACCINE_TARGETS = ("attention", "layer")
-VACCINE_NORMS = ("global", "layer")
+VACCINE_NORMS = ("global", "layer", "relative")
 VACCINE_PERTURBATIONS = ("gradient", "gaussian")
 LAYER_PROBABILITIES = ("harmful_gradient", "uniform")
 
@@ -34,7 +34,13 @@ class VaccineArguments:
             (output of each decoder layer).
         vaccine_norm (`str`, defaults to `"global"`):
             `"global"`: eps_l = rho * g_l / ||g|| with the norm over all perturbed layers together
-            (the paper); `"layer"`: every layer is normalised on its own, ||eps_l|| = rho.
+            (the paper): rho is the norm of eps over the whole micro-batch and every layer, so the push each
+            sample gets changes with batch size, sequence length and depth, and most of it lands where the
+            hidden-state gradient is largest (in SmolLM2, layer 0). `"layer"`: every layer is normalised on its
+            own, ||eps_l|| = rho. `"relative"`: every token of every layer is pushed, in the direction of its
+            gradient, by the fraction rho of its own hidden state, ||eps_{l,t}|| = rho * ||h_{l,t}||
+            (rho 0.05 = 5%): the same relative push whatever the batch size, length, depth or scale of the
+            layer.
         vaccine_layers (`str` or `list[int]`, *optional*):
             Subset of decoder-layer indices to perturb, e.g. `"16-29"`, `"0,2,4"`, `"-4--1"` or a
             list of ints. Negative indices count from the last layer. Defaults to all layers.
@@ -71,7 +77,9 @@ class VaccineArguments:
     )
     vaccine_norm: str = field(
         default="global",
-        metadata={"help": "Normalise the perturbation over all layers ('global') or per layer.",
+        metadata={"help": "'global' (the paper): rho is the L2 norm of eps over the micro-batch and all layers; "
+                          "'layer': rho per layer; 'relative': every token pushed by the fraction rho of its own "
+                          "hidden state (rho 0.05 = 5%), whatever the batch, length and depth.",
                   "choices": list(VACCINE_NORMS)},
     )
     vaccine_layers: str | None = field(
@@ -122,6 +130,11 @@ class VaccineArguments:
             raise ValueError(
                 f"rho must be a finite number >= 0, got {self.rho}. The paper uses rho=2; "
                 "rho=0 trains without perturbation."
+            )
+        if self.vaccine_norm == "relative" and self.rho > 1:
+            raise ValueError(
+                f"With vaccine_norm='relative', rho is the fraction of each hidden state's own size that it is pushed "
+                f"by; rho={self.rho} would push it by {self.rho:.0%}. Set rho to a small fraction, e.g. --rho 0.05."
             )
         for name, allowed in (
             ("vaccine_target", VACCINE_TARGETS),

@@ -58,6 +58,22 @@ def _replace_hidden(output, hidden: torch.Tensor):
     return hidden
 
 
+def sum_dtype(hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.dtype:
+    """The dtype `hidden + eps` is computed and returned in: the module's input stream's where it is wider.
+
+    Under autocast with fp32 weights (the Trainer's `bf16=True`), an attention block takes the fp32 residual stream
+    and returns bf16; adding eps in bf16 rounds most of it away where the hidden state is large. The residual add
+    that follows promotes to fp32 anyway, so returning the sum in fp32 keeps eps whole and changes no dtype
+    downstream. With bf16 weights the stream is bf16 and the sum stays bf16.
+    """
+    for candidate in (*args[:1], kwargs.get("hidden_states")):
+        if (isinstance(candidate, torch.Tensor) and candidate.is_floating_point()
+                and candidate.shape == hidden.shape and hidden.is_floating_point()
+                and torch.finfo(candidate.dtype).bits > torch.finfo(hidden.dtype).bits):
+            return candidate.dtype
+    return hidden.dtype
+
+
 def run_eagerly(hook: Callable) -> Callable:
     """`hook` as a graph break of `torch.compile`, run in eager mode.
 
@@ -95,7 +111,7 @@ class HiddenStateHooks:
     def install(self) -> None:
         if not self._handles:
             self._handles = [
-                module.register_forward_hook(run_eagerly(functools.partial(self._hook, index)))
+                module.register_forward_hook(run_eagerly(functools.partial(self._hook, index)), with_kwargs=True)
                 for index, module in enumerate(self.modules)
             ]
 
@@ -193,7 +209,7 @@ class HiddenStateHooks:
                 "model to the trainer (use `torch_compile=True` in the arguments) or check `vaccine_modules`."
             )
 
-    def _hook(self, index: int, module: nn.Module, args, output):
+    def _hook(self, index: int, module: nn.Module, args, kwargs, output):
         if self.mode == self.OFF or (self.active is not None and not self.active[index]):
             return None
         hidden = hidden_output(output)
@@ -209,7 +225,8 @@ class HiddenStateHooks:
                 f"Perturbation of shape {tuple(eps.shape)} does not fit the output of shape "
                 f"{tuple(hidden.shape)}: the batch changed between the two passes."
             )
-        perturbed = hidden + eps
+        wide = sum_dtype(hidden, args, kwargs)
+        perturbed = hidden + eps if wide == hidden.dtype else hidden.to(wide) + eps.to(wide)
         if self.applied[index] is None:  # a recompute under checkpointing adds the same eps again
             with torch.no_grad():  # one fp32 copy, freed at once; the difference of bf16/fp16 values is exact in it
                 added = perturbed.to(torch.float32, copy=True).sub_(hidden)
@@ -305,34 +322,63 @@ def skip_reason(global_norm: float, any_gradient: bool) -> str | None:
     return None
 
 
-def build_perturbation(
-    gradients: Sequence[torch.Tensor | None], rho: float, norm: str = "global"
-) -> PerturbationResult:
-    """eps_l = rho * g_l / ||g|| (global norm over all layers) or rho * g_l / ||g_l|| (per layer).
+def token_norms(hidden: torch.Tensor) -> torch.Tensor:
+    """||h_t|| of every token of a hidden-state tensor, in fp32, shaped to broadcast over the hidden size."""
+    return torch.linalg.vector_norm(hidden.detach(), dim=-1, keepdim=True, dtype=torch.float32)
 
-    Norms are taken in fp32 and eps has each gradient's dtype. With `norm="layer"` a layer whose gradient is
-    zero (the loss does not depend on it) stays unperturbed.
+
+def build_perturbation(
+    gradients: Sequence[torch.Tensor | None],
+    rho: float,
+    norm: str = "global",
+    hidden_norms: Sequence[torch.Tensor | None] | None = None,
+) -> PerturbationResult:
+    """eps_l from g_l = dL/de_l, by one of three norms.
+
+    - `"global"` (the paper): eps_l = rho * g_l / ||g||, one norm over every layer of the micro-batch.
+    - `"layer"`: eps_l = rho * g_l / ||g_l||, every layer's eps of norm rho.
+    - `"relative"`: eps_{l,t} = rho * ||h_{l,t}|| * g_{l,t} / ||g_{l,t}||, every token of every layer pushed by the
+      fraction rho of its own size; `hidden_norms` gives ||h_{l,t}|| (`token_norms` of the outputs of pass 1).
+      A token whose gradient is zero (padding, positions after the last label) stays unperturbed.
+
+    Norms are taken in fp32 and eps has each gradient's dtype. With `"layer"` a layer whose gradient is zero (the
+    loss does not depend on it) stays unperturbed.
     """
+    if norm == "relative" and (hidden_norms is None or len(hidden_norms) != len(gradients)):
+        raise ValueError("vaccine_norm='relative' needs the norms of the hidden states (`hidden_norms`), one per layer.")
     present = [g for g in gradients if g is not None]
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(present[0].device)
-                         for g in present]).tolist() if present else []  # the one host sync of the step
-    layer_norms = [norms.pop(0) if g is not None else None for g in gradients]
+    if not present:
+        return PerturbationResult([None] * len(gradients), 0.0, skip_reason(0.0, False))
+    device = present[0].device
+    sizes = [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in present]
+    token_factors: list[torch.Tensor | None] = [None] * len(gradients)
+    if norm == "relative":
+        for index, (g, h_norm) in enumerate(zip(gradients, hidden_norms)):
+            if g is None:
+                continue
+            g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True, dtype=torch.float32)
+            # rho * ||h_t|| / ||g_t|| where g_t is non-zero, 0 where it is zero
+            token_factors[index] = torch.where(g_norm > 0, rho * h_norm.to(g_norm.device) / g_norm, 0.0)
+            sizes.append(torch.linalg.vector_norm(token_factors[index] * g_norm).to(device))  # ||eps_l||
+    synced = torch.stack(sizes).tolist()  # the one host sync of the step
+    layer_norms = [synced.pop(0) if g is not None else None for g in gradients]
     global_norm = math.sqrt(sum(n * n for n in layer_norms if n is not None))
-    reason = skip_reason(global_norm, bool(present))
+    reason = skip_reason(global_norm, True)
+    if norm == "relative":  # a layer whose eps is zero (no token with a gradient) stays unperturbed
+        eps_norms = [synced.pop(0) if g is not None else None for g in gradients]
+        if reason is None and not all(math.isfinite(n) for n in eps_norms if n is not None):
+            reason = "non-finite hidden state"
+        eps_norms = [n or None for n in eps_norms]
+        scales = [f if n else None for f, n in zip(token_factors, eps_norms)]
+    else:  # per layer, a layer whose gradient is zero stays unperturbed
+        denominators = [global_norm if norm == "global" else n for n in layer_norms]
+        eps_norms = [rho * n / d if n is not None and d else None for n, d in zip(layer_norms, denominators)]
+        scales = [rho / d if n is not None and d else None for n, d in zip(layer_norms, denominators)]
     if reason is not None:
-        return PerturbationResult([None] * len(gradients), global_norm if present else 0.0, reason)
-    eps: Perturbation = []
-    eps_norms: list[float | None] = []
-    for g, g_norm in zip(gradients, layer_norms):
-        denominator = global_norm if norm == "global" else g_norm
-        if g is None or not denominator:
-            eps.append(None)
-            eps_norms.append(None)
-            continue
-        # eps = rho * g / ||g||, in place: pass 1's gradient is ours to overwrite (no second hidden-sized copy), and
-        # for bf16/fp16 the product is computed in fp32 and rounded once.
-        eps.append(g.mul_(rho / denominator))
-        eps_norms.append(rho * g_norm / denominator)
+        return PerturbationResult([None] * len(gradients), global_norm, reason)
+    # eps = g * scale, in place: pass 1's gradient is ours to overwrite (no second hidden-sized copy), and for
+    # bf16/fp16 the product is computed in fp32 and rounded once.
+    eps: Perturbation = [None if scale is None else g.mul_(scale) for g, scale in zip(gradients, scales)]
     return PerturbationResult(eps, global_norm, eps_norms=eps_norms)
 
 

@@ -32,6 +32,7 @@ from .perturbation import (
     build_perturbation,
     gaussian_noise,
     hidden_state_gradients,
+    token_norms,
     uses_reentrant_checkpointing,
 )
 
@@ -272,9 +273,11 @@ class VaccineMixin:
         """
         scaler_scale = self._vaccine_loss_scale()
         loss_scale = 1.0 if scaler_scale is None else scaler_scale
-        gradients, loss = self._vaccine_hidden_state_gradients(model, inputs, num_items_in_batch, loss_scale)
+        relative = self.vaccine_args.vaccine_norm == "relative"
+        gradients, loss, hidden_norms = self._vaccine_hidden_state_gradients(
+            model, inputs, num_items_in_batch, loss_scale, with_token_norms=relative)
         self._record_clean_loss(loss, num_items_in_batch)
-        result = build_perturbation(gradients, self.vaccine_args.rho, self.vaccine_args.vaccine_norm)
+        result = build_perturbation(gradients, self.vaccine_args.rho, self.vaccine_args.vaccine_norm, hidden_norms)
         if scaler_scale is not None and not math.isfinite(result.grad_norm):
             overflow = [None if g is None else torch.full_like(g, math.inf) for g in gradients]
             return PerturbationResult(overflow, result.grad_norm, LOSS_SCALE_OVERFLOW)
@@ -288,9 +291,10 @@ class VaccineMixin:
 
     def _vaccine_hidden_state_gradients(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None,
-        loss_scale: float = 1.0,
-    ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-        """The gradient of `loss * loss_scale` w.r.t. every hooked hidden state, and the detached loss.
+        loss_scale: float = 1.0, with_token_norms: bool = False,
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor, list[torch.Tensor | None] | None]:
+        """The gradient of `loss * loss_scale` w.r.t. every hooked hidden state, the detached loss, and with
+        `with_token_norms` each hidden state's per-token norms ||h_t|| (what the relative norm scales by).
 
         Shared by pass 1 and T-Vaccine's probe: no parameter `.grad` is made and no gradient is reduced
         across processes, whatever wraps the model.
@@ -307,7 +311,8 @@ class VaccineMixin:
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             hooks.check_called()
             gradients = hidden_state_gradients(loss * loss_scale, hooks, trainable)
-        return gradients, loss.detach()
+            hidden_norms = [None if h is None else token_norms(h) for h in hooks.outputs] if with_token_norms else None
+        return gradients, loss.detach(), hidden_norms
 
     def _vaccine_probe_norms(self, model: nn.Module, rows) -> list[float]:
         """T-Vaccine's probe: hidden-state gradient norm of every candidate layer on the probe rows `rows`.
@@ -316,7 +321,7 @@ class VaccineMixin:
         gradients from underflowing; it cancels in the normalised probabilities.
         """
         dataset = self.vaccine_sampler.probe_dataset
-        gradients, _ = self._vaccine_hidden_state_gradients(
+        gradients, _, _ = self._vaccine_hidden_state_gradients(
             model, self.data_collator([dataset[i] for i in rows]), loss_scale=self._vaccine_loss_scale() or 1.0)
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) if g is not None
                              else torch.zeros((), device=self.args.device) for g in gradients]).to(self.args.device)
