@@ -142,6 +142,19 @@ def test_arm_labels_name_rho_unless_it_is_the_papers(rho, labels):
     assert len({arm.folder for arm in arms}) == len(arms)
 
 
+def test_an_arm_of_another_norm_is_named_and_kept_apart_and_aligns_with_that_norm(tmp_path):
+    from vaccine_trainer.commands.pipeline import align_settings
+
+    args = PipelineArguments(methods="sft,vaccine", rho="0.05,2", vaccine_norm="relative")
+    arms = args.arms()
+    assert [(arm.label, arm.folder) for arm in arms] == [
+        ("sft", "sft"), ("vaccine relative rho=0.05", "vaccine-relative-rho0.05"),
+        ("vaccine relative rho=2", "vaccine-relative-rho2")]  # never the paper's `vaccine` at rho 2
+    assert align_settings(args, arms[1], "m", tmp_path)["vaccine_norm"] == "relative"
+    assert "vaccine_norm" not in align_settings(args, arms[0], "m", tmp_path)  # SFT: no perturbation at all
+    assert "vaccine_norm" not in align_settings(PipelineArguments(), PipelineArguments().arms()[2], "m", tmp_path)
+
+
 @pytest.mark.parametrize("rho", ["0", "2,2", "-1", "two"])
 def test_bad_rho_lists_are_refused(workspace, rho, capsys):  # noqa: F811
     assert main(["pipeline", "--model_name_or_path", workspace["model"], "--rho", rho]) == 1

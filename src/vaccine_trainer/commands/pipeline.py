@@ -52,6 +52,9 @@ class PipelineArguments:
                           "arm with another rho than 2 is labelled with it (`vaccine rho=0.5`)."},
     )
     vaccine_target: str = field(default="attention", metadata={"help": "Vaccine's target (attention or layer)."})
+    vaccine_norm: str = field(default="global", metadata={
+        "help": "Vaccine's norm (paper: global; or layer, relative). An arm with another norm is labelled with it "
+                "(`vaccine relative rho=0.05`), in a folder of its own."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     seed: int = field(default=42, metadata={"help": "Seed of data samples and training."})
     alignment_dir: str | None = field(
@@ -166,9 +169,11 @@ class PipelineArguments:
                 arms.append(Arm(method, method, None))
                 continue
             folder = method.replace("-", "")
+            norm = "" if self.vaccine_norm == "global" else f" {self.vaccine_norm}"
             for rho in rhos:
-                label = method if rho == DEFAULT_RHO else f"{method} rho={rho:g}"
-                arms.append(Arm(label, f"{folder}-rho{rho:g}", rho, layer_sampling=method == "t-vaccine"))
+                label = method if rho == DEFAULT_RHO and not norm else f"{method}{norm} rho={rho:g}"
+                arms.append(Arm(label, f"{folder}{norm.replace(' ', '-')}-rho{rho:g}", rho,
+                                layer_sampling=method == "t-vaccine"))
         return arms
 
 
@@ -431,6 +436,8 @@ def align_settings(args: PipelineArguments, arm: Arm, model: str, adapter: Path)
                 "num_train_epochs": args.align_epochs, "learning_rate": args.align_learning_rate,
                 "per_device_train_batch_size": args.align_batch_size, "weight_decay": 0.1,
                 "logging_steps": 10, **common_settings(args)}
+    if arm.rho and args.vaccine_norm != "global":
+        settings["vaccine_norm"] = args.vaccine_norm
     if arm.layer_sampling:
         settings |= {"vaccine_layer_sampling": True, "vaccine_sampled_layers": args.sampled_layers,
                      "probe_dataset": args.harmful_dataset}
