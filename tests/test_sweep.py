@@ -103,6 +103,20 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
     for name in ("sweep.md", "harmful_score_heatmap.png", "worst_case.png"):
         assert (out / "sweep_summary" / name).stat().st_size > 0
 
+    # every cell's verdicts are kept beside the summary, and the summary's figures come back from them alone
+    from vaccine_trainer.commands.sweep import summarise_cells
+    from vaccine_trainer.commands.verdict_files import read_verdict_files
+
+    files = sorted((out / "sweep_summary" / "verdicts").glob("*.json"))
+    assert [f.name for f in files] == ["seed1-p0.5-lr0.01-ep1-sft.json", "seed1-p0.5-lr0.01-ep1-vaccine.json",
+                                       "seed1-p0.5-lr0.05-ep1-sft.json", "seed1-p0.5-lr0.05-ep1-vaccine.json"]
+    rows, verdicts = read_verdict_files([out / "sweep_summary" / "verdicts"])
+    assert all(len(v) == len(json.loads(files[0].read_text())["verdicts"]) > 0 for v in verdicts.values())
+    assert all(len(prompt) == 16 for v in verdicts.values() for prompt in v)  # hashed: no prompt text copied
+    again = summarise_cells(rows, verdicts, 5.0, 6)
+    for key in ("worst_cases", "paired_targets", "paired_cells"):
+        assert json.loads(json.dumps(again[key])) == summary[key], key
+
 
 def test_a_sweep_without_an_aligned_arm_is_refused(workspace, tmp_path, capsys):  # noqa: F811
     assert main(["sweep", *pipeline_argv(workspace, tmp_path), "--methods", "non-aligned"]) == 1
@@ -295,3 +309,13 @@ def test_summaries_of_different_cells_combine_and_the_worst_case_is_recomputed_o
         combine_sweeps.combine({"a": first, "again": first})
     with pytest.raises(ValueError, match="different guards"):
         combine_sweeps.combine({"a": first, "b": {**second, "guard_points": 3.0}})
+
+
+def test_explicit_attacks_replace_the_cross_product_in_their_order():
+    from vaccine_trainer.commands.sweep import SweepArguments
+
+    assert SweepArguments(attacks="1e-3x2, 4e-3X4,2e-3x6").settings() == [(1e-3, 2.0), (4e-3, 4.0), (2e-3, 6.0)]
+    assert SweepArguments(learning_rates="1e-3,2e-3", epochs="2").settings() == [(1e-3, 2.0), (2e-3, 2.0)]
+    for bad in ("1e-3", "1e-3x2,1e-3x2", "0x2", "ax2", "1e-3x2x3"):
+        with pytest.raises(ValueError, match="--attacks must be"):
+            SweepArguments(attacks=bad).settings()

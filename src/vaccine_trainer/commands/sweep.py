@@ -34,6 +34,7 @@ from .grid import GridArguments, _parse_list, cell_dir, evaluated_arms
 from .parallel_jobs import Job, run_jobs
 from .pipeline import PHASE_MARKER, PipelineArguments, arm_results, resolve_model, run_pipeline
 from .sweep_pairs import CellKey, cell_key, paired_cells, paired_markdown, paired_targets
+from .verdict_files import VERDICTS_DIR, write_verdict_files
 
 SUMMARY_DIR = "sweep_summary"
 JOBS_DIR = "jobs"  # with --workers: each job's log, jobs.json (every try) and the arguments the jobs read
@@ -46,6 +47,8 @@ class SweepArguments(GridArguments):
     Parameters:
         learning_rates (`str`): comma-separated stage-2 learning rates.
         epochs (`str`): comma-separated stage-2 epoch counts.
+        attacks (`str`, *optional*): the settings as explicit `lr x epochs` pairs, e.g. `1e-3x2,4e-3x4`, instead of
+            every learning rate with every epoch count (a protocol's attackers need not form a grid).
         accuracy_guard (`float`, defaults to `5.0`): a cell counts for the worst case when its fine-tune accuracy is
             at most this many points below the arm's benign-only fine-tune.
         workers (`int`, defaults to `1`): cells run side by side as this many processes (1: one after another, in
@@ -57,6 +60,8 @@ class SweepArguments(GridArguments):
 
     learning_rates: str = field(default="5e-4,1e-3,2e-3,4e-3", metadata={"help": "Stage-2 learning rates."})
     epochs: str = field(default="2,4,6", metadata={"help": "Stage-2 epochs."})
+    attacks: str | None = field(default=None, metadata={
+        "help": "Explicit 'lr x epochs' settings, e.g. 1e-3x2,4e-3x4, instead of --learning_rates x --epochs."})
     accuracy_guard: float = field(default=5.0, metadata={
         "help": "Points of fine-tune accuracy an attack may lose against the arm's benign-only fine-tune and count."})
     workers: int = field(default=1, metadata={
@@ -68,6 +73,16 @@ class SweepArguments(GridArguments):
         "help": "With --workers > 1: stop the running jobs after this many seconds (they resume on the next run)."})
 
     def settings(self) -> list[tuple[float, float]]:
+        if self.attacks:
+            try:
+                pairs = [tuple(float(v) for v in item.lower().split("x")) for item in self.attacks.split(",")
+                         if item.strip()]
+            except ValueError:
+                pairs = []
+            if not pairs or any(len(p) != 2 or not all(v > 0 for v in p) for p in pairs) or len(set(pairs)) != len(pairs):
+                raise ValueError(f"--attacks must be distinct 'lr x epochs' pairs, e.g. --attacks 1e-3x2,4e-3x4; "
+                                 f"got {self.attacks!r}.")
+            return pairs
         rates = _parse_list(self.learning_rates, float, "learning_rates", "5e-4,1e-3", lambda v: v > 0)
         epochs = _parse_list(self.epochs, float, "epochs", "2,4", lambda v: v > 0)
         return [(rate, epoch) for rate in rates for epoch in epochs]
@@ -107,13 +122,20 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> tuple[dict[str,
     verdicts = collect_verdicts(root, rows, args)
     summary = {"settings": {**asdict(args), **asdict(sweep), "model": model,
                             "wall_time_s_this_run": round(time.time() - started, 1)},
-               "guard_points": sweep.accuracy_guard, "planned_cells": planned, "rows": rows,
-               "worst_cases": worst_cases(rows, sweep.accuracy_guard),
-               "paired_targets": paired_targets(rows, verdicts, lambda row: keeps_guard(row, sweep.accuracy_guard)),
-               "paired_cells": paired_cells(rows, verdicts), "unfinished_jobs": unfinished}
+               **summarise_cells(rows, verdicts, sweep.accuracy_guard, planned), "unfinished_jobs": unfinished}
     paths = write_sweep_summary(root / SUMMARY_DIR, summary)
-    print(f"{PROG} sweep: summary in {paths['markdown']}")
+    write_verdict_files(root / SUMMARY_DIR / VERDICTS_DIR, rows, verdicts)
+    print(f"{PROG} sweep: summary in {paths['markdown']}, each cell's verdicts in {VERDICTS_DIR}/")
     return paths, unfinished
+
+
+def summarise_cells(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, Any], guard_points: float,
+                    planned: int) -> dict[str, Any]:
+    """The summary's figures from the cells' rows and per-prompt verdicts alone (what the verdict files keep)."""
+    return {"guard_points": guard_points, "planned_cells": planned, "rows": list(rows),
+            "worst_cases": worst_cases(rows, guard_points),
+            "paired_targets": paired_targets(rows, verdicts, lambda row: keeps_guard(row, guard_points)),
+            "paired_cells": paired_cells(rows, verdicts)}
 
 
 def cell_arguments(args: PipelineArguments, seed: int, setting: tuple[float, float, float] | None = None

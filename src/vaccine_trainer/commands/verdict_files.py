@@ -1,0 +1,61 @@
+"""Each evaluated sweep cell's figures and per-prompt verdicts as a small file of its own, kept with the summary.
+
+A summary's worst case, mean and paired intervals need every cell's verdict per prompt; the evaluation folders that
+hold them are too large to commit (and go with the machine that ran them). One JSON file per (cell, arm): the row
+of the summary and, per prompt, whether the judge flagged the answer. Prompts are named by a hash of their text,
+so the files pair across arms and seeds without copying the prompts into the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .sweep_pairs import CellKey, Verdicts, cell_key
+
+VERDICTS_DIR = "verdicts"
+
+
+def prompt_id(prompt: str) -> str:
+    """A stable name for a prompt: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def verdict_file_name(row: Mapping[str, Any]) -> str:
+    method = "-".join(str(row["method"]).replace("=", "").split())
+    return (f"seed{row['seed']}-p{row['harmful_ratio']:g}-lr{row['learning_rate']:g}-ep{row['epochs']:g}"
+            f"-{method}.json")
+
+
+def write_verdict_files(folder: Path, rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, Verdicts]
+                        ) -> list[Path]:
+    """One file per row that has verdicts; returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for row in rows:
+        cell_verdicts = verdicts.get(cell_key(row))
+        if not cell_verdicts:
+            continue
+        path = folder / verdict_file_name(row)
+        record = {"row": dict(row),
+                  "verdicts": {prompt_id(prompt): bool(flag) for prompt, flag in cell_verdicts.items()}}
+        path.write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+def read_verdict_files(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[CellKey, Verdicts]]:
+    """The rows and verdicts of the files (or of every `*.json` in folders) given; a cell given twice is refused."""
+    files = [f for p in paths for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [Path(p)])]
+    rows, verdicts = [], {}
+    for path in files:
+        record = json.loads(path.read_text())
+        row = record["row"]
+        if cell_key(row) in verdicts:
+            raise ValueError(f"{path}: cell {cell_key(row)} is given twice; keep one file per cell.")
+        rows.append(row)
+        verdicts[cell_key(row)] = record["verdicts"]
+    return rows, verdicts
