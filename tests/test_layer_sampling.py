@@ -266,3 +266,19 @@ def test_sharding_backends_are_refused_for_layer_sampling(backend):
     refusal = "cannot run under (DeepSpeed ZeRO-3|FSDP2).*Run it on one process or under DDP"
     with pytest.raises(ValueError, match=refusal):
         check_layer_sampling_support(trainer)
+
+
+def test_the_users_own_checkpointing_stays_on_every_layer_during_and_after_training(tmp_path):
+    """The Trainer turns checkpointing on in `train()`, after T-Vaccine is set up: T-Vaccine takes each layer's state
+    then, so the user's checkpointing is neither dropped from the active layers nor switched off by a probe."""
+    model = six_layer_lora_model()
+    trainer = sampling_trainer(model, tmp_path, max_steps=3, vaccine_layer_probabilities="harmful_gradient",
+                               activation_checkpointing=True,
+                               activation_checkpointing_kwargs={"use_reentrant": False})
+    seen = []
+    for layer in decoder_layers(model):
+        layer.register_forward_hook(lambda m, a, out: seen.append((trainer._vaccine_hooks.mode,
+                                                                   m.gradient_checkpointing)))
+    trainer.train()
+    assert {checkpointed for mode, checkpointed in seen if mode in ("capture", "perturb")} == {True}
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(model))  # as the Trainer set it

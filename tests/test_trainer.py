@@ -238,3 +238,40 @@ def test_logged_norm_divides_the_amp_loss_scale_out(tmp_path, monkeypatch):
 
     assert norm(scaled) == pytest.approx(norm(plain), rel=1e-5)
     assert relative_error(scaled_update, plain_update) < 1e-5
+
+
+def always_reentrant(function, *args, **kwargs):
+    """Unsloth's and Axolotl's offloading checkpoints: reentrant whatever `use_reentrant` the settings give."""
+    return torch.utils.checkpoint.checkpoint(function, *args, **{**kwargs, "use_reentrant": True})
+
+
+@pytest.mark.parametrize("layer_sampling", [False, True], ids=["vaccine", "t-vaccine"])
+def test_a_checkpoint_function_that_is_reentrant_against_its_settings_gives_the_same_update(
+        tmp_path, monkeypatch, layer_sampling):
+    """The model's settings say non-reentrant, the function it calls runs reentrant: pass 1 finds out at the first
+    micro-batch and redoes it by the reentrant path (a full backward with tensor hooks); no step is lost."""
+    import transformers.modeling_utils
+
+    from test_layer_sampling import PROBE
+
+    rows = token_rows(8)
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    sampling = ({"vaccine_layer_sampling": True, "vaccine_sampled_layers": 2, "vaccine_sampling_interval": 1,
+                 "vaccine_probe_interval": 2, "vaccine_probe_batch_size": len(PROBE)} if layer_sampling else {})
+
+    def update(model, folder, **overrides):
+        args = VaccineTrainingArguments(**training_args(tmp_path / folder, **common, **overrides), **sampling)
+        trainer = VaccineTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
+                                 probe_dataset=PROBE if layer_sampling else None)
+        before = trainable_state(model)
+        trainer.train()
+        after = trainable_state(model)
+        return torch.cat([(after[n] - before[n]).flatten() for n in after]), trainer
+
+    plain, _ = update(tiny_lora_model(), "plain")
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", always_reentrant)
+    swapped, trainer = update(tiny_lora_model(), "swapped", activation_checkpointing=True,
+                              activation_checkpointing_kwargs={"use_reentrant": False})
+    assert relative_error(swapped, plain) < 1e-4
+    assert trainer._vaccine_reentrant_found  # it did take the recovery path
+    assert trainer.vaccine_skipped_steps == 0

@@ -250,18 +250,25 @@ class HiddenStateHooks:
             hidden.register_hook(store)
 
 
-def uses_reentrant_checkpointing(model: nn.Module, training_only: bool = True) -> bool:
-    """True when a module of `model` is checkpointed with `use_reentrant=True` (or torch's default).
-
-    Reentrant checkpointing rejects `torch.autograd.grad`, so pass 1 must use a full backward.
-    Checkpointing acts in training mode only; `training_only=False` asks about the set-up instead.
-    """
+def checkpointed_modules(model: nn.Module, training_only: bool = True) -> Iterator[nn.Module]:
+    """The modules of `model` that run under activation checkpointing (in training mode only, by default)."""
     for module in model.modules():
         enabled = getattr(module, "activation_checkpointing", None)
         if enabled is None:  # transformers 5 still names the module flags after gradient checkpointing
             enabled = getattr(module, "gradient_checkpointing", False)
-        if enabled is not True or (training_only and not module.training):
-            continue
+        if enabled is True and (module.training or not training_only):
+            yield module
+
+
+def uses_reentrant_checkpointing(model: nn.Module, training_only: bool = True) -> bool:
+    """True when a module of `model` is checkpointed with `use_reentrant=True` (or torch's default), by its settings.
+
+    Reentrant checkpointing rejects `torch.autograd.grad`, so pass 1 must use a full backward. Checkpointing acts in
+    training mode only; `training_only=False` asks about the set-up instead. A checkpoint function that runs
+    reentrant whatever its settings say (Unsloth's, Axolotl's offloading) is found by the step itself, at its first
+    pass 1.
+    """
+    for module in checkpointed_modules(model, training_only):
         func = getattr(module, "_activation_checkpointing_func", None) or getattr(
             module, "_gradient_checkpointing_func", None)
         keywords = getattr(func, "keywords", None) or {}

@@ -31,6 +31,8 @@ from .perturbation import (
     PerturbationResult,
     build_perturbation,
     gaussian_noise,
+    MissingHiddenStateGradientError,
+    checkpointed_modules,
     hidden_state_gradients,
     token_norms,
     uses_reentrant_checkpointing,
@@ -91,6 +93,7 @@ class VaccineMixin:
                 setattr(self.args, name, value)  # saved with the arguments, so the run can be reproduced
         self._check_vaccine_supported()
         self._vaccine_hooks: HiddenStateHooks | None = None
+        self._vaccine_reentrant_found = False  # the checkpoint function runs reentrant whatever its settings say
         self.vaccine_modules: list[str] = []
         if self.vaccine_args.rho > 0:
             settings = self.vaccine_args
@@ -301,9 +304,38 @@ class VaccineMixin:
         """
         model = self._vaccine_pass_one_model(model)
         model.train()
+        reentrant = self._vaccine_reentrant_found or uses_reentrant_checkpointing(model)
+        try:
+            return self._vaccine_capture_gradients(model, inputs, num_items_in_batch, loss_scale, with_token_norms,
+                                                   reentrant)
+        except MissingHiddenStateGradientError as error:
+            if reentrant or not any(True for _ in checkpointed_modules(model)):
+                raise
+            if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+                raise RuntimeError(
+                    "Vaccine: the model's activation checkpointing runs reentrant although its settings say "
+                    "use_reentrant=False (a checkpoint function replaced by another library, e.g. Unsloth's or "
+                    "Axolotl's activation offloading). Reentrant checkpointing needs a full backward in pass 1, which "
+                    "DeepSpeed and FSDP would reduce as a step's gradients. Turn that library's checkpointing or "
+                    "offloading off, or use DDP."
+                ) from error
+        # The settings say non-reentrant, but the checkpoint function ran reentrant (Unsloth's "unsloth"
+        # checkpointing, Axolotl's activation offloading): its forward kept no graph to the hidden states. Redo this
+        # micro-batch's pass 1 by the reentrant path, and take that path from now on.
+        self._vaccine_reentrant_found = True
+        logger.warning(
+            "Vaccine: the model's activation checkpointing runs reentrant although its settings say "
+            "use_reentrant=False (a checkpoint function replaced by another library); pass 1 now collects the "
+            "hidden-state gradients with a full backward, as for reentrant checkpointing. The update is the same."
+        )
+        return self._vaccine_capture_gradients(model, inputs, num_items_in_batch, loss_scale, with_token_norms, True)
+
+    def _vaccine_capture_gradients(self, model, inputs, num_items_in_batch, loss_scale: float, with_token_norms: bool,
+                                   reentrant: bool):
+        """One forward and input-gradient backward of pass 1: by `autograd.grad`, or with `reentrant` by a full
+        backward whose tensor hooks catch the gradients (the parameters' `.grad` stashed and restored)."""
         inputs = self._prepare_inputs(dict(inputs))  # a copy: compute_loss may pop keys
         hooks = self._vaccine_hooks
-        reentrant = uses_reentrant_checkpointing(model)
         trainable = [p for p in model.parameters() if p.requires_grad] if reentrant else []
         with self._vaccine_pass_one_context(), pass_one_without_sync(self, model), \
                 hooks.capturing(gradient_hooks=reentrant):
