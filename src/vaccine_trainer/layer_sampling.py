@@ -82,10 +82,18 @@ class LayerFreezer:
         if not any(self.parameters):
             raise ValueError("T-Vaccine trains the adapters of the sampled layers, but no decoder layer has a "
                              "trainable parameter: add LoRA adapters (or train the layers) first.")
+        self._wants_checkpoint_frozen = checkpoint_frozen
+        self._saved: list[dict] | None = None  # taken at the first draw: the Trainer enables checkpointing in train()
+        self.checkpoint_frozen = False
+
+    def _snapshot(self) -> None:
+        """Each layer's checkpointing as the run set it up, restored on release; taken once, at the first draw."""
+        if self._saved is not None:
+            return
         self._saved = [self._checkpoint_state(layer) for layer in self.layers]
         checkpointable = all(any(hasattr(layer, flag) for flag in _CHECKPOINT_FLAGS) for layer in self.layers)
         already = any(flags.get(flag) is True for flags in self._saved for flag in _CHECKPOINT_FLAGS)
-        self.checkpoint_frozen = checkpoint_frozen and checkpointable and not already
+        self.checkpoint_frozen = self._wants_checkpoint_frozen and checkpointable and not already
 
     @staticmethod
     def _checkpoint_state(layer: nn.Module) -> dict:
@@ -105,6 +113,7 @@ class LayerFreezer:
             setattr(layer, name, recompute)
 
     def activate(self, active: Sequence[int]) -> None:
+        self._snapshot()
         wanted = set(active)
         for position, params in enumerate(self.parameters):
             for param in params:
@@ -117,7 +126,8 @@ class LayerFreezer:
         for position, params in enumerate(self.parameters):
             for param in params:
                 param.requires_grad_(True)
-            self._set_checkpointing(position, False)
+            if self._saved is not None:
+                self._set_checkpointing(position, False)
 
 
 @dataclass
