@@ -4,8 +4,10 @@ Adding eps to a bf16 hidden state e rounds (e + eps) to bf16: where |eps| is sma
 is rounded away. This runs a few real Vaccine steps on alignment rows (`../shared/data/alignment_refusals.jsonl`)
 and reads, per hooked layer, the norm of what the hooks really added (`(e + eps) - e` after rounding, the
 figure `vaccine/perturbation_norm` logs summed over layers) against the norm of the eps they were given, and
-the RMS of the hidden states it was added to. Two set-ups users run: fp32 weights with bf16 autocast
-(`bf16=True`), and weights loaded in bf16 (`dtype=torch.bfloat16`); fp32 as the control (nothing lost).
+the RMS of the hidden states it was added to, and where the perturbation lands: each layer's relative size
+‖eps_l‖ / ‖h_l‖. Two set-ups users run: fp32 weights with bf16 autocast (`bf16=True`), and weights loaded in bf16
+(`dtype=torch.bfloat16`); fp32 as the control (nothing lost). Each norm given as NORM:RHO (the paper's global
+norm at rho 2, the relative norm at the pilot's rho 0.03 and 0.01 by default).
 
     python bench/bf16_rounding.py --json bench/results/bf16-rounding.json
 """
@@ -46,7 +48,7 @@ def rows(tokenizer, count: int, max_length: int) -> list[dict]:
     raise SystemExit(f"fewer than {count} rows of {max_length} tokens in {DATA}")
 
 
-def measure(setup: str, rho: float, train_rows: list[dict], steps: int, output_dir: str) -> dict:
+def measure(setup: str, norm: str, rho: float, train_rows: list[dict], steps: int, output_dir: str) -> dict:
     import peft
 
     import vaccine_trainer.trainer as trainer_module
@@ -61,10 +63,10 @@ def measure(setup: str, rho: float, train_rows: list[dict], steps: int, output_d
     args = VaccineTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=5, max_steps=steps, learning_rate=1e-4,
         lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True, logging_steps=1,
-        disable_tqdm=True, bf16=setup == "bf16 autocast", rho=rho, seed=0)
+        disable_tqdm=True, bf16=setup == "bf16 autocast", rho=rho, vaccine_norm=norm, seed=0)
     trainer = VaccineTrainer(model=model, args=args, train_dataset=train_rows)
     hooks = trainer._vaccine_hooks
-    intended, applied, rms = [], [], []
+    intended, applied, rms, size = [], [], [], []
 
     original_build = trainer_module.build_perturbation
 
@@ -84,6 +86,7 @@ def measure(setup: str, rho: float, train_rows: list[dict], steps: int, output_d
         if hooks.mode == hooks.CAPTURE:
             hidden = output[0] if isinstance(output, tuple) else output
             rms.append(hidden.detach().float().pow(2).mean().sqrt().item())
+            size.append(torch.linalg.vector_norm(hidden.detach(), dtype=torch.float32).item())
 
     trainer_module.build_perturbation = recording_build
     hooks.applied_norm = recording_norm
@@ -99,23 +102,27 @@ def measure(setup: str, rho: float, train_rows: list[dict], steps: int, output_d
             in zip(applied, intended)]
     per_layer_kept = [sum(step[layer] for step in kept) / len(kept) for layer in range(layers)]
     per_layer_rms = [sum(rms[s * layers + layer] for s in range(len(kept))) / len(kept) for layer in range(layers)]
+    per_layer_relative = [sum(step[layer] / size[s * layers + layer] for s, step in enumerate(intended)) / len(intended)
+                          for layer in range(layers)]
     logged = [e["vaccine/perturbation_norm"] for e in trainer.state.log_history if "vaccine/perturbation_norm" in e]
     logged_kept = [e["vaccine/perturbation_kept"] for e in trainer.state.log_history if "vaccine/perturbation_kept" in e]
     attention_dtype = "bfloat16" if setup != "fp32" else "float32"
     return {
-        "setup": setup, "rho": rho, "steps": len(kept), "hidden_dtype": attention_dtype,
+        "setup": setup, "norm": norm, "rho": rho, "steps": len(kept), "hidden_dtype": attention_dtype,
         "logged_perturbation_norm": logged,
-        "kept_fraction_of_rho": sum(logged) / len(logged) / rho,
+        "kept_fraction_of_rho": sum(logged) / len(logged) / rho if norm == "global" else None,
         "logged_perturbation_kept": logged_kept,
         "per_layer_kept_fraction": per_layer_kept,
         "per_layer_hidden_rms": per_layer_rms,
         "per_layer_intended_norm": [sum(step[layer] for step in intended) / len(intended) for layer in range(layers)],
+        "per_layer_relative_size": per_layer_relative,  # ||eps_l|| / ||h_l||, mean over steps
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rho", type=float, nargs="+", default=[2.0, 0.5])
+    parser.add_argument("--norms", nargs="+", default=["global:2", "relative:0.03", "relative:0.01"],
+                        help="NORM:RHO pairs")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--json", default=None)
@@ -130,14 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     train_rows = rows(tokenizer, 5 * args.steps, args.max_length)
     started = time.time()
     results = {"command": "python " + " ".join([os.path.relpath(__file__), *(argv or sys.argv[1:])]), "runs": []}
-    for rho in args.rho:
+    for pair in args.norms:
+        norm, rho = pair.split(":")
         for setup in ("fp32", "bf16 autocast", "bf16 weights"):
-            run = measure(setup, rho, train_rows, args.steps, args.output_dir)
+            run = measure(setup, norm, float(rho), train_rows, args.steps, args.output_dir)
             results["runs"].append(run)
-            worst = min(run["per_layer_kept_fraction"])
-            print(f"rho {rho}, {setup}: kept {run['kept_fraction_of_rho']:.3f} of rho; per layer "
-                  f"{worst:.3f}-{max(run['per_layer_kept_fraction']):.3f}; logged median layer kept "
-                  f"{statistics.mean(run['logged_perturbation_kept']):.3f}", flush=True)
+            kept, relative = run["per_layer_kept_fraction"], run["per_layer_relative_size"]
+            print(f"{norm} rho {rho}, {setup}: per layer kept {min(kept):.3f}-{max(kept):.3f}, logged median layer "
+                  f"kept {statistics.mean(run['logged_perturbation_kept']):.3f}; relative size "
+                  f"layer 0 {relative[0]:.2e}, median {statistics.median(relative):.2e}, "
+                  f"min {min(relative):.2e}", flush=True)
     results["wall_seconds"] = time.time() - started
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
