@@ -171,3 +171,13 @@ def test_seeds_judged_on_the_same_prompts_are_resampled_together():
     assert apart["ci95"][1] - apart["ci95"][0] < 0.8 * (shared["ci95"][1] - shared["ci95"][0])
     with pytest.raises(ValueError):
         stratified_paired_difference([(first, second), (first[:100], second[:100])], shared_items=True)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 40, 200, 500])
+def test_the_wilson_interval_holds_its_rate_exactly_at_the_ends(n):
+    from vaccine_trainer.evaluation.intervals import wilson_interval
+
+    assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+    for successes in range(0, n + 1, max(1, n // 7)):
+        low, high = wilson_interval(successes, n)
+        assert low <= successes / n <= high

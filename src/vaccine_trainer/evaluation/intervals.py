@@ -35,7 +35,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval holds p exactly; at 0 or n successes rounding would leave it 1e-15 outside.
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def wilson_percent(successes: int, n: int) -> list[float]:
