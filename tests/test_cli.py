@@ -145,6 +145,23 @@ def test_console_script_and_help():
     assert "--rho" in result.stdout and "--vaccine_target" in result.stdout and "--lora_r" in result.stdout
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_commands_help_works_and_the_trainer_commands_put_vaccine_and_launch_first(command, capsys):
+    try:
+        code = main([command, "--help"])
+    except SystemExit as stopped:  # argparse's --help
+        code = stopped.code
+    assert code == 0
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) >= 3  # a description, not a bare line
+    if command in ("align", "finetune"):  # the commands that launch themselves under `accelerate launch`
+        assert "--accelerate_config" in text and "--num_processes" in text
+    if command == "align":
+        lines = text.splitlines()
+        assert next(i for i, line in enumerate(lines) if line.lstrip().startswith("--rho ")) < 60
+        assert "(paper: 1e-3). (default: 0.001)" in " ".join(text.split())  # the paper's recipe by default
+
+
 def test_help_and_package_import_load_no_torch():
     """`vaccine-trainer --help` and `import vaccine_trainer` stay light (costs: bench/import_cost.py)."""
     probe = ("import sys, vaccine_trainer, vaccine_trainer.cli as cli; cli.main(['--help']); "

@@ -69,7 +69,10 @@ class VaccineArguments:
 
     rho: float = field(
         default=2.0,
-        metadata={"help": "Perturbation intensity (>= 0). 0 means plain training with one pass per step."},
+        metadata={"help": "Size of the perturbation (>= 0; 0: plain training, one pass per step). With "
+                          "--vaccine_norm global (the paper; paper: 2) the L2 norm of eps over the micro-batch's "
+                          "hidden states across all layers, so each sample's push changes with batch size, length "
+                          "and depth; with relative, the fraction of each token's own hidden-state norm (e.g. 0.01)."},
     )
     vaccine_target: str = field(
         default="attention",
@@ -79,7 +82,7 @@ class VaccineArguments:
         default="global",
         metadata={"help": "'global' (the paper): rho is the L2 norm of eps over the micro-batch and all layers; "
                           "'layer': rho per layer; 'relative': every token pushed by the fraction rho of its own "
-                          "hidden state (rho 0.05 = 5%), whatever the batch, length and depth.",
+                          "hidden state (rho 0.05 = 5%%), whatever the batch, length and depth.",
                   "choices": list(VACCINE_NORMS)},
     )
     vaccine_layers: str | None = field(

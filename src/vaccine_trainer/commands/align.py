@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from ..sft import VaccineSFTConfig
-from .common import PROG, check_source, load_tokenizer, logger, require, require_rows, save_run
+from .common import check_source, load_tokenizer, logger, require, require_rows, save_run, trainer_command_parser
 from .spellings import argv_for_installed
 
 
@@ -50,10 +50,22 @@ class AlignModelConfig(ModelConfig):
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (paper: 0.1)."})
 
 
-ALIGN_ARGUMENTS = (AlignScriptArguments, VaccineSFTConfig, AlignModelConfig)
+@dataclass
+class AlignConfig(VaccineSFTConfig):
+    """`VaccineSFTConfig` with the paper's stage-1 recipe as defaults (AdamW at lr 1e-3, weight decay 0.1, batch 5,
+    200 tokens); its 50 epochs over 2,000 rows are left to the user (TRL's 3 by default)."""
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (paper: 1e-3)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (paper: 0.1)."})
+    per_device_train_batch_size: int = field(default=5, metadata={"help": "Batch size per device (paper: 5)."})
+    max_length: int | None = field(default=200, metadata={"help": "Tokens per row, longer rows cut (paper: 200)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs (paper: 50 over 2,000 rows)."})
 
 
-def run_align(script: AlignScriptArguments, args: VaccineSFTConfig, model_args: AlignModelConfig) -> None:
+ALIGN_ARGUMENTS = (AlignScriptArguments, AlignConfig, AlignModelConfig)
+
+
+def run_align(script: AlignScriptArguments, args: AlignConfig, model_args: AlignModelConfig) -> None:
     """Load the model and the alignment data, train the adapter, save it with its model card."""
     from ..data import build_alignment_dataset, build_harmful_dataset
     from ..sft import VaccineSFTTrainer, load_causal_lm
@@ -102,5 +114,5 @@ def run_align(script: AlignScriptArguments, args: VaccineSFTConfig, model_args: 
 
 
 def main(argv: list[str]) -> int:
-    run_align(*TrlParser(ALIGN_ARGUMENTS, prog=f"{PROG} align").parse_args_and_config(argv_for_installed(argv)))
+    run_align(*trainer_command_parser(ALIGN_ARGUMENTS, "align").parse_args_and_config(argv_for_installed(argv)))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,49 @@ def logger():
     from transformers.utils import logging
 
     return logging.get_logger("vaccine_trainer.commands")
+
+
+LAUNCH_HELP = {
+    "--accelerate_config": "Run under `accelerate launch` with this config: multi_gpu, fsdp2, zero2, zero3 (shipped in "
+                           "the package) or a path to an accelerate YAML.",
+    "--num_processes": "Processes (GPUs) of the launch.",
+    "--main_process_port": "Port of the launch's main process.",
+    "--mixed_precision": "accelerate's mixed precision of the launch (no, fp16, bf16).",
+}
+
+
+def trainer_command_parser(dataclass_types, command: str, method_first: bool = True):
+    """A `TrlParser` whose `--help` starts with what a user of this command comes for: Vaccine's own flags (from
+    `VaccineArguments`) first, then the launch flags (taken before parsing, so listed here), then the rest; the
+    usage line names the main flags instead of all several hundred."""
+    from dataclasses import fields
+
+    from trl import TrlParser
+
+    from ..config import VaccineArguments
+    from ..launch import LAUNCH_FLAGS
+
+    method = "[--rho RHO] [--vaccine_norm NORM] " if method_first else ""
+    parser = TrlParser(dataclass_types, prog=f"{PROG} {command}",
+                       usage=f"{PROG} {command} [--config FILE.yaml] {method}[--model_name_or_path M] "
+                             "[--output_dir DIR] [--accelerate_config NAME] [--num_processes N] [...] (every flag below)")
+    groups = []
+    if method_first:
+        vaccine = parser.add_argument_group(
+            "Vaccine", "The method's settings (VaccineArguments); rho is the perturbation's size, see --vaccine_norm.")
+        names = {f"--{f.name}" for f in fields(VaccineArguments)}
+        for group in parser._action_groups:
+            for action in list(group._group_actions):
+                if set(action.option_strings) & names:
+                    group._group_actions.remove(action)
+                    vaccine._group_actions.append(action)
+        groups.append(vaccine)
+    launch = parser.add_argument_group(
+        "Launch", "Read before anything else: the command re-runs itself under `accelerate launch` with them.")
+    for flag in LAUNCH_FLAGS:
+        launch.add_argument(flag, default=argparse.SUPPRESS, help=LAUNCH_HELP[flag])  # never a parsed value
+    groups.append(launch)
+    for group in groups:  # before transformers' and TRL's long lists
+        parser._action_groups.remove(group)
+    parser._action_groups[1:1] = groups
+    return parser

@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import TrlParser
-
 from ..sft import AlignedSFTConfig
 from .common import (
-    PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require, require_rows, save_run,
+    ModelLoadingArguments, check_source, load_tokenizer, logger, require, require_rows, save_run,
+    trainer_command_parser,
 )
 from .spellings import argv_for_installed
 
@@ -154,6 +153,6 @@ def stage2_card_section(script: FinetuneScriptArguments, args: AlignedSFTConfig,
 
 
 def main(argv: list[str]) -> int:
-    parser = TrlParser(FINETUNE_ARGUMENTS, prog=f"{PROG} finetune")
+    parser = trainer_command_parser(FINETUNE_ARGUMENTS, "finetune", method_first=False)
     run_finetune(*parser.parse_args_and_config(argv_for_installed(argv)))
     return 0
