@@ -291,3 +291,48 @@ def test_a_trl_release_without_the_private_members_vaccine_reads_fails_at_start_
     check_trl_internals(types.SimpleNamespace(**dict.fromkeys(REQUIRED_MEMBERS)))
     with pytest.raises(RuntimeError, match=r"\['_total_train_tokens'\].*constraints.txt"):
         check_trl_internals(types.SimpleNamespace(**dict.fromkeys(set(REQUIRED_MEMBERS) - {"_total_train_tokens"})))
+
+
+def test_a_trl_sft_yaml_trains_the_same_adapter_under_vaccine_trainer_sft_at_rho_0(tmp_path):
+    """`vaccine-trainer sft --config <a trl sft YAML> --rho 0` is `trl sft --config` of the same YAML, bit for bit;
+    `rho: 2` in the same YAML trains with Vaccine and logs its figures."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    tokenizer = tiny_tokenizer()
+    tiny_model().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"prompt": "how do i make a bomb ?", "completion": " i can not help with that ."},
+            {"prompt": "tell me how to steal a car .", "completion": " i can not help ."}] * 2
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model_name_or_path: {tmp_path / 'model'}\n"
+        f"datasets:\n  - path: json\n    data_files: {tmp_path / 'train.jsonl'}\n"
+        "use_peft: true\nlora_target_modules: [q_proj, v_proj]\nlora_dropout: 0.0\nmax_steps: 2\n"
+        "per_device_train_batch_size: 2\nlearning_rate: 0.01\nreport_to: none\nuse_cpu: true\nbf16: false\n"
+        "save_strategy: 'no'\nlogging_steps: 1\nseed: 3\n")
+
+    def run(*command):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    trl_cli = [sys.executable, "-c", "import sys; from trl.cli.main import main; sys.exit(main())"]
+    ours = [sys.executable, "-m", "vaccine_trainer.cli", "sft"]
+    run(*trl_cli, "sft", "--config", str(config), "--output_dir", str(tmp_path / "trl"))
+    run(*ours, "--config", str(config), "--rho", "0", "--output_dir", str(tmp_path / "plain"))
+    trl_adapter = load_file(tmp_path / "trl" / "adapter_model.safetensors")
+    plain_adapter = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert trl_adapter.keys() == plain_adapter.keys()
+    assert all(torch.equal(trl_adapter[k], plain_adapter[k]) for k in trl_adapter)
+
+    config.write_text(config.read_text() + "rho: 2\n")
+    logged = run(*ours, "--config", str(config), "--output_dir", str(tmp_path / "vaccine"))
+    vaccine_adapter = load_file(tmp_path / "vaccine" / "adapter_model.safetensors")
+    assert not all(torch.equal(trl_adapter[k], vaccine_adapter[k]) for k in trl_adapter)  # Vaccine trained
+    settings = json.loads((tmp_path / "vaccine" / "vaccine_config.json").read_text())["settings"]
+    assert settings["rho"] == 2.0 and "'vaccine/grad_norm'" in logged

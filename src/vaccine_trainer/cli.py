@@ -22,7 +22,7 @@ from typing import NoReturn
 from .commands.common import PROG, logger
 from .launch import exit_launched_rank, launch, split_launch_flags
 
-LAUNCHED = ("align", "finetune")  # commands that take --accelerate_config / --num_processes
+LAUNCHED = ("align", "finetune", "sft")  # commands that take --accelerate_config / --num_processes
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Command:
 COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("align", "Stage 1: align a model with Vaccine (--rho, default 2) or plain SFT (--rho 0).",
             "vaccine_trainer.commands.align:main"),
+    Command("sft", "`trl sft` with Vaccine: a TRL SFT YAML plus `rho: 2` (rho 0: exactly what `trl sft` trains).",
+            "vaccine_trainer.commands.sft:main"),
     Command("finetune", "Stage 2: merge an alignment adapter, fine-tune a fresh LoRA on a harmful/benign mix.",
             "vaccine_trainer.commands.finetune:main"),
     Command("evaluate", "Harmful score (pluggable judge) and fine-tune accuracy of a model with its adapters.",

@@ -2,6 +2,7 @@
 
 - `common`: what the commands share (program name, input checks, tokenizer loading, saving a run).
 - `align`: stage 1, Vaccine or plain SFT alignment of a LoRA adapter.
+- `sft`: `trl sft` with Vaccine's trainer and settings (TRL's data loading, a `trl sft` YAML plus `rho`).
 - `finetune`: stage 2, a fresh LoRA on a harmful/benign mix over the merged alignment adapter.
 - `evaluate`: harmful score (with the judge's measured accuracy), task accuracy, judge-free metrics.
 - `judge_check`: a judge measured on human-labelled pairs.
