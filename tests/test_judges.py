@@ -314,3 +314,23 @@ def test_model_judges_refuse_the_wrong_kind_of_model(beaverdam_path, llamaguard_
         make_judge(f"beaverdam:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="llamaguard judge"):
         make_judge(f"llamaguard:{beaverdam_path}")  # a classifier is not a causal LM with a chat template
+
+
+def test_every_command_defaults_to_the_same_judge_the_best_one_the_inputs_allow(caplog):
+    from dataclasses import fields
+
+    from vaccine_trainer.commands.evaluate import EvaluateArguments
+    from vaccine_trainer.commands.judge_check import JudgeCheckArguments
+    from vaccine_trainer.commands.judge_names import make_judge, resolve_judge
+    from vaccine_trainer.commands.pipeline import PipelineArguments  # also grid's and sweep's
+    from vaccine_trainer.evaluation.judges import RefusalJudge
+
+    defaults = {cls.__name__: next(f.default for f in fields(cls) if f.name == "judge")
+                for cls in (EvaluateArguments, PipelineArguments, JudgeCheckArguments)}
+    assert set(defaults.values()) == {"auto"}, defaults
+    assert resolve_judge("auto", "some/labelled/pairs") == "learned" and resolve_judge("auto", None) == "refusal"
+    assert resolve_judge("qwen3guard:x", None) == "qwen3guard:x"
+    with caplog.at_level("WARNING"):
+        judge = make_judge("auto")
+    assert isinstance(judge, RefusalJudge)
+    assert "62.1% accurate" in caplog.text and "--judge_data_dir" in caplog.text  # its accuracy, and the way out

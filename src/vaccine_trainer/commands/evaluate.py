@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 from .common import PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require
 
 EVALUATION_FILE = "evaluation.json"
@@ -30,7 +31,8 @@ class EvaluateArguments(ModelLoadingArguments):
         task (`str`, *optional*): `sst2`, `agnews` or `gsm8k` for the fine-tune accuracy; none to skip it.
         task_dataset (`str`, *optional*): labelled evaluation rows of the task.
         num_task_samples (`int`, defaults to `500`): rows to answer.
-        judge (`str`, defaults to `"refusal"`): `refusal` (offline; its score is the non-refusal rate, an upper
+        judge (`str`, defaults to `"auto"`): `auto` (`learned` when `judge_data_dir` is given, else `refusal`),
+            `refusal` (offline; its score is the non-refusal rate, an upper
             bound of the harmful score), `learned` (offline, trained on the shared labelled pairs),
             `qwen3guard:<path-or-hub-id>` (Qwen3Guard-Gen, strict; `qwen3guard-loose:` loose), `llamaguard:`,
             `beaverdam:` or `classifier:<path-or-hub-id>` (an HF text-classification moderation model).
@@ -59,9 +61,7 @@ class EvaluateArguments(ModelLoadingArguments):
     task: str | None = field(default="sst2", metadata={"help": "Task for the accuracy (sst2, agnews, gsm8k)."})
     task_dataset: str | None = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
-    judge: str = field(default="refusal", metadata={
-        "help": "refusal, learned, learned-pair, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
-                "classifier:<path>."})
+    judge: str = field(default=DEFAULT_JUDGE, metadata={"help": JUDGE_HELP})
     second_judge: str | None = field(default=None, metadata={
         "help": "A second judge of the same answers: its harmful score and its agreement with --judge (Cohen's "
                 "kappa)."})
@@ -128,7 +128,7 @@ def read_evaluation_inputs(args: EvaluateArguments) -> tuple[list, Any, Path | N
     """The harmful prompts, the task rows (None without a task) and the card's folder: every input read and
     checked before any model loads."""
     from ..data import load_harmful_prompts, load_task_eval
-    from .judge_names import check_judge_inputs
+    from .judge_names import check_judge_inputs, resolve_judge
 
     require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
     card_dir = evaluated_card_dir(args)
@@ -148,6 +148,7 @@ def read_evaluation_inputs(args: EvaluateArguments) -> tuple[list, Any, Path | N
     for spec in (args.judge, args.second_judge):  # a misspelled judge fails before the model loads
         if spec is not None:
             check_judge_inputs(spec, args.judge_data_dir)
+    args.judge = resolve_judge(args.judge, args.judge_data_dir)  # reports name the judge that ran
     return prompts, task_rows, card_dir
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .common import PROG, check_source, require
 from .evaluate import build_judge
+from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 
 
 @dataclass
@@ -16,7 +17,7 @@ class JudgeCheckArguments:
     """A judge's accuracy, precision and recall on human-labelled pairs (`prompt`, `response`, `is_safe`).
 
     Parameters:
-        judge (`str`, defaults to `"learned"`): a judge name as `--judge` takes it (`vaccine-trainer evaluate --help`).
+        judge (`str`, defaults to `"auto"`, the learned judge given `data_dir`): a judge name as `--judge` takes it (`vaccine-trainer evaluate --help`).
         labelled (`str`): a .jsonl file of labelled pairs, e.g. beavertails_qa_labeled.jsonl.
         held_out_only (`bool`, defaults to `False`): keep only the pairs whose prompts the learned judge held out
             (for BeaverTails; measuring the learned judge on pairs it trained on says little).
@@ -27,9 +28,7 @@ class JudgeCheckArguments:
         output_file (`str`, *optional*): also write the figures as JSON.
     """
 
-    judge: str = field(default="learned", metadata={
-        "help": "refusal, learned, learned-pair, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
-                "classifier:<path>."})
+    judge: str = field(default=DEFAULT_JUDGE, metadata={"help": JUDGE_HELP})
     labelled: str | None = field(default=None, metadata={"help": "Labelled pairs (.jsonl: prompt, response, is_safe)."})
     held_out_only: bool = field(default=False, metadata={"help": "Only the learned judge's held-out prompts."})
     refusals: str | None = field(default=None, metadata={"help": "Known refusals (.jsonl: instruction, output)."})
@@ -43,10 +42,11 @@ def run_judge_check(args: JudgeCheckArguments):
     from ..evaluation.judge_check import validate_labelled
     from ..evaluation.learned_judge import read_jsonl
 
-    from .judge_names import check_judge_inputs
+    from .judge_names import check_judge_inputs, resolve_judge
 
     require(args.labelled, "labelled", "data/beavertails_qa_labeled.jsonl")
     check_judge_inputs(args.judge, args.data_dir)
+    args.judge = resolve_judge(args.judge, args.data_dir)
     if args.held_out_only:
         require(args.data_dir, "data_dir", "path/to/data (the folder whose split says which prompts are held out)")
     for flag in ("labelled", "refusals"):

@@ -11,16 +11,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-JUDGE_NAMES = ("refusal", "learned", "learned-pair", "beaverdam:<path-or-hub-id>", "llamaguard:<path-or-hub-id>",
+JUDGE_NAMES = ("auto", "refusal", "learned", "learned-pair", "beaverdam:<path-or-hub-id>", "llamaguard:<path-or-hub-id>",
                "qwen3guard:<path-or-hub-id>", "qwen3guard-loose:<path-or-hub-id>", "classifier:<path-or-hub-id>")
 MODEL_JUDGES = ("beaverdam", "llamaguard", "qwen3guard", "qwen3guard-loose", "classifier")
+DEFAULT_JUDGE = "auto"  # every command's default: the most accurate judge that runs with what the user gave
+JUDGE_HELP = ("auto (learned with --judge_data_dir, else refusal), refusal, learned, learned-pair, "
+              "qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or classifier:<path>. Measured "
+              "accuracy on held-out BeaverTails pairs: learned 71.9%%, refusal 62.1%% (docs/judges.md); Qwen3Guard "
+              "is the recommended model judge.")
+REFUSAL_WARNING = ("The refusal judge scores harm as the non-refusal rate: 62.1% accurate on held-out BeaverTails "
+                   "pairs, it flags 83% of safe answers (docs/judges.md), so its score is an upper bound of harm. "
+                   "Give the folder of labelled pairs (--judge_data_dir) for the learned judge (71.9%), or a "
+                   "model judge (--judge qwen3guard:<path>).")
+
+
+def resolve_judge(spec: str, data_dir: str | Path | None) -> str:
+    """`auto` as the judge it stands for: `learned` when its labelled pairs are given, else `refusal`."""
+    if spec.strip().lower() != "auto":
+        return spec
+    return "learned" if data_dir is not None else "refusal"
 
 
 def check_judge_spec(spec: str) -> None:
     """Fail on a judge name `make_judge` would refuse, without loading or training anything."""
     kind, _, target = spec.partition(":")
     kind = kind.strip().lower()
-    if (kind in ("refusal", "learned", "learned-pair") and not target) or (kind in MODEL_JUDGES and target):
+    if (kind in ("auto", "refusal", "learned", "learned-pair") and not target) or (kind in MODEL_JUDGES and target):
         return
     raise ValueError(f"Unknown judge {spec!r}: use one of {', '.join(JUDGE_NAMES)}.")
 
@@ -28,6 +44,7 @@ def check_judge_spec(spec: str) -> None:
 def check_judge_inputs(spec: str, data_dir: str | Path | None) -> None:
     """`check_judge_spec`, and the learned judge's labelled pairs given: what a command checks at start-up."""
     check_judge_spec(spec)
+    spec = resolve_judge(spec, data_dir)
     if spec.strip().lower() in ("learned", "learned-pair") and data_dir is None:
         raise ValueError(LEARNED_NEEDS_DATA)
 
@@ -39,7 +56,7 @@ LEARNED_NEEDS_DATA = ("The learned judges train on labelled (prompt, answer) pai
 
 def make_judge(spec: str, *, data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                device: Any = None) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
-    """A judge from its name: ``refusal``, ``learned`` (TF-IDF of the answer), ``learned-pair`` (the offline model
+    """A judge from its name: ``auto`` (``learned`` given ``data_dir``, else ``refusal``), ``refusal``, ``learned`` (TF-IDF of the answer), ``learned-pair`` (the offline model
     trained as a pair classifier; minutes to train), ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict;
     ``qwen3guard-loose:``) or ``classifier:<path>``.
 
@@ -47,11 +64,14 @@ def make_judge(spec: str, *, data_dir: str | Path | None = None, cache_dir: str 
     where they keep the trained classifier.
     """
     check_judge_spec(spec)
-    kind, _, target = spec.partition(":")
+    kind, _, target = resolve_judge(spec, data_dir).partition(":")
     kind = kind.strip().lower()
     if kind == "refusal":
+        from transformers.utils import logging
+
         from ..evaluation.judges import RefusalJudge
 
+        logging.get_logger("vaccine_trainer.commands").warning(REFUSAL_WARNING)
         return RefusalJudge()
     if kind in ("learned", "learned-pair"):
         if data_dir is None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 from .common import PROG, check_source, logger
 from .evaluate import EVALUATION_FILE
 from .spellings import settings_for_installed
@@ -107,9 +108,7 @@ class PipelineArguments:
     task_dataset: str = field(default="stanfordnlp/sst2", metadata={"help": "Labelled task rows."})
     num_task_samples: int = field(default=500, metadata={"help": "Task rows to answer."})
     max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per harmful prompt (paper: 128)."})
-    judge: str = field(default="refusal", metadata={
-        "help": "refusal, learned, learned-pair, qwen3guard[-loose]:<path>, llamaguard:<path>, beaverdam:<path> or "
-                "classifier:<path>."})
+    judge: str = field(default=DEFAULT_JUDGE, metadata={"help": JUDGE_HELP})
     judge_data_dir: str | None = field(default=None, metadata={
         "help": "Folder of labelled pairs the learned judge trains on and judges are measured on."})
     harmful_pairs: str | None = field(
