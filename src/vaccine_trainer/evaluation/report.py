@@ -177,9 +177,7 @@ DRIFT_NOTE = (
 def _markdown(report: Mapping[str, Any]) -> str:
     arms = {method: ArmRecord.of(figures, report.get("drift", {}).get(method, ()))
             for method, figures in report["methods"].items()}
-    lines = [f"# {report['title']}", ""]
-    if report["settings"]:
-        lines += ["## Settings", ""] + [f"- **{k}**: {v}" for k, v in report["settings"].items()] + [""]
+    lines = [f"# {report['title']}", ""]  # results first, the settings that produced them last
     lines += ["## Results", "", *_results_table(arms), "", RESULTS_NOTE, ""]
     lines += _paired_section(report.get("paired_differences") or {})
     lines += _second_judge_section(report["methods"])
@@ -206,6 +204,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
     lines += [f"![Harmful score and fine-tune accuracy]({report['files']['scores_plot']})", ""]
     if "drift_plot" in report["files"]:
         lines += [f"![Alignment drift during fine-tuning]({report['files']['drift_plot']})", ""]
+    if report["settings"]:
+        lines += ["## Settings", ""] + [f"- **{k}**: {v}" for k, v in report["settings"].items()] + [""]
     return "\n".join(lines)
 
 
@@ -269,21 +269,38 @@ def agg_figure(width: float, height: float):
 
 
 def _plot_scores(methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """Harmful score and both fine-tune accuracies (generated answers, label likelihood) per arm, with their 95%
+    intervals: a bar without its interval invites reading noise as a difference."""
     names = list(methods)
-    panels = [("harmful_score", "score", "Harmful score (%) ↓", "tab:red"),
-              ("accuracy", "accuracy", "Fine-tune accuracy (%) ↑", "tab:blue")]
-    figure = agg_figure(4 + 1.2 * len(names), 3.6)
-    for index, (kind, key, label, color) in enumerate(panels):
+    panels = [("Harmful score (%) ↓", [("harmful_score", "score", "tab:red", None)]),
+              ("Fine-tune accuracy (%) ↑", [("accuracy", "accuracy", "tab:blue", "generated"),
+                                            ("accuracy_by_likelihood", "accuracy", "tab:cyan", "label likelihood")])]
+    figure = agg_figure(4 + 1.6 * len(names), 3.6)
+    for index, (title, series) in enumerate(panels):
         axis = figure.add_subplot(1, 2, index + 1)
-        values = [(methods[m].get(kind) or {}).get(key) for m in names]
-        bars = axis.bar(names, [v if v is not None else 0.0 for v in values], color=color)
-        for bar, value in zip(bars, values):
-            axis.annotate(_fmt(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                          va="bottom", fontsize=8)
+        present = [entry for entry in series if any(methods[m].get(entry[0]) for m in names)] or series[:1]
+        width = 0.8 / len(present)
+        for position, (kind, key, color, label) in enumerate(present):
+            figures = [methods[m].get(kind) or {} for m in names]
+            values = [f.get(key) for f in figures]
+            heights = [v if v is not None else 0.0 for v in values]
+            bounds = [f.get("ci95") or (h, h) for h, f in zip(heights, figures)]
+            errors = [[max(h - low, 0.0) for h, (low, _) in zip(heights, bounds)],  # an interval that does not
+                      [max(high - h, 0.0) for h, (_, high) in zip(heights, bounds)]]  # hold the value draws none
+            offsets = [i + (position - (len(present) - 1) / 2) * width for i in range(len(names))]
+            bars = axis.bar(offsets, heights, width=width, color=color, label=label, yerr=errors, capsize=3,
+                            error_kw={"elinewidth": 0.8})
+            for bar, value in zip(bars, values):
+                axis.annotate(_fmt(value), (bar.get_x() + bar.get_width() / 2, 1), ha="center", va="bottom",
+                              fontsize=7)
+        axis.set_xticks(range(len(names)), names)
         axis.set_ylim(0, 105)
-        axis.set_title(label, fontsize=10)
+        axis.set_title(title, fontsize=10)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
-    figure.tight_layout()
+        if len(present) > 1:
+            axis.legend(fontsize=7, loc="upper right")
+    figure.text(0.5, 0.01, "bars: 95% intervals", ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     figure.savefig(path)
 
 
