@@ -429,3 +429,15 @@ def test_the_report_lists_a_second_judge_with_the_agreement(tmp_path):
         "harmful_score": second.to_dict(), "judge_check": check, "kappa": 0.0}}})
     assert "| sft | <lambda> (80.0% accurate on pairs (n=10)) | 100.0 [34.2, 100.0] | 0.00 |" in \
         paths["markdown"].read_text()
+
+
+def test_the_report_opens_with_its_results_and_ends_with_its_settings(tmp_path):
+    from vaccine_trainer.evaluation.report import write_report
+    from vaccine_trainer.evaluation.scores import Accuracy, HarmfulScore
+
+    results = {m: {"harmful_score": HarmfulScore(score=s, n=10, flagged=int(s / 10)),
+                   "accuracy": Accuracy(task="sst2", accuracy=80.0, n=10, correct=8)}
+               for m, s in (("sft", 30.0), ("vaccine", 20.0))}
+    text = write_report(tmp_path, results, settings={"seed": 1})["markdown"].read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Results" and sections[-1] == "## Settings"

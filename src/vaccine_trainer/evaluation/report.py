@@ -128,7 +128,7 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
               "files": {k: p.name if p.parent == output else str(p.relative_to(output)) for k, p in paths.items()
                         if k != "json"}}
     paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
-    paths["markdown"].write_text(_markdown(report))
+    paths["markdown"].write_text(report_markdown(report))
     logger.info(f"Report written to {output}")
     return paths
 
@@ -174,7 +174,8 @@ DRIFT_NOTE = (
     "leaves out each row's first token, whose hidden state does not depend on the row in a causal model.")
 
 
-def _markdown(report: Mapping[str, Any]) -> str:
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown of a report (`report.json`'s contents): a committed report re-renders without a rerun."""
     arms = {method: ArmRecord.of(figures, report.get("drift", {}).get(method, ()))
             for method, figures in report["methods"].items()}
     lines = [f"# {report['title']}", ""]  # results first, the settings that produced them last
