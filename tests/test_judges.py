@@ -162,6 +162,8 @@ def test_judge_check_command(labelled_dir, tmp_path, capsys, monkeypatch):
     assert code == 0
     printed = capsys.readouterr().out
     assert "learned on beavertails_qa_labeled.jsonl (held-out prompts): accuracy" in printed
+    import re  # the training is timed, not the look-up after it (which took 0.0 s)
+    assert float(re.search(r"Trained the learned judge in ([0-9.]+) s", printed).group(1)) > 0.0
     saved = json.loads(out.read_text())
     assert saved["n"] == len(split_labelled_pairs(labelled_dir).held_out) and saved["refusals_flagged"] == 0.0
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "answer": "r"}])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import save_tiny_causal_lm
 from test_judges import HARMFUL, SAFE, labelled_dir  # noqa: F401  (a tiny stand-in for the labelled pairs)
 
@@ -43,3 +44,34 @@ def test_the_pair_judge_by_name_needs_the_data_folder(labelled_dir, tmp_path):  
     with pytest.raises(FileNotFoundError, match="missing"):
         make_judge("learned-pair", data_dir=tmp_path / "empty")
     assert isinstance(make_judge("learned-pair", data_dir=labelled_dir, cache_dir=tmp_path), PairClassifierJudge)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_the_reloaded_pair_judge_has_the_trained_head_and_says_nothing_alarming(labelled_dir, tiny_base,
+                                                                                 tmp_path):  # noqa: F811
+    """The base loads with a fresh head (transformers would report it "newly initialized"); the adapter restores the
+    trained one, so that report is silenced and the restored head is checked against the saved file."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    PairClassifierJudge(labelled_dir, base_model=tiny_base, cache_dir=cache, settings=SETTINGS, device="cpu").classifier
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    transformers_root = logging.getLogger("transformers")
+    transformers_root.addHandler(handler)
+    try:
+        again = PairClassifierJudge(labelled_dir, base_model=tiny_base, cache_dir=cache, settings=SETTINGS,
+                                    device="cpu")
+        model, _ = again.classifier
+    finally:
+        transformers_root.removeHandler(handler)
+    assert not any("MISSING" in m or "newly initialized" in m for m in messages), messages
+    saved = load_file(next(cache.glob("pair-classifier-*/adapter_model.safetensors")))
+    (saved_head,) = [tensor for name, tensor in saved.items() if name.endswith("score.weight")]
+    (live_head,) = [p for n, p in model.named_parameters() if "score.modules_to_save" in n and n.endswith("weight")]
+    assert torch.equal(live_head.detach().cpu(), saved_head)
+    fresh = torch.nn.Linear(saved_head.shape[1], 2, bias=False).weight  # negative control: a new head differs
+    assert not torch.equal(fresh.detach(), saved_head)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -69,7 +71,9 @@ def run_judge_check(args: JudgeCheckArguments):
         raise ValueError(f"--refusals {args.refusals!r} needs `instruction` and `output` fields; it has "
                          f"{sorted(refusals[0])}.")
     judge = build_judge(args.judge, args.data_dir)
-    if hasattr(judge, "classifier"):  # train (or load) a learned judge before the judging is timed
+    # Train (or load) a learned judge before the judging is timed; `hasattr` would run the cached property itself,
+    # before the clock starts.
+    if isinstance(inspect.getattr_static(judge, "classifier", None), functools.cached_property):
         started = time.perf_counter()
         judge.classifier
         if getattr(judge, "trained_now", False):

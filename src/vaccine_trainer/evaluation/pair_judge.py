@@ -10,6 +10,8 @@ settings, the base model and the data files. docs/judges.md has what it was meas
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import hashlib
 import json
@@ -42,6 +44,19 @@ class PairJudgeSettings:
     lora_r: int = 16
     seed: int = 0
     threshold: float = 0.5
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings off for the block (its verbosity restored after)."""
+    from transformers.utils import logging as transformers_logging
+
+    before = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(before)
 
 
 class PairClassifierJudge:
@@ -88,7 +103,8 @@ class PairClassifierJudge:
             self._train(folder)
             self.trained_now = True
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        base = AutoModelForSequenceClassification.from_pretrained(self._base(), num_labels=2)
+        with _quiet_transformers():  # its load report calls the head "newly initialized": the adapter restores it
+            base = AutoModelForSequenceClassification.from_pretrained(self._base(), num_labels=2)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, folder).to(self.device).eval()
         return model, tokenizer
