@@ -374,3 +374,16 @@ def test_align_and_finetune_take_conversational_messages_data(workspace, tmp_pat
     assert main(finetune_argv(workspace, str(aligned), tmp_path / "tuned",
                               **{"--harmful_dataset": harmful, "--drift_dataset": alignment})) == 0
     assert "2 harmful" in (tmp_path / "tuned" / "README.md").read_text()
+
+
+def test_finetune_takes_the_pipelines_names_of_the_second_benign_task_too():
+    from vaccine_trainer.commands.common import trainer_command_parser
+    from vaccine_trainer.commands.finetune import FINETUNE_ARGUMENTS
+
+    parser = trainer_command_parser(FINETUNE_ARGUMENTS, "finetune", method_first=False)
+    pipeline_names = parser.parse_args_and_config(["--second_benign_dataset", "a.jsonl", "--second_benign_task", "sst2",
+                                                   "--second_benign_fraction", "0.25", "--output_dir", "o"])[0]
+    own_names = parser.parse_args_and_config(["--second_dataset", "a.jsonl", "--second_task", "sst2",
+                                              "--second_fraction", "0.25", "--output_dir", "o"])[0]
+    assert (pipeline_names.second_dataset, pipeline_names.second_task, pipeline_names.second_fraction) == (
+        own_names.second_dataset, own_names.second_task, own_names.second_fraction) == ("a.jsonl", "sst2", 0.25)

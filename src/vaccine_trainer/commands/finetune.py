@@ -53,11 +53,15 @@ class FinetuneScriptArguments:
     drift_samples: int = field(default=100, metadata={"help": "Rows of --drift_dataset to track."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the data samples."})
-    second_dataset: str | None = field(
-        default=None, metadata={"help": "A second benign task's data, mixed into the benign rows (off if unset)."})
+    # `--second_benign_*`: the pipeline's names for the same settings, accepted here too
+    second_dataset: str | None = field(default=None, metadata={
+        "help": "A second benign task's data, mixed into the benign rows (off if unset).",
+        "aliases": ["--second_benign_dataset"]})
     second_task: str = field(default="instruction", metadata={
-        "help": "The second benign task.", "choices": ["sst2", "agnews", "gsm8k", "instruction"]})
-    second_fraction: float = field(default=0.5, metadata={"help": "Share of the benign rows from the second task."})
+        "help": "The second benign task.", "choices": ["sst2", "agnews", "gsm8k", "instruction"],
+        "aliases": ["--second_benign_task"]})
+    second_fraction: float = field(default=0.5, metadata={
+        "help": "Share of the benign rows from the second task.", "aliases": ["--second_benign_fraction"]})
 
 
 FINETUNE_ARGUMENTS = (FinetuneScriptArguments, AlignedSFTConfig, ModelLoadingArguments)
