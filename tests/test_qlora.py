@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model, token_rows, trainable_state, training_args
 
+from test_cli import workspace  # noqa: F401  (the saved tiny model and its data)
+
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -35,3 +37,95 @@ def test_nf4_qlora_trains_a_few_steps(tmp_path):
     assert any(not torch.equal(after[n], before[n]) for n in after)
     norms = [e["vaccine/grad_norm"] for e in trainer.state.log_history if "vaccine/grad_norm" in e]
     assert len(norms) == 3 and all(n > 0 for n in norms)
+
+
+def _alignment_adapter(folder, scale: float = 0.5):
+    """A stand-in stage-1 adapter whose weights matter (LoRA B is not zero), saved as `align` saves one."""
+    import peft
+
+    torch.manual_seed(1)
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
+        init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(scale / parameter.abs().max())
+    model.save_pretrained(folder)
+    return folder
+
+
+def _stage2_update(tmp_path, base, alignment, tag, **config):
+    from vaccine_trainer import AlignedSFTConfig, AlignedSFTTrainer
+
+    args = AlignedSFTConfig(**{**training_args(tmp_path / tag, max_steps=1), "lora_r": 4, "lora_alpha": 8.0,
+                               "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"], **config})
+    from datasets import Dataset
+
+    from conftest import tiny_tokenizer
+
+    rows = Dataset.from_list([{"text": t} for t in ["i can not help with that .", "how do i steal a car ?"] * 2])
+    trainer = AlignedSFTTrainer(base, args, train_dataset=rows, alignment_adapter=str(alignment),
+                                processing_class=tiny_tokenizer())
+    with torch.no_grad():  # the same fresh A matrices in every trainer, however it drew them (B starts at zero)
+        fresh = sorted((n, p) for n, p in trainer.model.named_parameters() if "lora_A.default" in n)
+        for index, (name, parameter) in enumerate(fresh):
+            parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(index)) * 0.3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert before and all(".alignment." not in n for n in before)  # only the fresh adapter trains
+    return torch.cat([(after[n].detach() - before[n]).flatten() for n in sorted(before)]), trainer
+
+
+def test_stage2_on_a_4bit_base_keeps_the_alignment_adapter_beside_and_matches_the_unquantised_step(tmp_path):
+    from conftest import relative_error
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    alignment = _alignment_adapter(tmp_path / "aligned")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    four_bit = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
+                                                    device_map="cpu", dtype=torch.float32)
+    quantized, trainer = _stage2_update(tmp_path, four_bit, alignment, "4bit")
+    assert sorted(trainer.model.peft_config) == ["alignment", "default"]
+    unquantized, _ = _stage2_update(tmp_path, AutoModelForCausalLM.from_pretrained(tmp_path / "base"), alignment,
+                                    "fp32-unmerged", merge_alignment=False)
+    merged, _ = _stage2_update(tmp_path, AutoModelForCausalLM.from_pretrained(tmp_path / "base"), alignment,
+                               "fp32-merged")
+    without, _ = _stage2_update(tmp_path, AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                _alignment_adapter(tmp_path / "none", scale=1e-6), "fp32-no-alignment")
+    assert relative_error(unquantized, merged) < 1e-4  # unmerged is the same model as merged
+    error = relative_error(quantized, unquantized)
+    # What nf4 alone does to this step: the same comparison with an alignment adapter of no effect.
+    weak = _alignment_adapter(tmp_path / "weak", scale=1e-6)
+    four_bit_weak = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
+                                                         device_map="cpu", dtype=torch.float32)
+    nf4_noise = relative_error(_stage2_update(tmp_path, four_bit_weak, weak, "4bit-weak")[0], without)
+    print(f"4-bit vs unquantised: {error:.3f} with the alignment adapter, {nf4_noise:.3f} without; "
+          f"without vs with the adapter: {relative_error(without, unquantized):.3f}")
+    assert error < 1.5 * nf4_noise  # within what 4-bit rounding does to the same step anyway
+    assert relative_error(without, unquantized) > 2 * error  # negative control: the alignment adapter matters
+
+
+def test_finetune_load_in_4bit_runs_two_steps_and_its_output_loads(workspace, tmp_path):  # noqa: F811
+    """`vaccine-trainer finetune --load_in_4bit true`: the alignment adapter beside the new one over a 4-bit base,
+    drift measured against the aligned model (base + alignment adapter), and the output loads as a stage-2 output."""
+    import json
+
+    from test_cli import FAST, finetune_argv
+
+    from vaccine_trainer import load_finetuned_model
+    from vaccine_trainer.cli import main
+
+    aligned = tmp_path / "aligned"
+    assert main(["align", "--model_name_or_path", workspace["model"], "--dataset", workspace["alignment"],
+                 "--num_samples", "4", "--rho", "2", "--output_dir", str(aligned), *FAST]) == 0
+    out = tmp_path / "finetuned"
+    assert main([*finetune_argv(workspace, str(aligned), out), "--load_in_4bit", "true", "--max_steps", "2"]) == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    drift = [log["alignment/drift"] for log in history if "alignment/drift" in log]
+    assert drift[0] == 0.0 and drift[-1] > 0  # measured from the aligned model, which the new adapter moves
+    model = load_finetuned_model(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())  # plain weights, both adapters merged

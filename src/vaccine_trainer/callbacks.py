@@ -58,6 +58,9 @@ class AlignmentDriftCallback(TrainerCallback):
             stage 2 where the alignment is merged into the base weights and the adapter is the new,
             fine-tuned one. The reference is then right even when training resumes from a checkpoint,
             whose weights are loaded before `on_train_begin`.
+        aligned_model: with `reference_without_adapter`, a function of the model giving the context in which it
+            is the aligned model (default: `model.disable_adapter()`; stage 2 over a 4-bit base keeps the
+            alignment adapter active there, `unmerged_alignment.aligned_only`).
 
     With `reference_without_adapter`, h_aligned is computed again at each measurement, batch by batch, with
     the adapter disabled, and reduced on the model's device: nothing grows with the rows, and host memory holds
@@ -81,6 +84,7 @@ class AlignmentDriftCallback(TrainerCallback):
         batch_size: int = 8,
         data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
         reference_without_adapter: bool = False,
+        aligned_model: Callable[[nn.Module], Any] | None = None,
     ):
         if target not in ("layer", "attention"):
             raise ValueError(f"target must be 'layer' or 'attention', got {target!r}.")
@@ -100,6 +104,9 @@ class AlignmentDriftCallback(TrainerCallback):
         self.batch_size = batch_size
         self.data_collator = data_collator
         self.reference_without_adapter = reference_without_adapter
+        # With reference_without_adapter: the context in which the model is the aligned one (default: its adapter
+        # disabled; stage 2 over a 4-bit base keeps the alignment adapter active, see unmerged_alignment).
+        self.aligned_model = aligned_model or (lambda model: model.disable_adapter())
         self.reference: list[torch.Tensor] | None = None  # cached mode, per batch: [valid tokens, layers, hidden]
         self.ready = False  # a reference is there (cached) or can be recomputed (reference_without_adapter)
         self.reference_energy: float | None = None  # sum ||h_aligned||^2 over this rank's batches (cached mode)
@@ -185,7 +192,7 @@ class AlignmentDriftCallback(TrainerCallback):
         mine, rounds = self._my_batches()
         for _ in range(rounds - len(mine)):
             if reference_pass:
-                with model.disable_adapter():
+                with self.aligned_model(model):
                     for _ in self._passes(model, self.rows[:1]):
                         pass
             for _ in self._passes(model, self.rows[:1]):
@@ -209,7 +216,7 @@ class AlignmentDriftCallback(TrainerCallback):
             return
         for start in self._my_batches()[0]:
             rows = self.rows[start:start + self.batch_size]
-            with model.disable_adapter():
+            with self.aligned_model(model):
                 (reference, *_), = self._passes(model, rows)
             energy = torch.stack([r.float().double().pow(2).sum(-1) for r in reference], dim=1)
             (current,) = self._passes(model, rows)

@@ -156,6 +156,8 @@ class AlignedSFTConfig(PrecisionForTheHardware, SFTConfig):
             (each decoder layer's output) or `"attention"` (each self-attention block's output).
         drift_layers (`str`, *optional*): subset of decoder layers for the drift, e.g. `"0-3"`.
         drift_batch_size (`int`, defaults to `8`): batch size of the drift/alignment-loss passes.
+        merge_alignment (`bool`, *optional*): merge the alignment adapter into the base weights; by default yes,
+            unless the base is quantized (QLoRA), where it stays a frozen adapter trained beside.
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate (paper: 1e-5)."})
@@ -172,6 +174,9 @@ class AlignedSFTConfig(PrecisionForTheHardware, SFTConfig):
     )
     drift_layers: str | None = field(default=None, metadata={"help": "Decoder layers for the drift, e.g. '0-3'."})
     drift_batch_size: int = field(default=8, metadata={"help": "Batch size of the drift evaluation."})
+    merge_alignment: bool | None = field(default=None, metadata={
+        "help": "Merge the alignment adapter into the base weights (default: unless the base is loaded in 4 or 8 "
+                "bits, where it stays a frozen adapter beside the new one)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -304,12 +309,28 @@ class AlignedSFTTrainer(ModelCardSections, SFTTrainer):
         peft_config=None,
         **kwargs: Any,
     ):
+        from .unmerged_alignment import attach_beside_alignment, is_quantized
+
         args = _as_config(args, AlignedSFTConfig, "aligned-sft")  # always an AlignedSFTConfig from here
         if peft_config is None:
             peft_config = args.lora_config()
         load_kwargs = dict(args.model_init_kwargs or {})
-        merged = merge_alignment_adapter(model, alignment_adapter, **load_kwargs)
-        super().__init__(merged, args, train_dataset=train_dataset, peft_config=peft_config, **kwargs)
+        folder = None
+        if isinstance(alignment_adapter, (str, os.PathLike)):
+            folder = _adapter_folder(alignment_adapter)  # fail before loading the model
+            if isinstance(model, (str, os.PathLike)):
+                model = load_causal_lm(model, **load_kwargs)
+        merge = args.merge_alignment if args.merge_alignment is not None else not is_quantized(model)
+        if folder is not None and not merge:  # a 4-bit base: the alignment adapter stays, frozen, beside the new one
+            model = attach_beside_alignment(model, folder, peft_config, args.gradient_checkpointing)
+            peft_config = None
+        elif folder is not None and is_quantized(model):
+            raise ValueError("merge_alignment=True cannot merge the alignment adapter into a 4-bit or 8-bit base: "
+                             "leave merge_alignment unset (the adapter then stays beside the new one) or load the "
+                             "base unquantized.")
+        else:
+            model = merge_alignment_adapter(model, folder or alignment_adapter, **load_kwargs)
+        super().__init__(model, args, train_dataset=train_dataset, peft_config=peft_config, **kwargs)
         self.drift_callback: AlignmentDriftCallback | None = None
         if alignment_dataset is not None:
             self.drift_callback = self._drift_callback(alignment_dataset)
@@ -322,9 +343,12 @@ class AlignedSFTTrainer(ModelCardSections, SFTTrainer):
             alignment_dataset = self._prepare_dataset(
                 alignment_dataset, self.processing_class, self.args, False, self._formatting_func, "alignment"
             )
+        from .unmerged_alignment import aligned_only, has_unmerged_alignment
+
         return AlignmentDriftCallback(alignment_dataset, data_collator=self.data_collator,
                                       target=self.args.drift_target, layers=self.args.drift_layers,
-                                      batch_size=self.args.drift_batch_size, reference_without_adapter=True)
+                                      batch_size=self.args.drift_batch_size, reference_without_adapter=True,
+                                      aligned_model=aligned_only if has_unmerged_alignment(self.model) else None)
 
 
 __all__ = [

@@ -33,6 +33,7 @@ class FinetuneScriptArguments:
         drift_dataset (`str`, *optional*): held alignment data on which drift and alignment loss are logged.
         drift_samples (`int`, defaults to `100`): rows of it to use.
         template (`str`) and dataset_seed (`int`): as for `align`.
+        load_in_4bit (`bool`, defaults to `False`): QLoRA; the alignment adapter is kept beside, not merged.
         second_dataset (`str`, *optional*), second_task (`str`, defaults to `"instruction"`) and second_fraction
             (`float`, defaults to `0.5`): that share of the benign rows from a second task instead.
     """
@@ -53,6 +54,9 @@ class FinetuneScriptArguments:
     drift_samples: int = field(default=100, metadata={"help": "Rows of --drift_dataset to track."})
     template: str = field(default="alpaca", metadata={"help": "Prompt format.", "choices": ["alpaca", "chat"]})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the data samples."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base in 4 bits (bitsandbytes nf4); the alignment adapter then stays a frozen "
+                "adapter beside the new one instead of being merged."})
     # `--second_benign_*`: the pipeline's names for the same settings, accepted here too
     second_dataset: str | None = field(default=None, metadata={
         "help": "A second benign task's data, mixed into the benign rows (off if unset).",
@@ -95,10 +99,25 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
     load_kwargs = {**(model_args or ModelLoadingArguments()).load_kwargs(), **(args.model_init_kwargs or {})}
     if args.trust_remote_code:
         load_kwargs["trust_remote_code"] = True
-    model = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter, **load_kwargs)
+    if script.load_in_4bit:  # the alignment adapter stays beside the new one (a 4-bit base takes no merge)
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        from ..sft import load_causal_lm
+
+        dtype = load_kwargs.get("dtype") or "float32"  # the 4-bit layers compute in it
+        compute = getattr(torch, dtype) if dtype != "auto" else (
+            torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        load_kwargs.setdefault("device_map", {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+        model, alignment = load_causal_lm(script.model_name_or_path, **load_kwargs), script.alignment_adapter
+    else:
+        model, alignment = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
+                                                   **load_kwargs), None
 
     trainer = AlignedSFTTrainer(model, args, mix.select_columns(["prompt", "completion"]),
-                                alignment_dataset=drift, processing_class=tokenizer)
+                                alignment_adapter=alignment, alignment_dataset=drift, processing_class=tokenizer)
     dropped = len(mix) - len(trainer.train_dataset)
     if dropped:  # TRL drops rows whose completion the truncation removed entirely
         logger().warning(f"{dropped} of {len(mix)} fine-tuning rows have no completion token within --max_length "
