@@ -293,7 +293,7 @@ def test_a_trl_release_without_the_private_members_vaccine_reads_fails_at_start_
         check_trl_internals(types.SimpleNamespace(**dict.fromkeys(set(REQUIRED_MEMBERS) - {"_total_train_tokens"})))
 
 
-def test_a_trl_sft_yaml_trains_the_same_adapter_under_vaccine_trainer_sft_at_rho_0(tmp_path):
+def test_a_trl_sft_yaml_trains_the_same_adapter_under_vaccine_trainer_sft_at_rho_0(tmp_path, capsys):
     """`vaccine-trainer sft --config <a trl sft YAML> --rho 0` is `trl sft --config` of the same YAML, bit for bit;
     `rho: 2` in the same YAML trains with Vaccine and logs its figures."""
     import json
@@ -321,18 +321,19 @@ def test_a_trl_sft_yaml_trains_the_same_adapter_under_vaccine_trainer_sft_at_rho
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
 
+    from vaccine_trainer.cli import main
+
     trl_cli = [sys.executable, "-c", "import sys; from trl.cli.main import main; sys.exit(main())"]
-    ours = [sys.executable, "-m", "vaccine_trainer.cli", "sft"]
-    run(*trl_cli, "sft", "--config", str(config), "--output_dir", str(tmp_path / "trl"))
-    run(*ours, "--config", str(config), "--rho", "0", "--output_dir", str(tmp_path / "plain"))
+    run(*trl_cli, "sft", "--config", str(config), "--output_dir", str(tmp_path / "trl"))  # TRL's own launcher
+    assert main(["sft", "--config", str(config), "--rho", "0", "--output_dir", str(tmp_path / "plain")]) == 0
     trl_adapter = load_file(tmp_path / "trl" / "adapter_model.safetensors")
     plain_adapter = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     assert trl_adapter.keys() == plain_adapter.keys()
     assert all(torch.equal(trl_adapter[k], plain_adapter[k]) for k in trl_adapter)
 
     config.write_text(config.read_text() + "rho: 2\n")
-    logged = run(*ours, "--config", str(config), "--output_dir", str(tmp_path / "vaccine"))
+    assert main(["sft", "--config", str(config), "--output_dir", str(tmp_path / "vaccine")]) == 0
     vaccine_adapter = load_file(tmp_path / "vaccine" / "adapter_model.safetensors")
     assert not all(torch.equal(trl_adapter[k], vaccine_adapter[k]) for k in trl_adapter)  # Vaccine trained
     settings = json.loads((tmp_path / "vaccine" / "vaccine_config.json").read_text())["settings"]
-    assert settings["rho"] == 2.0 and "'vaccine/grad_norm'" in logged
+    assert settings["rho"] == 2.0 and "'vaccine/grad_norm'" in capsys.readouterr().out
