@@ -169,3 +169,30 @@ def test_the_replication_reread_rebuilds_the_committed_cells(capsys):
     bounds = [[float(v) for v in line.split("| -4.2 [")[1].split("]")[0].split(", ")] for line in (apart, widest)]
     assert bounds[1][0] < bounds[0][0] and bounds[1][1] > bounds[0][1]
     assert "sensitivity 0.818 (468/572), specificity 0.589 (256/435)" in out
+
+
+def test_the_pilot_rule_picks_the_largest_rho_within_the_loss_margin_and_the_guard(tmp_path, capsys):
+    import json
+
+    from conftest import load_script
+
+    rule = load_script("experiments/pilot_rule.py")
+    cell = tmp_path / "seed42" / "p0"
+
+    def evaluated(arm, loss, accuracy):
+        (cell / arm / "evaluate").mkdir(parents=True)
+        (cell / arm / "evaluate" / "evaluation.json").write_text(json.dumps({
+            "likelihood": {"held_out_alignment_loss": loss}, "accuracy": {"accuracy": accuracy},
+            "harmful_score": {"score": 20.0}}))
+
+    evaluated("sft", 1.40, 73.0)
+    evaluated("vaccine-relative-rho0.01", 1.45, 70.0)   # +0.05, -3 points: passes
+    evaluated("vaccine-relative-rho0.03", 1.55, 72.0)   # +0.15: fails the loss margin
+    evaluated("vaccine-relative-rho0.02", 1.49, 67.5)   # -5.5 points: fails the guard
+    assert rule.main([str(tmp_path), "--json", str(tmp_path / "rule.json")]) == 0
+    result = json.loads((tmp_path / "rule.json").read_text())
+    assert result["chosen_rho"] == 0.01
+    assert [result["candidates"][r]["passes"] for r in ("0.01", "0.02", "0.03")] == [True, False, False]
+    evaluated("vaccine-relative-rho0.005", 1.41, 73.0)
+    rule.main([str(tmp_path), "--json", str(tmp_path / "rule.json")])
+    assert json.loads((tmp_path / "rule.json").read_text())["chosen_rho"] == 0.01  # the largest that passes
