@@ -139,7 +139,15 @@ def training_args(output_dir, **overrides):
         train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     settings.update(overrides)
-    return settings
+    return installed_spelling(settings)
+
+
+def installed_spelling(settings: dict) -> dict:
+    """`settings` with the checkpointing flags spelled as the installed transformers spells them (5.2x renamed
+    `gradient_checkpointing[_kwargs]` to `activation_checkpointing[_kwargs]`), so the suite runs on older 5.x."""
+    from vaccine_trainer.commands.spellings import settings_for_installed, training_flags
+
+    return settings_for_installed(settings, training_flags())
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import trainer_command_parser
+from .spellings import argv_for_installed
 
 
 def sft_parser():
@@ -71,5 +72,5 @@ def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args:
 
 
 def main(argv: list[str]) -> int:
-    run_sft(*sft_parser().parse_args_and_config(argv, fail_with_unknown_args=False))
+    run_sft(*sft_parser().parse_args_and_config(argv_for_installed(argv), fail_with_unknown_args=False))
     return 0
