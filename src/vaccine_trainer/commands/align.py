@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from ..sft import VaccineSFTConfig
-from .common import check_source, load_tokenizer, logger, require, require_rows, save_run, trainer_command_parser
+from .common import check_source, load_tokenizer, logger, require, require_rows, save_run, trainer_command_parser, command_description
 from .spellings import argv_for_installed
 
 
@@ -114,5 +114,5 @@ def run_align(script: AlignScriptArguments, args: AlignConfig, model_args: Align
 
 
 def main(argv: list[str]) -> int:
-    run_align(*trainer_command_parser(ALIGN_ARGUMENTS, "align").parse_args_and_config(argv_for_installed(argv)))
+    run_align(*trainer_command_parser(ALIGN_ARGUMENTS, "align", description=command_description(__doc__)).parse_args_and_config(argv_for_installed(argv)))
     return 0

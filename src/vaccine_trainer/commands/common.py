@@ -99,7 +99,12 @@ LAUNCH_HELP = {
 }
 
 
-def trainer_command_parser(dataclass_types, command: str, method_first: bool = True):
+def command_description(module_doc: str | None) -> str:
+    """A command's `--help` description: the first paragraph of its module's docstring."""
+    return (module_doc or "").strip().split("\n\n")[0]
+
+
+def trainer_command_parser(dataclass_types, command: str, method_first: bool = True, description: str | None = None):
     """A `TrlParser` whose `--help` starts with what a user of this command comes for: Vaccine's own flags (from
     `VaccineArguments`) first, then the launch flags (taken before parsing, so listed here), then the rest; the
     usage line names the main flags instead of all several hundred."""
@@ -111,7 +116,7 @@ def trainer_command_parser(dataclass_types, command: str, method_first: bool = T
     from ..launch import LAUNCH_FLAGS
 
     method = "[--rho RHO] [--vaccine_norm NORM] " if method_first else ""
-    parser = TrlParser(dataclass_types, prog=f"{PROG} {command}",
+    parser = TrlParser(dataclass_types, prog=f"{PROG} {command}", description=description,
                        usage=f"{PROG} {command} [--config FILE.yaml] {method}[--model_name_or_path M] "
                              "[--output_dir DIR] [--accelerate_config NAME] [--num_processes N] [...] (every flag below)")
     groups = []

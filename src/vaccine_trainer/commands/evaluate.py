@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
-from .common import PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require
+from .common import PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require, command_description
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -343,6 +343,6 @@ def measure_judge(judge, data_dir: str | None):
 def main(argv: list[str]) -> int:
     from trl import TrlParser
 
-    (args,) = TrlParser((EvaluateArguments,), prog=f"{PROG} evaluate").parse_args_and_config(argv)
+    (args,) = TrlParser((EvaluateArguments,), prog=f"{PROG} evaluate", description=command_description(__doc__)).parse_args_and_config(argv)
     run_evaluation(args)
     return 0

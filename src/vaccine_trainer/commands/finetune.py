@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..sft import AlignedSFTConfig
 from .common import (
+    command_description,
     ModelLoadingArguments, check_source, load_tokenizer, logger, require, require_rows, save_run,
     trainer_command_parser,
 )
@@ -176,6 +177,7 @@ def stage2_card_section(script: FinetuneScriptArguments, args: AlignedSFTConfig,
 
 
 def main(argv: list[str]) -> int:
-    parser = trainer_command_parser(FINETUNE_ARGUMENTS, "finetune", method_first=False)
+    parser = trainer_command_parser(FINETUNE_ARGUMENTS, "finetune", method_first=False,
+                                    description=command_description(__doc__))
     run_finetune(*parser.parse_args_and_config(argv_for_installed(argv)))
     return 0

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import PROG, logger
+from .common import PROG, logger, command_description
 from .pipeline import (
     DEFAULT_RHO,
     METHODS,
@@ -44,7 +44,8 @@ class GridArguments:
         summary_only (`bool`, defaults to `False`): write the summary of the finished cells and run nothing.
     """
 
-    seeds: str = field(default="42", metadata={"help": "Comma-separated seeds, e.g. 42,43."})
+    seeds: str = field(default="42", metadata={
+        "help": "Comma-separated seeds, e.g. 42,43: each runs as the pipeline's --seed, which they replace."})
     harmful_ratios: str = field(default="0,0.1,0.2", metadata={"help": "Comma-separated harmful ratios p."})
     summary_only: bool = field(
         default=False,
@@ -436,6 +437,7 @@ def _plot_drift(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 def main(argv: list[str]) -> int:
     from trl import TrlParser
 
-    args, grid_args = TrlParser((PipelineArguments, GridArguments), prog=f"{PROG} grid").parse_args_and_config(argv)
+    args, grid_args = TrlParser((PipelineArguments, GridArguments), prog=f"{PROG} grid",
+                               description=command_description(__doc__)).parse_args_and_config(argv)
     run_grid(args, grid_args)
     return 0

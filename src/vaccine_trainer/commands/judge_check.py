@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import PROG, check_source, require
+from .common import PROG, check_source, require, command_description
 from .evaluate import build_judge
 from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 
@@ -100,6 +100,7 @@ def _pct(value: float | None) -> str:
 def main(argv: list[str]) -> int:
     from trl import TrlParser
 
-    (args,) = TrlParser((JudgeCheckArguments,), prog=f"{PROG} judge-check").parse_args_and_config(argv)
+    (args,) = TrlParser((JudgeCheckArguments,), prog=f"{PROG} judge-check",
+                        description=command_description(__doc__)).parse_args_and_config(argv)
     run_judge_check(args)
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
-from .common import PROG, check_source, logger
+from .common import PROG, check_source, logger, command_description
 from .evaluate import EVALUATION_FILE
 from .spellings import settings_for_installed
 
@@ -522,6 +522,6 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
 def main(argv: list[str]) -> int:
     from trl import TrlParser
 
-    (args,) = TrlParser((PipelineArguments,), prog=f"{PROG} pipeline").parse_args_and_config(argv)
+    (args,) = TrlParser((PipelineArguments,), prog=f"{PROG} pipeline", description=command_description(__doc__)).parse_args_and_config(argv)
     run_pipeline(args)
     return 0

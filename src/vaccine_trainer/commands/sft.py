@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import trainer_command_parser
+from .common import trainer_command_parser, command_description
 from .spellings import argv_for_installed
 
 
@@ -21,7 +21,8 @@ def sft_parser():
 
     from ..sft import VaccineSFTConfig
 
-    return trainer_command_parser((ScriptArguments, VaccineSFTConfig, ModelConfig, DatasetMixtureConfig), "sft")
+    return trainer_command_parser((ScriptArguments, VaccineSFTConfig, ModelConfig, DatasetMixtureConfig), "sft",
+                                  description=command_description(__doc__))
 
 
 def load_sft_dataset(script_args: Any, dataset_args: Any):

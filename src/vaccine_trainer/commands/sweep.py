@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .common import PROG, logger
+from .common import PROG, logger, command_description
 from .grid import GridArguments, _parse_list, cell_dir, evaluated_arms
 from .parallel_jobs import Job, run_jobs
 from .pipeline import PHASE_MARKER, PipelineArguments, arm_results, resolve_model, run_pipeline
@@ -58,8 +58,12 @@ class SweepArguments(GridArguments):
             cells resume on the next run.
     """
 
-    learning_rates: str = field(default="5e-4,1e-3,2e-3,4e-3", metadata={"help": "Stage-2 learning rates."})
-    epochs: str = field(default="2,4,6", metadata={"help": "Stage-2 epochs."})
+    learning_rates: str = field(default="5e-4,1e-3,2e-3,4e-3", metadata={
+        "help": "Stage-2 learning rates swept (--finetune_learning_rate is the configuration's own attacker, "
+                "whose cell is the grid's).", "aliases": ["--finetune_learning_rates"]})
+    epochs: str = field(default="2,4,6", metadata={
+        "help": "Stage-2 epoch counts swept (beside --finetune_epochs, as for the learning rates).",
+        "aliases": ["--finetune_epochs_list"]})
     attacks: str | None = field(default=None, metadata={
         "help": "Explicit 'lr x epochs' settings, e.g. 1e-3x2,4e-3x4, instead of --learning_rates x --epochs."})
     accuracy_guard: float = field(default=5.0, metadata={
@@ -400,6 +404,7 @@ def _plot_worst(worst: Sequence[Mapping[str, Any]], path: Path) -> None:
 def main(argv: list[str]) -> int:
     from trl import TrlParser
 
-    args, sweep = TrlParser((PipelineArguments, SweepArguments), prog=f"{PROG} sweep").parse_args_and_config(argv)
+    args, sweep = TrlParser((PipelineArguments, SweepArguments), prog=f"{PROG} sweep",
+                          description=command_description(__doc__)).parse_args_and_config(argv)
     _, unfinished = run_sweep(args, sweep)
     return 1 if unfinished else 0  # the summary is written either way; a script still learns that jobs failed
