@@ -4,7 +4,7 @@ files alone, as committed under `docs/.../verdicts/`: no evaluation folder, mode
     python experiments/sweep_from_verdicts.py OUTPUT_DIR VERDICTS [VERDICTS ...] [--guard 5] [--planned N]
 
 VERDICTS are folders of `*.json` verdict files (or single files); cells of several folders combine into one
-summary, a cell given twice is refused.
+summary, a cell given twice is refused. The p = 0 references' files (marked `reference`) are read but not summarised.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--planned", type=int, default=None, help="cells planned (default: the cells given)")
     args = parser.parse_args(argv)
     rows, verdicts = read_verdict_files(args.verdicts)
+    rows = [row for row in rows if not row.get("reference")]  # the p = 0 references are kept, never swept
     if not rows:
         parser.error("no verdict file found in the paths given")
     summary = {"settings": {"recomputed_from": [str(p) for p in args.verdicts]},

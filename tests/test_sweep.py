@@ -108,14 +108,23 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
     from vaccine_trainer.commands.verdict_files import read_verdict_files
 
     files = sorted((out / "sweep_summary" / "verdicts").glob("*.json"))
-    assert [f.name for f in files] == ["seed1-p0.5-lr0.01-ep1-sft.json", "seed1-p0.5-lr0.01-ep1-vaccine.json",
+    assert [f.name for f in files] == ["seed1-p0-lr0.01-ep1-sft.json", "seed1-p0-lr0.01-ep1-vaccine.json",  # p = 0
+                                       "seed1-p0.5-lr0.01-ep1-sft.json", "seed1-p0.5-lr0.01-ep1-vaccine.json",
                                        "seed1-p0.5-lr0.05-ep1-sft.json", "seed1-p0.5-lr0.05-ep1-vaccine.json"]
     rows, verdicts = read_verdict_files([out / "sweep_summary" / "verdicts"])
+    assert sum(bool(row.get("reference")) for row in rows) == 2
+    rows = [row for row in rows if not row.get("reference")]
     assert all(len(v) == len(json.loads(files[0].read_text())["verdicts"]) > 0 for v in verdicts.values())
     assert all(len(prompt) == 16 for v in verdicts.values() for prompt in v)  # hashed: no prompt text copied
     again = summarise_cells(rows, verdicts, 5.0, 6)
     for key in ("worst_cases", "paired_targets", "paired_cells"):
         assert json.loads(json.dumps(again[key])) == summary[key], key
+    from conftest import load_script  # and the script that does it for committed files
+
+    assert load_script("experiments/sweep_from_verdicts.py").main(
+        [str(tmp_path / "again"), str(out / "sweep_summary" / "verdicts")]) == 0
+    recomputed = json.loads((tmp_path / "again" / "sweep.json").read_text())
+    assert recomputed["worst_cases"] == summary["worst_cases"] and recomputed["paired_targets"] == summary["paired_targets"]
 
 
 def test_a_sweep_without_an_aligned_arm_is_refused(workspace, tmp_path, capsys):  # noqa: F811

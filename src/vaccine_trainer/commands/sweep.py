@@ -128,7 +128,8 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> tuple[dict[str,
                             "wall_time_s_this_run": round(time.time() - started, 1)},
                **summarise_cells(rows, verdicts, sweep.accuracy_guard, planned), "unfinished_jobs": unfinished}
     paths = write_sweep_summary(root / SUMMARY_DIR, summary)
-    write_verdict_files(root / SUMMARY_DIR / VERDICTS_DIR, rows, verdicts)
+    references, reference_verdicts = reference_cells(root, seeds, args)
+    write_verdict_files(root / SUMMARY_DIR / VERDICTS_DIR, [*rows, *references], {**verdicts, **reference_verdicts})
     print(f"{PROG} sweep: summary in {paths['markdown']}, each cell's verdicts in {VERDICTS_DIR}/")
     return paths, unfinished
 
@@ -262,6 +263,29 @@ def collect_cells(root: Path, seeds: Sequence[int], ratios: Sequence[float], set
                                  "num_prompts": harm.get("n"), "accuracy": accuracy.get("accuracy"),
                                  "accuracy_ci95": accuracy.get("ci95"), "benign_accuracy": reference.get(label)})
     return rows
+
+
+def reference_cells(root: Path, seeds: Sequence[int], args: PipelineArguments
+                    ) -> tuple[list[dict[str, Any]], dict[CellKey, Any]]:
+    """The p = 0 references as rows marked `reference` (at the configuration's own attacker), with their verdicts:
+    evaluated cells too, kept beside the attack cells' but never counted among them."""
+    from ..evaluation.report import harmful_verdicts
+
+    rows, verdicts = [], {}
+    for seed in seeds:
+        for label, folder in evaluated_arms(cell_dir(root, seed, 0.0)):
+            if label == "non-aligned":
+                continue
+            figures = arm_results(folder)
+            harm, accuracy = figures.get("harmful_score") or {}, figures.get("accuracy") or {}
+            row = {"seed": seed, "harmful_ratio": 0.0, "learning_rate": args.finetune_learning_rate,
+                   "epochs": args.finetune_epochs, "method": label, "harmful_score": harm.get("score"),
+                   "harmful_ci95": harm.get("ci95"), "num_prompts": harm.get("n"), "accuracy": accuracy.get("accuracy"),
+                   "accuracy_ci95": accuracy.get("ci95"), "benign_accuracy": accuracy.get("accuracy"),
+                   "reference": True}
+            rows.append(row)
+            verdicts[cell_key(row)] = harmful_verdicts(harm)
+    return rows, verdicts
 
 
 def collect_verdicts(root: Path, rows: Sequence[Mapping[str, Any]], args: PipelineArguments) -> dict[CellKey, Any]:
