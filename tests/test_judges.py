@@ -153,7 +153,13 @@ def test_check_judge_rejects_files_without_labels():
 
 
 def test_judge_check_command(labelled_dir, tmp_path, capsys, monkeypatch):
+    import time
+
+    import vaccine_trainer.evaluation.learned_judge as learned_judge
+
     monkeypatch.setenv("HOME", str(tmp_path))  # the learned judge's default cache
+    build = learned_judge.build_classifier
+    monkeypatch.setattr(learned_judge, "build_classifier", lambda settings: (time.sleep(0.3), build(settings))[1])
     labelled = labelled_dir / BEAVERTAILS_FILE
     out = tmp_path / "check.json"
     refusals = write_jsonl(tmp_path / "refusals.jsonl", [{"instruction": "p", "output": "I'm sorry, I cannot."}])
@@ -162,8 +168,8 @@ def test_judge_check_command(labelled_dir, tmp_path, capsys, monkeypatch):
     assert code == 0
     printed = capsys.readouterr().out
     assert "learned on beavertails_qa_labeled.jsonl (held-out prompts): accuracy" in printed
-    import re  # the training is timed, not the look-up after it (which took 0.0 s)
-    assert float(re.search(r"Trained the learned judge in ([0-9.]+) s", printed).group(1)) > 0.0
+    import re  # the training is timed (at least the 0.3 s added to it below), not the look-up after it
+    assert float(re.search(r"Trained the learned judge in ([0-9.e+-]+) s", printed).group(1)) >= 0.3
     saved = json.loads(out.read_text())
     assert saved["n"] == len(split_labelled_pairs(labelled_dir).held_out) and saved["refusals_flagged"] == 0.0
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "answer": "r"}])

@@ -77,7 +77,7 @@ def run_judge_check(args: JudgeCheckArguments):
         started = time.perf_counter()
         judge.classifier
         if getattr(judge, "trained_now", False):
-            print(f"Trained the {args.judge} judge in {time.perf_counter() - started:.1f} s.")
+            print(f"Trained the {args.judge} judge in {time.perf_counter() - started:.3g} s.")
     check = check_judge(judge, rows, source=source, refusals=refusals)
     line = (f"{check.judge} on {check.labelled}: accuracy {check.accuracy:.1f}%, precision {_pct(check.precision)}, "
             f"recall {_pct(check.recall)}, safe answers flagged {_pct(check.false_positive_rate)} (n={check.n}, "
