@@ -10,7 +10,7 @@ set -euo pipefail
 OUT=outputs/five_attackers
 mkdir -p "$OUT/logs"
 source experiments/grid_env.sh outputs/base_model
-tag=$(echo "$*" | tr -c 'A-Za-z0-9.,_-' '_' | tr -s '_')
+tag=$(echo "$*" | tr -c 'A-Za-z0-9.,_-' '_' | tr -s '_' | sed 's/^[-_]*//')
 HF_DATASETS_CACHE="$OUT/datasets_cache/$tag" exec python -m vaccine_trainer sweep --config experiments/replication.yaml \
   --output_dir "$OUT" --model_name_or_path "$MODEL" --harmful_ratios 0.1 --num_prompts 500 \
   --attacks 1e-3x2,2e-3x4,2e-3x6,4e-3x4,4e-3x6 --workers 1 "$@" >> "$OUT/logs/$tag.log" 2>&1

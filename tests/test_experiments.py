@@ -196,3 +196,30 @@ def test_the_pilot_rule_picks_the_largest_rho_within_the_loss_margin_and_the_gua
     evaluated("vaccine-relative-rho0.005", 1.41, 73.0)
     rule.main([str(tmp_path), "--json", str(tmp_path / "rule.json")])
     assert json.loads((tmp_path / "rule.json").read_text())["chosen_rho"] == 0.01  # the largest that passes
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_layer_drift_measures_each_layer_against_the_aligned_model_and_where_the_paper_pushes(
+        workspace, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "cell"
+    assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "sft"]) == 0
+    tuned = out / "sft" / "finetune"
+    untouched = tmp_path / "untouched"  # the same stage 2 with its adapter's B zeroed: the aligned model itself
+    untouched.mkdir()
+    for path in tuned.iterdir():
+        if path.is_file():
+            (untouched / path.name).write_bytes(path.read_bytes())
+    state = load_file(str(tuned / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()},
+              str(untouched / "adapter_model.safetensors"))
+    layer_drift = load_script("experiments/layer_drift.py")
+    rho = 2.0
+    moved = layer_drift.arm_profile(tuned, rows=4, rho=rho)
+    still = layer_drift.arm_profile(untouched, rows=4, rho=None)
+    layers = len(moved["relative_drift"])
+    assert layers == len(still["relative_drift"]) > 1 and "paper_push_relative_size" not in still
+    assert all(d > 0 for d in moved["relative_drift"]) and all(d == 0 for d in still["relative_drift"])
+    push = moved["paper_push_relative_size"]
+    assert len(push) == layers and all(p > 0 for p in push)
