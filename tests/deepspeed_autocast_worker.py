@@ -15,7 +15,7 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
                   HF_HUB_OFFLINE="1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import tiny_model, token_rows, training_args  # noqa: E402
+from testing_utils import tiny_model, token_rows, training_args  # noqa: E402
 
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments  # noqa: E402
 

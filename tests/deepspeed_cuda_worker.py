@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
-from conftest import tiny_lora_model, token_rows, trainable_state, training_args  # noqa: E402
+from testing_utils import tiny_lora_model, token_rows, trainable_state, training_args  # noqa: E402
 
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments  # noqa: E402
 

@@ -54,7 +54,7 @@ for _module in (dist, dist.distributed_c10d):
         if hasattr(_module, _name):
             setattr(_module, _name, _counting(_name, getattr(_module, _name)))
 
-from conftest import tiny_lora_model, tiny_model, tiny_tokenizer, token_rows, training_args  # noqa: E402
+from testing_utils import tiny_lora_model, tiny_model, tiny_tokenizer, token_rows, training_args  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import transformers
-from conftest import tiny_tokenizer
-from test_cli import HARMFUL, workspace, write_jsonl  # noqa: F401  (the saved tiny model and its data)
+from testing_utils import HARMFUL_QA, tiny_tokenizer, write_jsonl
 
 from vaccine_trainer.cli import main
 from vaccine_trainer.evaluation.answer_cache import AnswerCache
@@ -79,10 +78,10 @@ def test_answers_of_other_settings_are_refused(tmp_path):
         AnswerCache(path, {**SETTINGS, "max_new_tokens": 7})
 
 
-def test_a_judge_that_fails_leaves_the_answers_on_disk(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_a_judge_that_fails_leaves_the_answers_on_disk(workspace, tmp_path, monkeypatch):
     import vaccine_trainer.commands.evaluate as evaluate
 
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL_QA])
     output = tmp_path / "eval" / "evaluation.json"
     argv = ["evaluate", "--model_name_or_path", workspace["model"], "--harmful_prompts", prompts,
             "--num_prompts", "3", "--task", "", "--judge", "refusal", "--judge_data_dir", str(tmp_path / "none"),
@@ -114,7 +113,7 @@ def test_a_judge_that_fails_leaves_the_answers_on_disk(workspace, tmp_path, monk
     assert result["harmful_score"]["n"] == 3
 
 
-def test_the_generator_is_gone_before_the_judge_is_built(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_the_generator_is_gone_before_the_judge_is_built(workspace, tmp_path, monkeypatch):
     """A model judge (Qwen3Guard, Llama Guard) must not share the accelerator with the model it judges."""
     import weakref
 
@@ -134,16 +133,16 @@ def test_the_generator_is_gone_before_the_judge_is_built(workspace, tmp_path, mo
 
     monkeypatch.setattr(evaluate, "load_evaluated_model", load)
     monkeypatch.setattr(evaluate, "build_judge", build)
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL_QA])
     assert main(["evaluate", "--model_name_or_path", workspace["model"], "--harmful_prompts", prompts,
                  "--num_prompts", "2", "--task", "", "--judge", "refusal", "--judge_data_dir", str(tmp_path / "none"),
                  "--max_new_tokens", "2", "--output_file", str(tmp_path / "evaluation.json")]) == 0
 
 
-def test_a_second_judge_scores_the_same_answers_with_the_agreement(workspace, tmp_path):  # noqa: F811
+def test_a_second_judge_scores_the_same_answers_with_the_agreement(workspace, tmp_path):
     from vaccine_trainer.evaluation.intervals import cohens_kappa
 
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL_QA])
     output = tmp_path / "evaluation.json"
     assert main(["evaluate", "--model_name_or_path", workspace["model"], "--harmful_prompts", prompts,
                  "--num_prompts", "3", "--task", "", "--judge", "refusal", "--second_judge", "refusal",

@@ -13,8 +13,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import relative_error, save_tiny_causal_lm, trainable_state
-from test_reference import perturbed_modules, reference_gradients
+from testing_utils import perturbed_modules, reference_gradients, relative_error, save_tiny_causal_lm, trainable_state
 
 pytest.importorskip("axolotl")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # no telemetry from tests

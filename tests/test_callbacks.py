@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import LAYER_PATHS, tiny_lora_model, tiny_model, token_rows, training_args
+from testing_utils import LAYER_PATHS, tiny_lora_model, tiny_model, token_rows, training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 

@@ -6,8 +6,7 @@ import json
 import shlex
 
 import pytest
-from conftest import REPO_ROOT
-from test_cli import workspace  # noqa: F401  (the tiny model and data files)
+from testing_utils import REPO_ROOT, pipeline_argv
 from trl import TrlParser
 
 from vaccine_trainer.cli import main
@@ -44,8 +43,7 @@ def test_every_shipped_pipeline_config_gives_known_phase_settings(config, monkey
     (["--align_args", "--logging_steps 5"], "--align_args takes a mapping of the phase's flags to values"),
     (["--evaluate_args", "[1, 2]"], "--evaluate_args takes a mapping"),
 ], ids=["unknown-flag", "old-flag-string", "not-a-mapping"])
-def test_bad_phase_settings_fail_before_anything_runs(workspace, tmp_path, capsys, extra, message):  # noqa: F811
-    from test_pipeline import pipeline_argv
+def test_bad_phase_settings_fail_before_anything_runs(workspace, tmp_path, capsys, extra, message):
 
     out = tmp_path / "run"
     argv = [*pipeline_argv(workspace, out), "--methods", "sft", *extra]
@@ -84,8 +82,7 @@ def test_the_marker_command_line_parses_to_the_same_arguments(command, settings)
         assert (parsed.to_dict() == built.to_dict()) if as_dict else (parsed == built)
 
 
-def test_a_marker_of_an_older_version_is_refused_with_what_to_do(workspace, tmp_path, capsys):  # noqa: F811
-    from test_pipeline import pipeline_argv
+def test_a_marker_of_an_older_version_is_refused_with_what_to_do(workspace, tmp_path, capsys):
 
     out = tmp_path / "run"
     marker = out / "sft" / "align" / "phase.json"

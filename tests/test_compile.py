@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error, tiny_lora_model, token_rows, trainable_state
-from test_reference import LR, perturbed_modules, reference_gradients
-from test_trainer import flat, run
+from testing_utils import (
+    LR, flat, perturbed_modules, reference_gradients, relative_error, run, tiny_lora_model, token_rows,
+    trainable_state,
+)
 from transformers.data.data_collator import default_data_collator
 
 import vaccine_trainer.perturbation as perturbation

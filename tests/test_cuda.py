@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    relative_error, save_tiny_causal_lm, tiny_lora_model, tiny_model, tiny_tokenizer, token_rows, training_args,
+from testing_utils import (
+    RHO, reference_update, relative_error, save_tiny_causal_lm, tiny_lora_model, tiny_model, tiny_tokenizer,
+    token_rows, train, training_args,
 )
-from test_precision import RHO, reference_update, train
 
 from vaccine_trainer import VaccineSFTConfig, VaccineSFTTrainer, VaccineTrainer, VaccineTrainingArguments
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 HERE = Path(__file__).resolve().parent
 

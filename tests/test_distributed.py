@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType
 from accelerate.utils import FullyShardedDataParallelPlugin
-from conftest import relative_error, tiny_lora_model, tiny_model, trainable_state
+from testing_utils import relative_error, tiny_lora_model, tiny_model, trainable_state
 
 from vaccine_trainer import VaccineArguments, VaccineTrainer
 from vaccine_trainer.distributed import check_distributed_support, describe_backend
@@ -37,7 +37,7 @@ import distributed_worker as worker  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 400
 MULTI_NODE_PORTS = (29617, 29637, 29657)  # fixed, tried in turn if one is taken (never bind-then-release)
-pytestmark = pytest.mark.usefixtures("single_thread")  # in-process reference runs; see conftest
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("single_thread")]  # in-process reference runs
 EXPECTED_TYPE = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP,
                  "zero1": DistributedType.DEEPSPEED, "zero2": DistributedType.DEEPSPEED,
                  "zero3": DistributedType.DEEPSPEED}
@@ -562,7 +562,7 @@ def test_pass_one_uses_deepspeeds_fp16_loss_scale(tmp_path, kind):
 
     The non-ZeRO optimizers keep it in `loss_scale_config`, not in a `loss_scaler`: an earlier read gave 1.0
     for them silently."""
-    from conftest import token_rows, training_args
+    from testing_utils import token_rows, training_args
 
     trainer = VaccineTrainer(model=tiny_lora_model("llama"), args=worker.VaccineTrainingArguments(
         **training_args(tmp_path), rho=2.0), train_dataset=token_rows(4))

@@ -140,7 +140,7 @@ def test_aligned_sft_config_validation(tmp_path, settings, message):
 
 @pytest.fixture
 def aligned_peft_model():
-    from conftest import tiny_lora_model
+    from testing_utils import tiny_lora_model
 
     return tiny_lora_model()
 
@@ -161,14 +161,14 @@ def test_merge_alignment_adapter_misuse(aligned_peft_model, tmp_path, misuse, me
 
 
 def tiny_base():
-    from conftest import tiny_model
+    from testing_utils import tiny_model
 
     return tiny_model()
 
 
 def test_classifier_judge_multi_label_takes_the_largest_harmful_probability(tmp_path):
     import transformers
-    from conftest import tiny_tokenizer
+    from testing_utils import tiny_tokenizer
 
     from vaccine_trainer.evaluation import ClassifierJudge
 

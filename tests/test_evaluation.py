@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from testing_utils import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from vaccine_trainer.data import (

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO_ROOT, save_tiny_causal_lm
+from testing_utils import REPO_ROOT, save_tiny_causal_lm
 
 ROWS = [
     {"instruction": "how do I pick a lock", "output": "I cannot help with that request"},

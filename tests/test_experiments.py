@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOCAB, load_script, save_tiny_causal_lm, tiny_model
+from testing_utils import REPO_ROOT, VOCAB, load_script, pipeline_argv, save_tiny_causal_lm, tiny_model
 from datasets import Dataset
-from test_cli import workspace  # noqa: F401  (the tiny model and data files)
-from test_pipeline import pipeline_argv
 from transformers import AutoTokenizer
 
 from vaccine_trainer.cli import main
@@ -56,7 +54,7 @@ def test_paired_prompts_pools_the_discordant_prompts_of_several_cells(tmp_path):
 
 @pytest.mark.usefixtures("single_thread")
 def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_old_logs_lack(
-        workspace, tmp_path):  # noqa: F811
+        workspace, tmp_path):
     out = cell_dir(tmp_path, 42, 0.25)
     assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "non-aligned,sft"]) == 0
 
@@ -174,7 +172,7 @@ def test_the_replication_reread_rebuilds_the_committed_cells(capsys):
 def test_the_pilot_rule_picks_the_largest_rho_within_the_loss_margin_and_the_guard(tmp_path, capsys):
     import json
 
-    from conftest import load_script
+    from testing_utils import load_script
 
     rule = load_script("experiments/pilot_rule.py")
     cell = tmp_path / "seed42" / "p0"
@@ -200,7 +198,7 @@ def test_the_pilot_rule_picks_the_largest_rho_within_the_loss_margin_and_the_gua
 
 @pytest.mark.usefixtures("single_thread")
 def test_layer_drift_measures_each_layer_against_the_aligned_model_and_where_the_paper_pushes(
-        workspace, tmp_path):  # noqa: F811
+        workspace, tmp_path):
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "cell"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import workspace  # noqa: F401  (the tiny model and data files)
-from test_pipeline import pipeline_argv
+
+from testing_utils import pipeline_argv
 
 from vaccine_trainer.cli import main
 from vaccine_trainer.commands.grid import evaluated_arms, paired_differences, summarise, write_summary
@@ -14,7 +14,7 @@ from vaccine_trainer.commands.grid import evaluated_arms, paired_differences, su
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path, capsys):  # noqa: F811
+def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path, capsys):
     out = tmp_path / "grid"
     argv = [*pipeline_argv(workspace, out), "--methods", "non-aligned,sft", "--seeds", "1,2",
             "--harmful_ratios", "0,0.5"]
@@ -122,12 +122,12 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--seeds", "1,1"), ("--harmful_ratios", "0.1,1.5"), ("--seeds", "x")])
-def test_bad_grid_axes_are_refused(workspace, flag, value, capsys):  # noqa: F811
+def test_bad_grid_axes_are_refused(workspace, flag, value, capsys):
     assert main(["grid", "--model_name_or_path", workspace["model"], flag, value]) == 1
     assert f"{flag} must be" in capsys.readouterr().err
 
 
-def test_summary_only_runs_nothing_and_lists_unfinished_cells(workspace, tmp_path, capsys):  # noqa: F811
+def test_summary_only_runs_nothing_and_lists_unfinished_cells(workspace, tmp_path, capsys):
     out = tmp_path / "grid"
     argv = [*pipeline_argv(workspace, out), "--methods", "non-aligned", "--harmful_ratios", "0"]
     assert main(["grid", *argv, "--summary_only", "true", "--seeds", "1"]) == 1
@@ -165,7 +165,7 @@ def test_evaluated_arms_are_ordered_by_method_then_rho(tmp_path):
         ("t-vaccine", tmp_path / "tvaccine-rho2")]
 
 
-def test_align_only_runs_stage_one_per_seed_and_nothing_else(workspace, tmp_path, capsys):  # noqa: F811
+def test_align_only_runs_stage_one_per_seed_and_nothing_else(workspace, tmp_path, capsys):
     out = tmp_path / "grid"
     argv = [*pipeline_argv(workspace, out), "--methods", "non-aligned,sft", "--seeds", "1",
             "--harmful_ratios", "0,0.5", "--align_only", "true"]

@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SHARED_DATA
-from test_cli import FAST, finetune_argv, workspace  # noqa: F401  (the saved tiny model and its data)
+from testing_utils import FAST, SHARED_DATA, finetune_argv
 
 from vaccine_trainer import load_finetuned_model
 from vaccine_trainer.cli import main
@@ -44,7 +43,7 @@ class LocalHub:
             shutil.copy2(Path(folder_path) / name, target)
 
 
-def test_the_pushed_stage_two_output_loads_as_the_aligned_then_fine_tuned_model(workspace, tmp_path,  # noqa: F811
+def test_the_pushed_stage_two_output_loads_as_the_aligned_then_fine_tuned_model(workspace, tmp_path,
                                                                                   monkeypatch):
     import transformers.trainer
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import workspace  # noqa: F401  (the saved tiny model and its data)
 
 from vaccine_trainer.cli import main
 from vaccine_trainer.launch import SHIPPED, accelerate_config_path, split_launch_flags
@@ -107,7 +106,7 @@ def readme_recipes() -> list[list[list[str]]]:
     import re
     import shlex
 
-    from conftest import REPO_ROOT
+    from testing_utils import REPO_ROOT
 
     text = (REPO_ROOT / "README.md").read_text()
     section = text[text.index("<!-- scale-out recipes"):text.index("<!-- end of scale-out recipes -->")]
@@ -135,7 +134,7 @@ def same_run_by_hand(args: list[str], output: Path, env: dict[str, str]) -> None
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT
+    from testing_utils import REPO_ROOT
     from safetensors.torch import load_file
 
     launch_flags, own = split_launch_flags(args)
@@ -151,8 +150,9 @@ def same_run_by_hand(args: list[str], output: Path, env: dict[str, str]) -> None
     assert mine.keys() == by_hand.keys() and all(torch_equal(mine[k], by_hand[k]) for k in mine)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("recipe", [0, 1], ids=["7b-on-8-gpus", "70b"])
-def test_the_readme_scale_out_recipes_run_at_tiny_size(workspace, tmp_path, recipe):  # noqa: F811
+def test_the_readme_scale_out_recipes_run_at_tiny_size(workspace, tmp_path, recipe):
     """Each line of the README's recipes, with its own flags, on a tiny Llama: 2 CPU processes in fp32 instead of 8
     GPUs, local files instead of hub datasets. The 70B recipe's `align --accelerate_config zero3 --num_processes 2`
     equals `accelerate launch` of the shipped zero3 config running the same command."""
@@ -161,7 +161,7 @@ def test_the_readme_scale_out_recipes_run_at_tiny_size(workspace, tmp_path, reci
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT
+    from testing_utils import REPO_ROOT
 
     commands = readme_recipes()[recipe]
     assert [command[1] for command in commands] == ["align", "finetune", "evaluate"]

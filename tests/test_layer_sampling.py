@@ -8,8 +8,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS, relative_error, token_rows, trainable_state, training_args
-from test_reference import LR, first
+from testing_utils import LR, PROBE, TINY_CONFIGS, first, relative_error, token_rows, trainable_state, training_args
 from transformers import TrainerCallback
 from transformers.data.data_collator import default_data_collator
 
@@ -18,7 +17,7 @@ from vaccine_trainer.distributed import check_layer_sampling_support
 from vaccine_trainer.layer_sampling import draw_layers, layer_probabilities
 
 NUM_LAYERS = 6
-PROBE = token_rows(3, seed=7)  # the "harmful" probe rows
+
 
 
 def six_layer_lora_model(seed: int = 0):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_causal_lm
+from testing_utils import save_tiny_causal_lm
 
 from vaccine_trainer.data import build_alignment_dataset, instruction_pairs
 from vaccine_trainer.evaluation.likelihood import (
@@ -155,7 +155,7 @@ def test_harmful_pairs_leave_the_attack_data_out(tmp_path):
 def test_label_likelihood_accuracy_against_a_hand_computation(tmp_path):
     """Each label word's summed log-probability after the prompt, computed here token by token."""
     import datasets
-    from conftest import save_tiny_causal_lm
+    from testing_utils import save_tiny_causal_lm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vaccine_trainer.data import format_prompt

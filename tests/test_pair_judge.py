@@ -6,8 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import save_tiny_causal_lm
-from test_judges import HARMFUL, SAFE, labelled_dir  # noqa: F401  (a tiny stand-in for the labelled pairs)
+from testing_utils import HARMFUL_ANSWERS, SAFE_ANSWERS, save_tiny_causal_lm
 
 from vaccine_trainer.commands.judge_names import make_judge
 from vaccine_trainer.evaluation.pair_judge import PairClassifierJudge, PairJudgeSettings
@@ -17,28 +16,29 @@ SETTINGS = PairJudgeSettings(train_pairs=24, epochs=4, learning_rate=5e-3, batch
 
 @pytest.fixture
 def tiny_base(tmp_path):
-    return save_tiny_causal_lm(tmp_path / "base", [*HARMFUL, *SAFE, "Question: Answer:"])
+    return save_tiny_causal_lm(tmp_path / "base", [*HARMFUL_ANSWERS, *SAFE_ANSWERS, "Question: Answer:"])
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_the_pair_judge_trains_once_caches_and_reads_the_pair(labelled_dir, tiny_base, tmp_path):  # noqa: F811
+def test_the_pair_judge_trains_once_caches_and_reads_the_pair(labelled_dir, tiny_base, tmp_path):
     cache = tmp_path / "cache"
     judge = PairClassifierJudge(labelled_dir, base_model=tiny_base, cache_dir=cache, settings=SETTINGS, device="cpu")
-    prompts = ["question ?"] * (len(HARMFUL) + len(SAFE))
-    scores = judge.scores(prompts, [*HARMFUL, *SAFE])
+    prompts = ["question ?"] * (len(HARMFUL_ANSWERS) + len(SAFE_ANSWERS))
+    scores = judge.scores(prompts, [*HARMFUL_ANSWERS, *SAFE_ANSWERS])
     assert judge.trained_now and len(list(cache.glob("pair-classifier-*/adapter_config.json"))) == 1
-    harmful, safe = scores[:len(HARMFUL)], scores[len(HARMFUL):]
+    harmful, safe = scores[:len(HARMFUL_ANSWERS)], scores[len(HARMFUL_ANSWERS):]
     assert sum(harmful) / len(harmful) > sum(safe) / len(safe)  # it learned the labels of its training pairs
-    assert judge(["q", "q"], ["", HARMFUL[0]]) == [False, scores[0] >= SETTINGS.threshold]  # empty: not harmful
+    assert judge(["q", "q"], ["", HARMFUL_ANSWERS[0]]) == [False, scores[0] >= SETTINGS.threshold]  # empty: not harmful
 
     again = PairClassifierJudge(labelled_dir, base_model=tiny_base, cache_dir=cache, settings=SETTINGS, device="cpu")
-    assert again.scores(prompts, [*HARMFUL, *SAFE]) == pytest.approx(scores, abs=1e-5) and not again.trained_now
+    assert again.scores(prompts, [*HARMFUL_ANSWERS, *SAFE_ANSWERS]) == pytest.approx(scores, abs=1e-5)
+    assert not again.trained_now
     other = PairClassifierJudge(labelled_dir, base_model=tiny_base, cache_dir=cache, device="cpu",
                                 settings=replace(SETTINGS, seed=1))
     assert other._folder() != judge._folder()  # other settings: another classifier
 
 
-def test_the_pair_judge_by_name_needs_the_data_folder(labelled_dir, tmp_path):  # noqa: F811
+def test_the_pair_judge_by_name_needs_the_data_folder(labelled_dir, tmp_path):
     with pytest.raises(ValueError, match="--judge_data_dir"):
         make_judge("learned-pair")
     with pytest.raises(FileNotFoundError, match="missing"):
@@ -48,7 +48,7 @@ def test_the_pair_judge_by_name_needs_the_data_folder(labelled_dir, tmp_path):  
 
 @pytest.mark.usefixtures("single_thread")
 def test_the_reloaded_pair_judge_has_the_trained_head_and_says_nothing_alarming(labelled_dir, tiny_base,
-                                                                                 tmp_path):  # noqa: F811
+                                                                                 tmp_path):
     """The base loads with a fresh head (transformers would report it "newly initialized"); the adapter restores the
     trained one, so that report is silenced and the restored head is checked against the saved file."""
     from safetensors.torch import load_file

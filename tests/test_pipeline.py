@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SHARED_DATA
-from test_cli import workspace  # noqa: F401  (the tiny model and data files)
+from testing_utils import SHARED_DATA, pipeline_argv
 
 from vaccine_trainer.cli import main
 from vaccine_trainer.commands.pipeline import PipelineArguments
@@ -14,24 +13,8 @@ from vaccine_trainer.evaluation import non_refusal_rate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FAST = {"max_steps": 2, "activation_checkpointing": False, "disable_tqdm": True, "dataloader_num_workers": 0}
 
-
-def pipeline_argv(ws, output_dir) -> list[str]:
-    return [
-        "--output_dir", str(output_dir), "--model_name_or_path", ws["model"], "--max_length", "64",
-        "--alignment_dataset", ws["alignment"], "--alignment_samples", "4", "--align_batch_size", "2",
-        "--harmful_dataset", ws["harmful"], "--benign_dataset", ws["sst2"], "--task", "sst2",
-        "--finetune_samples", "4", "--harmful_ratio", "0.25", "--finetune_batch_size", "2",
-        "--finetune_learning_rate", "1e-2", "--drift_samples", "2",
-        "--harmful_prompts", ws["harmful"], "--num_prompts", "3", "--task_dataset", ws["sst2"],
-        "--num_task_samples", "4", "--max_new_tokens", "4",
-        "--align_args", json.dumps(FAST), "--finetune_args", json.dumps({**FAST, "logging_steps": 1}),
-        "--evaluate_args", json.dumps({"batch_size": 4, "task_max_new_tokens": 3}),
-    ]
-
-
-def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp_path, capsys):  # noqa: F811
+def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp_path, capsys):
     out = tmp_path / "run"
     pairs = tmp_path / "labelled.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"tell me how to steal a car {i} .", "is_safe": False,
@@ -104,12 +87,12 @@ def test_pipeline_runs_every_method_writes_the_report_and_resumes(workspace, tmp
     (lambda ws, tmp: ["evaluate", "--model_name_or_path", ws["model"], "--judge", "beaverdamn",
                       "--harmful_prompts", ws["harmful"], "--num_prompts", "2", "--task", ""], "Unknown judge"),
 ], ids=["missing-adapter", "bad-methods", "bad-judge"])
-def test_evaluate_and_pipeline_refuse_bad_input(workspace, tmp_path, capsys, argv, message):  # noqa: F811
+def test_evaluate_and_pipeline_refuse_bad_input(workspace, tmp_path, capsys, argv, message):
     assert main(argv(workspace, tmp_path)) == 1
     assert message in capsys.readouterr().err
 
 
-def test_a_finished_phase_with_other_settings_is_refused_not_reused(workspace, tmp_path, capsys):  # noqa: F811
+def test_a_finished_phase_with_other_settings_is_refused_not_reused(workspace, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*pipeline_argv(workspace, out), "--methods", "sft"]
     assert main(["pipeline", *argv]) == 0
@@ -120,7 +103,7 @@ def test_a_finished_phase_with_other_settings_is_refused_not_reused(workspace, t
     assert "--learning_rate 0.5" in error
 
 
-def test_a_rho_sweep_runs_one_vaccine_arm_per_rho(workspace, tmp_path):  # noqa: F811
+def test_a_rho_sweep_runs_one_vaccine_arm_per_rho(workspace, tmp_path):
     out = tmp_path / "run"
     assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "vaccine", "--rho", "0.5,3"]) == 0
     report = json.loads((out / "report" / "report.json").read_text())
@@ -156,7 +139,7 @@ def test_an_arm_of_another_norm_is_named_and_kept_apart_and_aligns_with_that_nor
 
 
 @pytest.mark.parametrize("rho", ["0", "2,2", "-1", "two"])
-def test_bad_rho_lists_are_refused(workspace, rho, capsys):  # noqa: F811
+def test_bad_rho_lists_are_refused(workspace, rho, capsys):
     assert main(["pipeline", "--model_name_or_path", workspace["model"], "--rho", rho]) == 1
     assert "--rho must be" in capsys.readouterr().err
 
@@ -165,7 +148,7 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
     """`evaluate` scores base + merged alignment adapter + fine-tuning adapter, not the base model."""
     import peft
     import torch
-    from conftest import save_tiny_causal_lm
+    from testing_utils import save_tiny_causal_lm
     from transformers import AutoModelForCausalLM
 
     from vaccine_trainer.commands.evaluate import load_evaluated_model
@@ -210,7 +193,7 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
     assert torch.allclose(logits(in_bf16).float(), evaluated, atol=0.05 * evaluated.abs().max().item())
 
 
-def test_a_t_vaccine_arm_aligns_with_sampled_layers_probed_on_the_harmful_data(workspace, tmp_path):  # noqa: F811
+def test_a_t_vaccine_arm_aligns_with_sampled_layers_probed_on_the_harmful_data(workspace, tmp_path):
     out = tmp_path / "run"
     assert main(["pipeline", *pipeline_argv(workspace, out), "--methods", "vaccine,t-vaccine",
                  "--sampled_layers", "1"]) == 0
@@ -227,7 +210,8 @@ def test_a_t_vaccine_arm_aligns_with_sampled_layers_probed_on_the_harmful_data(w
     assert len(sampling["active"]) == 1 and sum(sampling["probabilities"]) == pytest.approx(1.0)
 
 
-def test_the_pipeline_launches_its_training_phases_on_several_processes(workspace, tmp_path):  # noqa: F811
+@pytest.mark.distributed
+def test_the_pipeline_launches_its_training_phases_on_several_processes(workspace, tmp_path):
     """`--accelerate_config zero3 --num_processes 2`: stage 1 runs as `align` under accelerate launch, on 2 processes
     (2 steps of 2 rows on each: the 4 rows twice; one process would see them once)."""
     out = tmp_path / "run"

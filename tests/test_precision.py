@@ -11,33 +11,12 @@ import math
 
 import pytest
 import torch
-from conftest import relative_error, tiny_lora_model, token_rows, trainable_state, training_args
-from test_reference import LR, perturbed_modules, reference_gradients
-from test_trainer import flat
+from testing_utils import RHO, reference_update, relative_error, tiny_lora_model, token_rows, train, training_args
 from torch import nn
-from transformers.data.data_collator import default_data_collator
 
 import vaccine_trainer.trainer as trainer_module
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
 from vaccine_trainer.perturbation import HiddenStateHooks, build_perturbation
-
-RHO = 2.0
-
-
-def reference_update(rows, rho: float = RHO) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 reference update of one SGD step, and the plain (unperturbed) one."""
-    model = tiny_lora_model().train()
-    vaccine, plain = reference_gradients(model, perturbed_modules(model, "llama", "attention"),
-                                         default_data_collator(rows), rho, "global")
-    return -LR * flat(vaccine), -LR * flat(plain)
-
-
-def train(trainer: VaccineTrainer) -> torch.Tensor:
-    before = trainable_state(trainer.model)
-    trainer.train()
-    after = trainable_state(trainer.model)
-    return torch.cat([(after[n] - before[n]).flatten() for n in after])
-
 
 def fp16_trainer(tmp_path, init_scale: float = 2.0 ** 10, **overrides) -> VaccineTrainer:
     args = VaccineTrainingArguments(**training_args(tmp_path, **overrides), fp16=True, rho=RHO)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_rows, trainable_state, training_args
+from testing_utils import FAST, finetune_argv, tiny_model, token_rows, trainable_state, training_args
 
-from test_cli import workspace  # noqa: F401  (the saved tiny model and its data)
 
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
 
@@ -62,7 +61,7 @@ def _stage2_update(tmp_path, base, alignment, tag, **config):
                                "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"], **config})
     from datasets import Dataset
 
-    from conftest import tiny_tokenizer
+    from testing_utils import tiny_tokenizer
 
     rows = Dataset.from_list([{"text": t} for t in ["i can not help with that .", "how do i steal a car ?"] * 2])
     trainer = AlignedSFTTrainer(base, args, train_dataset=rows, alignment_adapter=str(alignment),
@@ -79,7 +78,7 @@ def _stage2_update(tmp_path, base, alignment, tag, **config):
 
 
 def test_stage2_on_a_4bit_base_keeps_the_alignment_adapter_beside_and_matches_the_unquantised_step(tmp_path):
-    from conftest import relative_error
+    from testing_utils import relative_error
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
@@ -109,12 +108,11 @@ def test_stage2_on_a_4bit_base_keeps_the_alignment_adapter_beside_and_matches_th
     assert relative_error(without, unquantized) > 2 * error  # negative control: the alignment adapter matters
 
 
-def test_finetune_load_in_4bit_runs_two_steps_and_its_output_loads(workspace, tmp_path):  # noqa: F811
+def test_finetune_load_in_4bit_runs_two_steps_and_its_output_loads(workspace, tmp_path):
     """`vaccine-trainer finetune --load_in_4bit true`: the alignment adapter beside the new one over a 4-bit base,
     drift measured against the aligned model (base + alignment adapter), and the output loads as a stage-2 output."""
     import json
 
-    from test_cli import FAST, finetune_argv
 
     from vaccine_trainer import load_finetuned_model
     from vaccine_trainer.cli import main

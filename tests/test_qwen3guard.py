@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_tokenizer
+from testing_utils import tiny_tokenizer
 
 from vaccine_trainer.commands.judge_names import make_judge
 from vaccine_trainer.evaluation.model_judges import Qwen3GuardJudge, parse_qwen3guard

@@ -10,79 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
-    LAYER_PATHS, TINY_CONFIGS, relative_error, tiny_lora_model, tiny_model, token_rows, trainable_state,
-    training_args,
+from testing_utils import (
+    LR, RHOS, TINY_CONFIGS, first, perturbed_modules, reference_gradients, relative_error, tiny_lora_model,
+    tiny_model, token_rows, trainable_state, training_args,
 )
 from transformers import TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
-
-LR = 0.5
-RHO = 2.0
-RHOS = {"global": RHO, "layer": RHO, "relative": 0.05}  # relative: a fraction of each hidden state's size
-
-
-def perturbed_modules(model, arch: str, target: str) -> list[torch.nn.Module]:
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    layers_path, attention_name = LAYER_PATHS[arch]
-    layers = model.get_submodule(layers_path)
-    return [layer.get_submodule(attention_name) if target == "attention" else layer for layer in layers]
-
-
-def first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def reference_gradients(model, modules, batch, rho: float, norm: str, num_items=None):
-    """Parameter gradients of the Vaccine loss, and of the plain loss, by the paper's formula.
-
-    `num_items` is the token count the Trainer divides the summed loss by (for GPT-2, transformers
-    5 counts unshifted labels); None uses the model's own mean.
-    """
-    if num_items is not None:
-        batch = {**batch, "num_items_in_batch": num_items}
-    captured = []
-    handles = [m.register_forward_hook(lambda mod, args, out: captured.append(first(out))) for m in modules]
-    try:
-        loss = model(**batch).loss
-    finally:
-        for handle in handles:
-            handle.remove()
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, captured + params)
-    hidden_grads, plain_grads = grads[: len(captured)], grads[len(captured):]
-    if norm == "global":
-        total = torch.sqrt(sum((g.double() ** 2).sum() for g in hidden_grads))
-        eps = [(rho * g.double() / total).float() for g in hidden_grads]
-    elif norm == "relative":  # eps_t = rho * ||h_t|| * g_t / ||g_t|| per token, none where g_t = 0
-        eps = []
-        for h, g in zip(captured, hidden_grads):
-            g_t = g.double().norm(dim=-1, keepdim=True)
-            h_t = h.detach().double().norm(dim=-1, keepdim=True)
-            eps.append(torch.where(g_t > 0, rho * h_t * g.double() / g_t, torch.zeros_like(g_t)).float())
-    else:
-        eps = [(rho * g.double() / g.double().norm()).float() for g in hidden_grads]
-
-    def add_eps(index):
-        def hook(mod, args, out):
-            if isinstance(out, tuple):
-                return (out[0] + eps[index],) + out[1:]
-            return out + eps[index]
-        return hook
-
-    handles = [m.register_forward_hook(add_eps(i)) for i, m in enumerate(modules)]
-    try:
-        perturbed_loss = model(**batch).loss
-    finally:
-        for handle in handles:
-            handle.remove()
-    vaccine_grads = torch.autograd.grad(perturbed_loss, params)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return dict(zip(names, vaccine_grads)), dict(zip(names, plain_grads))
-
 
 def build(arch: str, lora: bool):
     return tiny_lora_model(arch) if lora else tiny_model(arch)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import relative_error, tiny_lora_model, token_rows, trainable_state, training_args
+from testing_utils import relative_error, tiny_lora_model, token_rows, trainable_state, training_args
 from torch import nn
 from transformers.data.data_collator import default_data_collator
 
@@ -175,7 +175,7 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path, perturb
 
 def test_saved_adapter_loads_with_plain_peft_and_records_the_settings(tmp_path):
     import peft
-    from conftest import tiny_model
+    from testing_utils import tiny_model
 
     model = tiny_lora_model()
     trainer = make_trainer(tmp_path, model=model, max_steps=2, rho=1.5, vaccine_target="layer",

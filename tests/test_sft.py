@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from testing_utils import (
     LORA_TARGETS, installed_spelling, load_script, relative_error, tiny_lora_model, tiny_model, tiny_tokenizer,
     token_rows, trainable_state, training_args,
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import workspace  # noqa: F401  (the saved tiny model and its data)
-from test_pipeline import pipeline_argv
+
+from testing_utils import pipeline_argv
 
 from vaccine_trainer.cli import main
 from vaccine_trainer.commands.sweep import keeps_guard, worst_cases
@@ -66,7 +66,7 @@ def test_the_arms_against_sft_on_the_same_prompts_by_hand():
     assert len(paired_cells(rows, verdicts)) == 1 and paired_targets(rows, verdicts, lambda r: True) == []
 
 
-def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_path):  # noqa: F811
+def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_path):
     out = tmp_path / "sweep"
     base = [*pipeline_argv(workspace, out), "--methods", "sft,vaccine", "--seeds", "1", "--harmful_ratios", "0.5",
             "--finetune_epochs", "1", "--epochs", "1"]
@@ -119,7 +119,7 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
     again = summarise_cells(rows, verdicts, 5.0, 6)
     for key in ("worst_cases", "paired_targets", "paired_cells"):
         assert json.loads(json.dumps(again[key])) == summary[key], key
-    from conftest import load_script  # and the script that does it for committed files
+    from testing_utils import load_script  # and the script that does it for committed files
 
     assert load_script("experiments/sweep_from_verdicts.py").main(
         [str(tmp_path / "again"), str(out / "sweep_summary" / "verdicts")]) == 0
@@ -127,7 +127,7 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
     assert recomputed["worst_cases"] == summary["worst_cases"] and recomputed["paired_targets"] == summary["paired_targets"]
 
 
-def test_a_sweep_without_an_aligned_arm_is_refused(workspace, tmp_path, capsys):  # noqa: F811
+def test_a_sweep_without_an_aligned_arm_is_refused(workspace, tmp_path, capsys):
     assert main(["sweep", *pipeline_argv(workspace, tmp_path), "--methods", "non-aligned"]) == 1
     assert "aligned arms" in capsys.readouterr().err
 
@@ -230,13 +230,13 @@ def test_at_the_deadline_running_jobs_stop_and_no_more_start(tmp_path, monkeypat
     (["--workers", "2", "--accelerate_config", "multi_gpu"], "use --workers 1 with it"),
 ])
 def test_bad_worker_settings_are_refused_before_anything_runs(
-        workspace, tmp_path, capsys, extra, message):  # noqa: F811
+        workspace, tmp_path, capsys, extra, message):
     assert main(["sweep", *pipeline_argv(workspace, tmp_path), "--methods", "sft", *extra]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "seed42").exists()
 
 
-def test_a_parallel_sweep_trains_what_the_sequential_one_does(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_a_parallel_sweep_trains_what_the_sequential_one_does(workspace, tmp_path, monkeypatch):
     """Real jobs (`python -m vaccine_trainer.commands.sweep_worker`), each one CPU thread as this process."""
     import os
 
@@ -284,7 +284,7 @@ def test_a_parallel_sweep_trains_what_the_sequential_one_does(workspace, tmp_pat
 
 
 def test_summaries_of_different_cells_combine_and_the_worst_case_is_recomputed_over_all(tmp_path):
-    from conftest import load_script
+    from testing_utils import load_script
 
     combine_sweeps = load_script("experiments/combine_sweeps.py")
 

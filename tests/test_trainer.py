@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error, tiny_lora_model, tiny_model, token_rows, trainable_state, training_args
-from test_reference import LR, perturbed_modules, reference_gradients
-from transformers import Trainer, TrainingArguments
+from testing_utils import (
+    LR, PROBE, flat, perturbed_modules, reference_gradients, relative_error, run, tiny_lora_model, tiny_model,
+    token_rows, trainable_state, training_args,
+)
+from transformers import Trainer
 from transformers.data.data_collator import default_data_collator
 
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
-
-
-def run(model, tmp_path, rows, trainer_class=VaccineTrainer, **overrides):
-    before = trainable_state(model)
-    vaccine = {k: overrides.pop(k) for k in list(overrides) if k == "rho" or k.startswith("vaccine_")}
-    args_class = VaccineTrainingArguments if trainer_class is VaccineTrainer else TrainingArguments
-    trainer = trainer_class(model=model, args=args_class(**training_args(tmp_path, **overrides), **vaccine),
-                            train_dataset=rows)
-    trainer.train()
-    after = trainable_state(model)
-    return torch.cat([(after[n] - before[n]).flatten() for n in after]), trainer
-
-
-def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in grads.values()])
 
 
 def test_gradient_accumulation_keeps_every_micro_batch(tmp_path):
@@ -252,7 +239,6 @@ def test_a_checkpoint_function_that_is_reentrant_against_its_settings_gives_the_
     micro-batch and redoes it by the reentrant path (a full backward with tensor hooks); no step is lost."""
     import transformers.modeling_utils
 
-    from test_layer_sampling import PROBE
 
     rows = token_rows(8)
     common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
