@@ -14,6 +14,7 @@ with `TrlParser`, so every flag also works in a YAML file given with `--config`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,17 +24,31 @@ from .commands.common import PROG, logger
 from .launch import exit_launched_rank, launch, split_launch_flags
 
 LAUNCHED = ("align", "finetune", "sft")  # commands that take --accelerate_config / --num_processes
+# What the experiment harness (judges, intervals, plots) needs beyond the library: pyproject's `harness` extra.
+HARNESS_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "scipy": "scipy"}
+
+
+class MissingExtraError(ImportError):
+    """A harness command run where only the library is installed."""
 
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: `target` ("module:function") takes the arguments after its name, returns the exit code."""
+    """One subcommand: `target` ("module:function") takes the arguments after its name, returns the exit code.
+    A `harness` command (evaluation and experiments) needs the `harness` extra; the library's do not."""
 
     name: str
     help: str
     target: str
+    harness: bool = False
 
     def run(self, argv: list[str]) -> int:
+        if self.harness:
+            missing = [dist for module, dist in HARNESS_PACKAGES.items() if importlib.util.find_spec(module) is None]
+            if missing:
+                raise MissingExtraError(
+                    f"`{PROG} {self.name}` belongs to the experiment harness, which needs {', '.join(missing)}: "
+                    "pip install \"vaccine-trainer[harness]\" (from a clone: pip install -e \".[harness]\").")
         module, _, function = self.target.partition(":")
         run: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
         return run(argv)
@@ -47,15 +62,15 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("finetune", "Stage 2: merge an alignment adapter, fine-tune a fresh LoRA on a harmful/benign mix.",
             "vaccine_trainer.commands.finetune:main"),
     Command("evaluate", "Harmful score (pluggable judge) and fine-tune accuracy of a model with its adapters.",
-            "vaccine_trainer.commands.evaluate:main"),
+            "vaccine_trainer.commands.evaluate:main", harness=True),
     Command("judge-check", "A judge's accuracy, precision, recall and refusals flagged on human-labelled pairs.",
-            "vaccine_trainer.commands.judge_check:main"),
+            "vaccine_trainer.commands.judge_check:main", harness=True),
     Command("pipeline", "The whole experiment: align (none/SFT/Vaccine) -> harmful fine-tuning -> evaluate -> report.",
-            "vaccine_trainer.commands.pipeline:main"),
+            "vaccine_trainer.commands.pipeline:main", harness=True),
     Command("grid", "The pipeline over seeds and harmful ratios (alignment shared across p), with a summary table.",
-            "vaccine_trainer.commands.grid:main"),
+            "vaccine_trainer.commands.grid:main", harness=True),
     Command("sweep", "Stage 2 over attacker settings (lr x epochs) per aligned arm: the surface and the worst case.",
-            "vaccine_trainer.commands.sweep:main"),
+            "vaccine_trainer.commands.sweep:main", harness=True),
     Command("env", "Versions, accelerator and accelerate config, for a bug report.",
             "vaccine_trainer.commands.env:main"),
 )}
@@ -64,7 +79,9 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [f"usage: {PROG} <command> [--config file.yaml] [--flag value ...]", "", "commands:"]
-    lines += [f"  {c.name:<{width}}  {c.help}" for c in COMMANDS.values()]
+    lines += [f"  {c.name:<{width}}  {c.help}" for c in COMMANDS.values() if not c.harness]
+    lines += ["", 'experiment harness (pip install "vaccine-trainer[harness]"):']
+    lines += [f"  {c.name:<{width}}  {c.help}" for c in COMMANDS.values() if c.harness]
     lines += ["", f"`{PROG} <command> --help` lists a command's flags."]
     return "\n".join(lines)
 
@@ -84,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if flags:
             return launch(name, flags, own)  # the same command again, under `accelerate launch`
         return COMMANDS[name].run(rest)
-    except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
+    except (ValueError, FileNotFoundError, MissingExtraError) as error:  # bad input: a message, not a traceback
         logger().debug("Failed with", exc_info=True)
         print(f"{PROG} {name}: error: {error}", file=sys.stderr)
         return 1
