@@ -22,6 +22,7 @@ from pathlib import Path
 from vaccine_trainer.evaluation.intervals import (
     JudgeErrors, corrected_rate, paired_difference, stratified_paired_difference, wilson_percent,
 )
+from vaccine_trainer.markdown import with_interval
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PROMPTS = 200
@@ -86,27 +87,25 @@ def main() -> None:
             groups.append((vaccine, sft))
             cells = []
             for verdicts in (sft, vaccine):
-                low, high = wilson_percent(sum(verdicts), PROMPTS)
-                cells.append(f"{100 * sum(verdicts) / PROMPTS:.1f} [{low:.1f}, {high:.1f}]")
+                cells.append(with_interval(100 * sum(verdicts) / PROMPTS, wilson_percent(sum(verdicts), PROMPTS)))
             for verdicts in (sft, vaccine):
                 corrected = corrected_rate(sum(verdicts), PROMPTS, errors)
-                cells.append(f"{corrected.value:.1f} [{corrected.ci95[0]:.1f}, {corrected.ci95[1]:.1f}]")
+                cells.append(with_interval(corrected.value, corrected.ci95))
             difference, low, high = paired_difference(vaccine, sft)
             one = stratified_paired_difference([(vaccine, sft)], errors)
             corrected = one["corrected"]
             print(f"| {ratio:g} | {seed} | " + " | ".join(cells)
-                  + f" | {100 * difference:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
-                  + f" | {corrected['value']:+.1f} [{corrected['ci95'][0]:+.1f}, {corrected['ci95'][1]:+.1f}] |")
+                  + f" | {with_interval(100 * difference, (100 * low, 100 * high), signed=True)}"
+                  + f" | {with_interval(corrected['value'], corrected['ci95'], signed=True)} |")
         pooled = stratified_paired_difference(groups, errors)
         corrected = pooled["corrected"]
-        print(f"| {ratio:g} | mean of 3 | | | | | {pooled['difference']:+.1f} [{pooled['ci95'][0]:+.1f}, "
-              f"{pooled['ci95'][1]:+.1f}] | {corrected['value']:+.1f} [{corrected['ci95'][0]:+.1f}, "
-              f"{corrected['ci95'][1]:+.1f}] |")
+        print(f"| {ratio:g} | mean of 3 | | | | | {with_interval(pooled['difference'], pooled['ci95'], signed=True)} "
+              f"| {with_interval(corrected['value'], corrected['ci95'], signed=True)} |")
         widest = stratified_paired_difference(coinciding_discordance(ratio), errors, shared_items=True)
         corrected = widest["corrected"]
-        print(f"| {ratio:g} | mean of 3, widest | | | | | {widest['difference']:+.1f} [{widest['ci95'][0]:+.1f}, "
-              f"{widest['ci95'][1]:+.1f}] | {corrected['value']:+.1f} [{corrected['ci95'][0]:+.1f}, "
-              f"{corrected['ci95'][1]:+.1f}] |")
+        print(f"| {ratio:g} | mean of 3, widest | | | | | "
+              f"{with_interval(widest['difference'], widest['ci95'], signed=True)} "
+              f"| {with_interval(corrected['value'], corrected['ci95'], signed=True)} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .config import VaccineArguments
 from .distributed import check_distributed_support, check_layer_sampling_support, pass_one_without_sync
 from .layer_sampling import LayerSamplingState
 from .layers import find_vaccine_modules
+from .markdown import markdown_table
 from .targeted import LayerSampler
 from .perturbation import (
     LOSS_SCALE_OVERFLOW,
@@ -494,11 +495,12 @@ class VaccineMixin:
             return
         card = ModelCard.load(path)  # re-read: PEFT rewrites the card's metadata after the parent writes it
         card.data.tags = list(dict.fromkeys([*(card.data.tags or []), "vaccine", "safety-alignment"]))
-        rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in self.vaccine_args.vaccine_kwargs().items())
+        table = "\n".join(markdown_table(["setting", "value"], [
+            [f"`{name}`", f"`{value}`"] for name, value in self.vaccine_args.vaccine_kwargs().items()], numeric_from=2))
         card.text += (
             "\n## Vaccine alignment\n\nTrained with Vaccine (perturbation-aware alignment, Huang et al., "
             "NeurIPS 2024, arXiv:2402.01109) using vaccine-trainer.\n\n"
-            f"| setting | value |\n|---|---|\n{rows}\n\nPerturbed modules: {len(self.vaccine_modules)} "
+            f"{table}\n\nPerturbed modules: {len(self.vaccine_modules)} "
             f"({_summarise(self.vaccine_modules)}).\nMicro-batches trained without perturbation "
             f"(non-finite or zero pass-1 gradient): {self.vaccine_skipped_steps}.\n"
         )

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..markdown import interval_text
 from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 from .common import PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require, command_description
 
@@ -237,10 +238,11 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
 
 
 def summary_line(args: EvaluateArguments, harmful, figures: dict[str, Any], second: dict[str, Any] | None) -> str:
-    summary = f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n}, 95% CI {_interval(harmful.ci95)})"
+    summary = (f"harmful score {harmful.score:.1f}% ({harmful.flagged}/{harmful.n}, "
+               f"95% CI {interval_text(harmful.ci95)})")
     if harmful.corrected is not None:
         summary += (f", corrected for the judge's errors {harmful.corrected['value']:.1f}% "
-                    f"(95% CI {_interval(harmful.corrected['ci95'])})")
+                    f"(95% CI {interval_text(harmful.corrected['ci95'])})")
     accuracy, by_likelihood = figures["accuracy"], figures["accuracy_by_likelihood"]
     if accuracy is not None:
         summary += f", {args.task} accuracy {accuracy.accuracy:.1f}% ({accuracy.correct}/{accuracy.n})"
@@ -299,10 +301,6 @@ def publish_card(folder: Path, result: dict[str, Any], args: EvaluateArguments) 
                               commit_message="vaccine-trainer evaluate: harmful score and fine-tune accuracy")
 
 
-def _interval(bounds) -> str:
-    return f"{bounds[0]:.1f}-{bounds[1]:.1f}%" if bounds else "-"
-
-
 def answer_cache(args: EvaluateArguments, what: str, max_new_tokens: int):
     """The answers of this evaluation, kept beside its output file as they are generated (see `AnswerCache`)."""
     from ..evaluation.answer_cache import AnswerCache, weights_fingerprint
@@ -343,6 +341,7 @@ def measure_judge(judge, data_dir: str | None):
 def main(argv: list[str]) -> int:
     from trl import TrlParser
 
-    (args,) = TrlParser((EvaluateArguments,), prog=f"{PROG} evaluate", description=command_description(__doc__)).parse_args_and_config(argv)
+    parser = TrlParser((EvaluateArguments,), prog=f"{PROG} evaluate", description=command_description(__doc__))
+    (args,) = parser.parse_args_and_config(argv)
     run_evaluation(args)
     return 0

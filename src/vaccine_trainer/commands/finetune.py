@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..markdown import markdown_table
 from ..sft import AlignedSFTConfig
 from .common import (
     command_description,
@@ -156,9 +157,10 @@ def stage2_card_section(script: FinetuneScriptArguments, args: AlignedSFTConfig,
         section += (
             f"\nAlignment drift on {len(drift)} held rows of `{script.drift_dataset}` "
             "(sum over layers and samples of ||h - h_aligned||^2) and alignment loss:\n\n"
-            "| step | drift | drift fraction | median token drift | alignment loss |\n|---|---|---|---|---|\n"
-            + "\n".join(f"| {h['step']} | {h[DRIFT_KEY]:.4g} | {h[DRIFT_FRACTION_KEY]:.4g} | "
-                        f"{h[MEDIAN_TOKEN_DRIFT_KEY]:.4g} | {h[LOSS_KEY]:.4f} |" for h in (first, last))
+            + "\n".join(markdown_table(
+                ["step", "drift", "drift fraction", "median token drift", "alignment loss"],
+                [[str(h["step"]), f"{h[DRIFT_KEY]:.4g}", f"{h[DRIFT_FRACTION_KEY]:.4g}",
+                  f"{h[MEDIAN_TOKEN_DRIFT_KEY]:.4g}", f"{h[LOSS_KEY]:.4f}"] for h in (first, last)], numeric_from=5))
             + "\n"
         )
     stage_one = alignment_settings(script.alignment_adapter)

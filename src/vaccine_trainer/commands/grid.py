@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..markdown import markdown_table, with_interval
 from .common import PROG, logger, command_description
 from .pipeline import (
     DEFAULT_RHO,
@@ -328,7 +329,7 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
 
 def _summary_tables(summary: Sequence[Mapping[str, Any]]) -> list[str]:
     """The mean ± sd of every metric: scores and drift in one table, the judge-free metrics where there are any."""
-    from ..evaluation.metrics import markdown_table, metrics_in
+    from ..evaluation.metrics import metrics_in
 
     def table(metrics, sizes: bool) -> list[str]:
         header = ["Method", "p", *(m.header() for m in metrics), *(["Prompts / rows"] if sizes else [])]
@@ -346,7 +347,7 @@ def _summary_tables(summary: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _paired_table(paired: Sequence[Mapping[str, Any]]) -> list[str]:
-    from ..evaluation.metrics import METRICS, markdown_table
+    from ..evaluation.metrics import METRICS
 
     if not paired:
         return []
@@ -359,24 +360,20 @@ def _paired_table(paired: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _pooled_table(pooled: Sequence[Mapping[str, Any]]) -> list[str]:
-    from ..evaluation.metrics import markdown_table
-
     if not pooled:
         return []
     body = []
     for entry in pooled:
         corrected = entry.get("corrected") or {}
-        low, high = entry["ci95"]
-        corrected_cell = (f"{corrected['value']:+.1f} [{corrected['ci95'][0]:+.1f}, {corrected['ci95'][1]:+.1f}]"
-                          if corrected else "–")
         body.append([entry["method"], f"{entry['harmful_ratio']:g}", ", ".join(map(str, entry["seeds"])),
-                     f"{entry['difference']:+.1f} [{low:+.1f}, {high:+.1f}]", corrected_cell])
+                     with_interval(entry["difference"], entry["ci95"], signed=True),
+                     with_interval(corrected.get("value"), corrected.get("ci95"), signed=True)])
     header = ["Method", "p", "Seeds", "Difference (points)", "Corrected for the judge's errors (points)"]
     return [POOLED_NOTE, "", *markdown_table(header, body, numeric_from=3), ""]
 
 
 def _per_seed_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    from ..evaluation.metrics import markdown_table, rate_cell
+    from ..evaluation.metrics import rate_cell
 
     body = [[str(row["seed"]), row["method"], f"{row['harmful_ratio']:g}",
              rate_cell(row["harmful_score"], row.get("harmful_score_n")),

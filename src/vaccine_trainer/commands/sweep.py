@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..markdown import markdown_table, with_interval
 from .common import PROG, logger, command_description
 from .grid import GridArguments, _parse_list, cell_dir, evaluated_arms
 from .parallel_jobs import Job, run_jobs
@@ -346,36 +347,32 @@ def write_sweep_summary(output_dir: Path, summary: Mapping[str, Any]) -> dict[st
              *[line for note in summary.get("notes", []) for line in (note, "")],
              *([f"Jobs that did not finish in this run ({len(summary['unfinished_jobs'])}; a new run resumes them): "
                 f"{', '.join(summary['unfinished_jobs'])}.", ""] if summary.get("unfinished_jobs") else []),
-             "## Worst case per arm", "",
-             "| Seed | p | Method | Worst harmful score (%) among guarded cells | at (lr, epochs) "
-             "| Mean over all cells "
-             "(%) | Guarded cells |", "|---:|---:|---|---:|---|---:|---:|"]
+             "## Worst case per arm", ""]
+    header = ["Seed", "p", "Method", "Worst harmful score (%) among guarded cells", "at (lr, epochs)",
+              "Mean over all cells (%)", "Guarded cells"]
+    body = []
     for entry in worst:
         setting = entry["worst_setting"]
-        where = f"{setting['learning_rate']:g}, {setting['epochs']:g}" if setting else "–"
-        lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
-                     f"| {_with(entry['worst_harmful_score'], entry['worst_ci95'])} | {where} "
-                     f"| {_with(entry['mean_harmful_score'], None)} | {entry['guarded_cells']} of {entry['cells']} |")
-    lines += ["", *paired_markdown(summary.get("paired_cells", []), summary.get("paired_targets", [])),
-              "## Every cell", "",
-              "| Seed | p | Method | lr | Epochs | Harmful score (%) | Fine-tune accuracy (%) | Benign-only (%) "
-              "| Guard |", "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
-    for row in sorted(rows, key=lambda r: (r["seed"], r["harmful_ratio"], r["method"], r["learning_rate"],
-                                          r["epochs"])):
-        lines.append(f"| {row['seed']} | {row['harmful_ratio']:g} | {row['method']} | {row['learning_rate']:g} "
-                     f"| {row['epochs']:g} | {_with(row['harmful_score'], row['harmful_ci95'])} "
-                     f"| {_with(row['accuracy'], row['accuracy_ci95'])} | {_with(row['benign_accuracy'], None)} "
-                     f"| {'kept' if keeps_guard(row, points) else 'broken'} |")
-    lines += ["", f"![Harmful score per attacker setting]({paths['heatmap'].name})", "",
+        body.append([str(entry["seed"]), f"{entry['harmful_ratio']:g}", entry["method"],
+                     with_interval(entry["worst_harmful_score"], entry["worst_ci95"]),
+                     f"{setting['learning_rate']:g}, {setting['epochs']:g}" if setting else "–",
+                     with_interval(entry["mean_harmful_score"]), f"{entry['guarded_cells']} of {entry['cells']}"])
+    lines += [*markdown_table(header, body, numeric_from=0, text_columns=(2, 4)), "",
+              *paired_markdown(summary.get("paired_cells", []), summary.get("paired_targets", [])),
+              "## Every cell", ""]
+    header = ["Seed", "p", "Method", "lr", "Epochs", "Harmful score (%)", "Fine-tune accuracy (%)", "Benign-only (%)",
+              "Guard"]
+    body = [[str(row["seed"]), f"{row['harmful_ratio']:g}", row["method"], f"{row['learning_rate']:g}",
+             f"{row['epochs']:g}", with_interval(row["harmful_score"], row["harmful_ci95"]),
+             with_interval(row["accuracy"], row["accuracy_ci95"]), with_interval(row["benign_accuracy"]),
+             "kept" if keeps_guard(row, points) else "broken"]
+            for row in sorted(rows, key=lambda r: (r["seed"], r["harmful_ratio"], r["method"], r["learning_rate"],
+                                                   r["epochs"]))]
+    lines += [*markdown_table(header, body, numeric_from=0, text_columns=(2, 8)), "",
+              f"![Harmful score per attacker setting]({paths['heatmap'].name})", "",
               f"![Worst case per arm]({paths['worst_plot'].name})", ""]
     paths["markdown"].write_text("\n".join(lines))
     return paths
-
-
-def _with(value: float | None, bounds: Sequence[float] | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.1f}" + (f" [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else "")
 
 
 def _plot_heatmaps(rows: Sequence[Mapping[str, Any]], path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..markdown import markdown_table, with_interval
 from .common import logger
 
 Verdicts = Mapping[str, bool]  # prompt -> harmful
@@ -117,26 +118,19 @@ def paired_markdown(cells: Sequence[Mapping[str, Any]], targets: Sequence[Mappin
                  "prompts (which is also why the discordant prompts summed over the cells get no test: those pairs "
                  "are not independent)." if targets else ""), ""]
     if targets:  # absent where the verdicts per prompt are not all at hand (e.g. summaries combined)
-        lines += [f"| Seed | p | Method | Worst case − {baseline}'s (points) | Mean − {baseline}'s (points) | Cells "
-                  f"| {baseline} only / method only, summed |", "|---:|---:|---|---:|---:|---:|---:|"]
-        lines += [f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
-                  f"| {_signed(entry.get('worst_difference'), entry.get('worst_ci95'))} "
-                  f"| {_signed(entry.get('mean_difference'), entry.get('mean_ci95'))} "
-                  f"| {entry.get('common_cells', '–')} | {_split(entry)} |" for entry in targets]
-        lines.append("")
-    lines += [f"| Seed | p | Method | lr | Epochs | Difference (points) | {baseline} only / method only "
-              "| McNemar p |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for entry in cells:
-        lines.append(f"| {entry['seed']} | {entry['harmful_ratio']:g} | {entry['method']} "
-                     f"| {entry['learning_rate']:g} | {entry['epochs']:g} "
-                     f"| {_signed(entry['difference'], entry['ci95'])} | {_split(entry)} | {_p(entry)} |")
-    return [*lines, ""]
-
-
-def _signed(value: float | None, bounds: Sequence[float] | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:+.1f}" + (f" [{bounds[0]:+.1f}, {bounds[1]:+.1f}]" if bounds else "")
+        header = ["Seed", "p", "Method", f"Worst case − {baseline}'s (points)", f"Mean − {baseline}'s (points)",
+                  "Cells", f"{baseline} only / method only, summed"]
+        body = [[str(entry["seed"]), f"{entry['harmful_ratio']:g}", entry["method"],
+                 with_interval(entry.get("worst_difference"), entry.get("worst_ci95"), signed=True),
+                 with_interval(entry.get("mean_difference"), entry.get("mean_ci95"), signed=True),
+                 str(entry.get("common_cells", "–")), _split(entry)] for entry in targets]
+        lines += [*markdown_table(header, body, numeric_from=0, text_columns=(2,)), ""]
+    header = ["Seed", "p", "Method", "lr", "Epochs", "Difference (points)", f"{baseline} only / method only",
+              "McNemar p"]
+    body = [[str(entry["seed"]), f"{entry['harmful_ratio']:g}", entry["method"], f"{entry['learning_rate']:g}",
+             f"{entry['epochs']:g}", with_interval(entry["difference"], entry["ci95"], signed=True), _split(entry),
+             _p(entry)] for entry in cells]
+    return [*lines, *markdown_table(header, body, numeric_from=0, text_columns=(2,)), ""]
 
 
 def _split(entry: Mapping[str, Any]) -> str:

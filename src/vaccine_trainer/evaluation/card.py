@@ -7,13 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..markdown import interval_text, markdown_table
 from .metrics import JudgeRecord
 
 START, END = "<!-- vaccine-trainer evaluate -->", "<!-- end of vaccine-trainer evaluate -->"
-
-
-def _interval(bounds) -> str:
-    return f"[{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else "–"
 
 
 def evaluation_section(result: Mapping[str, Any]) -> str:
@@ -22,26 +19,26 @@ def evaluation_section(result: Mapping[str, Any]) -> str:
     harm = result["harmful_score"]
     settings = result["settings"]
     judge = harm["settings"]["judge"]
-    rows = [f"| harmful score (judge `{judge}`) | {harm['score']:.1f}% of {harm['n']} prompts "
-            f"(`{settings['harmful_prompts']}`) | {_interval(harm.get('ci95'))} |"]
+    rows = [[f"harmful score (judge `{judge}`)", f"{harm['score']:.1f}% of {harm['n']} prompts "
+             f"(`{settings['harmful_prompts']}`)", interval_text(harm.get('ci95'))]]
     corrected = harm.get("corrected")
     if corrected:
         mark = " (outside what the judge's measured rates allow: not informative)" if corrected.get("outside_model") \
             else ""
-        rows.append(f"| harmful score corrected for the judge's errors{mark} | {corrected['value']:.1f}% "
-                    f"| {_interval(corrected['ci95'])} |")
+        rows.append([f"harmful score corrected for the judge's errors{mark}", f"{corrected['value']:.1f}%",
+                     interval_text(corrected['ci95'])])
     if harm.get("non_refusal_rate") is not None:
-        rows.append(f"| non-refusal rate (no judge) | {harm['non_refusal_rate']:.1f}% "
-                    f"| {_interval(harm.get('non_refusal_ci95'))} |")
+        rows.append(["non-refusal rate (no judge)", f"{harm['non_refusal_rate']:.1f}%",
+                     interval_text(harm.get('non_refusal_ci95'))])
     for key, how in (("accuracy", "generated answers"), ("accuracy_by_likelihood", "label likelihood")):
         accuracy = result.get(key)
         if accuracy:
-            rows.append(f"| fine-tune accuracy, {accuracy['task']} ({how}) | {accuracy['accuracy']:.1f}% of "
-                        f"{accuracy['n']} rows | {_interval(accuracy.get('ci95'))} |")
+            rows.append([f"fine-tune accuracy, {accuracy['task']} ({how})",
+                         f"{accuracy['accuracy']:.1f}% of {accuracy['n']} rows", interval_text(accuracy.get('ci95'))])
     measured = JudgeRecord.of(harm, result.get("judge_check")).summary() or "not measured (no labelled pairs given)"
     return "\n".join([
         START, "## Evaluation (`vaccine-trainer evaluate`)", "",
-        "| figure | value | 95% interval |", "|---|---|---|", *rows, "",
+        *markdown_table(["figure", "value", "95% interval"], rows, numeric_from=3), "",
         f"Judge: {measured}. Greedy answers, {harm['settings'].get('max_new_tokens')} new tokens. Method: Vaccine "
         "(Huang, Hu, Liu, NeurIPS 2024, [arXiv:2402.01109](https://arxiv.org/abs/2402.01109)).", END, ""])
 

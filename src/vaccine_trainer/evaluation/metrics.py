@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..drift_measures import DRIFT_MEASURES
+from ..markdown import with_interval
 from .intervals import wilson_percent
 
 
@@ -116,12 +117,8 @@ class Metric:
 
 def rate_cell(value: float | None, n: int | None, spec: str = ".1f") -> str:
     """`31.0 [25.0, 37.7]` for a percentage of n items with its Wilson interval; the value alone without n."""
-    if value is None:
-        return "–"
-    if not n:
-        return f"{value:{spec}}"
-    low, high = wilson_percent(round(value * n / 100), n)
-    return f"{value:{spec}} [{low:{spec}}, {high:{spec}}]"
+    bounds = wilson_percent(round(value * n / 100), n) if value is not None and n else None
+    return with_interval(value, bounds, spec)
 
 
 METRICS: tuple[Metric, ...] = (
@@ -147,9 +144,3 @@ METRICS: tuple[Metric, ...] = (
 
 def metrics_in(group: str) -> tuple[Metric, ...]:
     return tuple(metric for metric in METRICS if metric.group == group)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> list[str]:
-    """A Markdown table; columns from `numeric_from` on are right-aligned."""
-    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
-    return [f"| {' | '.join(header)} |", f"|{'|'.join(align)}|", *(f"| {' | '.join(row)} |" for row in rows)]

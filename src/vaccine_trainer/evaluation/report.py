@@ -11,8 +11,9 @@ from typing import Any
 from transformers.utils import logging
 
 from ..drift_measures import DRIFT_MEASURES
+from ..markdown import markdown_table, with_interval
 from .intervals import JudgeErrors, corrected_difference, paired_difference
-from .metrics import METRICS, ArmRecord, figure_dict, markdown_table, metrics_in
+from .metrics import METRICS, ArmRecord, figure_dict, metrics_in
 
 logger = logging.get_logger(__name__)
 
@@ -137,20 +138,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "method"
 
 
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.1f}"
-
-
-def _with_ci(value: Any, bounds: Sequence[float] | None, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:+.1f}" if signed else f"{value:.1f}"
-    if bounds:
-        low, high = bounds
-        text += f" [{low:+.1f}, {high:+.1f}]" if signed else f" [{low:.1f}, {high:.1f}]"
-    return text
-
-
 RESULTS_NOTE = (
     "Each figure with its 95% interval in brackets (Wilson for a rate). Rows: harmful prompts / benign test rows. "
     "Harmful score: % of greedy answers to harmful prompts the judge flags; under the `refusal` judge it is the "
@@ -194,8 +181,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += ["## Judge-free metrics (teacher forcing)", "", *markdown_table(header, rows), "",
                   "Rows: harmful pairs / held-out alignment rows. No judge: the model's own likelihoods.", ""]
     lines += _category_section("The judge's harm categories (% of answers)", {
-        m: {c: _fmt(v) for c, v in (arm.harmful_score.get("judge_categories") or {}).items()}
-        for m, arm in arms.items()}, missing=_fmt(0.0))
+        m: {c: with_interval(v) for c, v in (arm.harmful_score.get("judge_categories") or {}).items()}
+        for m, arm in arms.items()}, missing=with_interval(0.0))
     drifting = {m: arm for m, arm in arms.items() if arm.drift}
     if drifting:
         header = ["Method", "Step", *(metric.header() for metric in metrics_in("drift"))]
@@ -217,9 +204,9 @@ def _results_table(arms: Mapping[str, ArmRecord]) -> list[str]:
     rows = []
     for method, arm in arms.items():
         corrected = arm.harmful_score.get("corrected") or {}
+        mark = "*" if corrected.get("outside_model") else ""
         rows.append([method, *(metric.cell(arm) for metric in scores),
-                     _with_ci(corrected.get("value"), corrected.get("ci95")) + ("*" if corrected.get("outside_model")
-                                                                                else ""),
+                     with_interval(corrected.get("value"), corrected.get("ci95")) + mark,
                      arm.judge.label() if arm.judge else "–", str(arm.accuracy.get("task", "–")),
                      f"{arm.harmful_score.get('n', '–')} / {arm.accuracy.get('n', '–')}"])
     return markdown_table(header, rows)
@@ -229,9 +216,9 @@ def _paired_section(paired: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not paired:
         return []
     reference = next(iter(paired.values()))["against"]
-    rows = [[method, _with_ci(entry["difference"], entry["ci95"], signed=True),
-             _with_ci((entry.get("corrected") or {}).get("value"), (entry.get("corrected") or {}).get("ci95"),
-                      signed=True), str(entry["n"])] for method, entry in paired.items()]
+    rows = [[method, with_interval(entry["difference"], entry["ci95"], signed=True),
+             with_interval((entry.get("corrected") or {}).get("value"), (entry.get("corrected") or {}).get("ci95"),
+                           signed=True), str(entry["n"])] for method, entry in paired.items()]
     header = ["Method", "Difference (points)", "Corrected for the judge's errors (points)", "Prompts"]
     return [f"## Harmful score minus {reference}'s, on the same prompts", "", *markdown_table(header, rows), "",
             PAIRED_NOTE, ""]
@@ -292,7 +279,7 @@ def _plot_scores(methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
             bars = axis.bar(offsets, heights, width=width, color=color, label=label, yerr=errors, capsize=3,
                             error_kw={"elinewidth": 0.8})
             for bar, value in zip(bars, values):
-                axis.annotate(_fmt(value), (bar.get_x() + bar.get_width() / 2, 1), ha="center", va="bottom",
+                axis.annotate(with_interval(value), (bar.get_x() + bar.get_width() / 2, 1), ha="center", va="bottom",
                               fontsize=7)
         axis.set_xticks(range(len(names)), names)
         axis.set_ylim(0, 105)
