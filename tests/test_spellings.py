@@ -56,3 +56,19 @@ def test_a_phase_built_for_an_older_transformers_keeps_the_setting(monkeypatch, 
     assert args.gradient_checkpointing is True
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['gradient_checkpointng'\]"):
         pipeline.phase_arguments("finetune", {**settings, "gradient_checkpointng": True})
+
+
+def test_checkpointing_is_read_under_either_spelling_new_first():
+    from types import SimpleNamespace
+
+    from vaccine_trainer.checkpointing import checkpoint_function, setting
+
+    assert setting(SimpleNamespace(gradient_checkpointing=True)) is True  # transformers before the rename
+    assert setting(SimpleNamespace(activation_checkpointing=False, gradient_checkpointing=True)) is False
+    assert setting(SimpleNamespace(activation_checkpointing=None, gradient_checkpointing_kwargs={"a": 1}),
+                   "_kwargs") == {"a": 1}
+    assert setting(SimpleNamespace(), default=False) is False
+    assert checkpoint_function(SimpleNamespace(_gradient_checkpointing_func=len)) is len
+    assert checkpoint_function(SimpleNamespace(_activation_checkpointing_func=max, _gradient_checkpointing_func=len)) \
+        is max
+    assert checkpoint_function(SimpleNamespace()) is None

@@ -25,6 +25,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers.utils import logging
 
+from .checkpointing import setting
 from .perturbation import uses_reentrant_checkpointing
 
 logger = logging.get_logger(__name__)
@@ -52,8 +53,8 @@ def reentrant_checkpointing_requested(trainer: Any) -> bool:
     is torch's default when the key is absent from the kwargs.
     """
     args = trainer.args
-    if _activation_checkpointing(args):  # the Trainer (re-)enables checkpointing with these kwargs
-        kwargs = _activation_checkpointing_kwargs(args)
+    if setting(args, default=False):  # the Trainer (re-)enables checkpointing with these kwargs
+        kwargs = setting(args, "_kwargs")
         # None: transformers' own default, {"use_reentrant": False}
         return kwargs is not None and kwargs.get("use_reentrant") is not False
     return uses_reentrant_checkpointing(trainer.model, training_only=False)
@@ -207,20 +208,6 @@ def fsdp2_gradient_sync_paused(model: nn.Module, sync_after: bool) -> Iterator[N
     finally:
         for module in sharded:
             module.set_requires_gradient_sync(sync_after, recurse=False)
-
-
-def _activation_checkpointing(args: Any) -> bool:
-    value = getattr(args, "activation_checkpointing", None)
-    if value is None:
-        value = getattr(args, "gradient_checkpointing", False)
-    return bool(value)
-
-
-def _activation_checkpointing_kwargs(args: Any) -> dict | None:
-    value = getattr(args, "activation_checkpointing_kwargs", None)
-    if value is None:
-        value = getattr(args, "gradient_checkpointing_kwargs", None)
-    return value
 
 
 __all__ = [

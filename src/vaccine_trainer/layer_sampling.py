@@ -24,6 +24,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .checkpointing import FLAGS as CHECKPOINT_FLAGS
+from .checkpointing import FUNCTIONS as CHECKPOINT_FUNCTIONS
+
 
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A generator seed for (run seed, optimizer step, what it is for): independent of process and resume."""
@@ -64,10 +67,6 @@ def probe_rows(dataset_size: int, batch_size: int, seed: int, step: int) -> list
     return torch.randperm(dataset_size, generator=generator)[: min(batch_size, dataset_size)].tolist()
 
 
-_CHECKPOINT_FLAGS = ("activation_checkpointing", "gradient_checkpointing")  # transformers 6 / 5 spellings
-_CHECKPOINT_FUNCS = ("_activation_checkpointing_func", "_gradient_checkpointing_func")
-
-
 class LayerFreezer:
     """Switches each layer between trained and frozen.
 
@@ -91,13 +90,14 @@ class LayerFreezer:
         if self._saved is not None:
             return
         self._saved = [self._checkpoint_state(layer) for layer in self.layers]
-        checkpointable = all(any(hasattr(layer, flag) for flag in _CHECKPOINT_FLAGS) for layer in self.layers)
-        already = any(flags.get(flag) is True for flags in self._saved for flag in _CHECKPOINT_FLAGS)
+        checkpointable = all(any(hasattr(layer, flag) for flag in CHECKPOINT_FLAGS) for layer in self.layers)
+        already = any(flags.get(flag) is True for flags in self._saved for flag in CHECKPOINT_FLAGS)
         self.checkpoint_frozen = self._wants_checkpoint_frozen and checkpointable and not already
 
     @staticmethod
     def _checkpoint_state(layer: nn.Module) -> dict:
-        return {name: getattr(layer, name) for name in (*_CHECKPOINT_FLAGS, *_CHECKPOINT_FUNCS) if hasattr(layer, name)}
+        names = (*CHECKPOINT_FLAGS, *CHECKPOINT_FUNCTIONS)
+        return {name: getattr(layer, name) for name in names if hasattr(layer, name)}
 
     def _set_checkpointing(self, position: int, on: bool) -> None:
         layer, saved = self.layers[position], self._saved[position]
@@ -106,10 +106,10 @@ class LayerFreezer:
                 setattr(layer, name, value)
             return
         recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        for name in _CHECKPOINT_FLAGS:
+        for name in CHECKPOINT_FLAGS:
             if hasattr(layer, name):
                 setattr(layer, name, True)
-        for name in _CHECKPOINT_FUNCS:
+        for name in CHECKPOINT_FUNCTIONS:
             setattr(layer, name, recompute)
 
     def activate(self, active: Sequence[int]) -> None:

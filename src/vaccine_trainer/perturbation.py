@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpointing import checkpoint_function, setting
+
 Perturbation = list["torch.Tensor | None"]
 LOSS_SCALE_OVERFLOW = "loss-scale overflow"  # the skip reason of a pass 1 whose scaled gradient overflowed fp16
 
@@ -253,10 +255,7 @@ class HiddenStateHooks:
 def checkpointed_modules(model: nn.Module, training_only: bool = True) -> Iterator[nn.Module]:
     """The modules of `model` that run under activation checkpointing (in training mode only, by default)."""
     for module in model.modules():
-        enabled = getattr(module, "activation_checkpointing", None)
-        if enabled is None:  # transformers 5 still names the module flags after gradient checkpointing
-            enabled = getattr(module, "gradient_checkpointing", False)
-        if enabled is True and (module.training or not training_only):
+        if setting(module) is True and (module.training or not training_only):
             yield module
 
 
@@ -269,9 +268,7 @@ def uses_reentrant_checkpointing(model: nn.Module, training_only: bool = True) -
     pass 1.
     """
     for module in checkpointed_modules(model, training_only):
-        func = getattr(module, "_activation_checkpointing_func", None) or getattr(
-            module, "_gradient_checkpointing_func", None)
-        keywords = getattr(func, "keywords", None) or {}
+        keywords = getattr(checkpoint_function(module), "keywords", None) or {}
         if keywords.get("use_reentrant") is not False:
             return True
     return False

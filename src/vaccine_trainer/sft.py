@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArgument
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
+from . import checkpointing
 from .callbacks import AlignmentDriftCallback
 from .config import VaccineArguments
 from .model_card import ModelCardSections
@@ -322,7 +323,7 @@ class AlignedSFTTrainer(ModelCardSections, SFTTrainer):
                 model = load_causal_lm(model, **load_kwargs)
         merge = args.merge_alignment if args.merge_alignment is not None else not is_quantized(model)
         if folder is not None and not merge:  # a 4-bit base: the alignment adapter stays, frozen, beside the new one
-            model = attach_beside_alignment(model, folder, peft_config, args.gradient_checkpointing)
+            model = attach_beside_alignment(model, folder, peft_config, checkpointing.setting(args, default=False))
             peft_config = None
         elif folder is not None and is_quantized(model):
             raise ValueError("merge_alignment=True cannot merge the alignment adapter into a 4-bit or 8-bit base: "

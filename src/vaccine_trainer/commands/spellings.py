@@ -1,9 +1,10 @@
 """Training flags that transformers renamed within 5.x, written either way, run on the installed version.
 
 transformers 5.2x renamed `gradient_checkpointing[_kwargs]` to `activation_checkpointing[_kwargs]` (keeping the
-old names as deprecated aliases); earlier 5.x releases know only the old names. The project's configs and README
-recipes use the new names, and `pyproject.toml` accepts any transformers 5: a flag the installed version does not
-know, whose counterpart it does, is passed under the counterpart's name instead of failing at start-up.
+old names as deprecated aliases); earlier 5.x releases know only the old names (the names: `checkpointing.py`).
+The project's configs and README recipes use the new names, and `pyproject.toml` accepts transformers from 5.10.1:
+a flag the installed version does not know, whose counterpart it does, is passed under the counterpart's name
+instead of failing at start-up.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
-RENAMED = {"activation_checkpointing": "gradient_checkpointing",
-           "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+from ..checkpointing import RENAMED_ARGUMENTS as RENAMED
+
 _COUNTERPART = RENAMED | {old: new for new, old in RENAMED.items()}
 
 
