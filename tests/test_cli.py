@@ -330,3 +330,21 @@ def test_finetune_takes_the_pipelines_names_of_the_second_benign_task_too():
                                               "--second_fraction", "0.25", "--output_dir", "o"])[0]
     assert (pipeline_names.second_dataset, pipeline_names.second_task, pipeline_names.second_fraction) == (
         own_names.second_dataset, own_names.second_task, own_names.second_fraction) == ("a.jsonl", "sst2", 0.25)
+
+
+def test_every_command_builds_from_pretrained_arguments_the_same_way():
+    """align (TRL's ModelConfig), finetune and evaluate (ModelLoadingArguments) and sft: one function."""
+    from trl import ModelConfig
+
+    from vaccine_trainer.commands.common import ModelLoadingArguments, model_load_kwargs
+    from vaccine_trainer.commands.evaluate import EvaluateArguments
+
+    flags = {"dtype": "bfloat16", "attn_implementation": "eager", "model_revision": "v1"}
+    expected = {"dtype": "bfloat16", "attn_implementation": "eager", "revision": "v1"}
+    assert model_load_kwargs(ModelConfig(**flags)) == model_load_kwargs(ModelLoadingArguments(**flags)) == expected
+    assert model_load_kwargs(ModelLoadingArguments(), trust_remote_code=True,
+                             model_init_kwargs={"dtype": "float32"}) == {"trust_remote_code": True, "dtype": "float32"}
+    assert model_load_kwargs(ModelLoadingArguments()) == {}  # unset: from_pretrained's own defaults
+    assert model_load_kwargs(ModelConfig()) == {"dtype": "float32", "revision": "main"}  # TRL's defaults travel
+    assert EvaluateArguments(trust_remote_code=True, device_map="cpu", **flags).load_kwargs() == {
+        **expected, "trust_remote_code": True, "device_map": "cpu"}

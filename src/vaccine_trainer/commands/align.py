@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from ..sft import VaccineSFTConfig
-from .common import check_source, load_tokenizer, logger, require, require_rows, save_run, trainer_command_parser, command_description
+from .common import (
+    check_source, command_description, load_tokenizer, logger, model_load_kwargs, require, require_rows, save_run,
+    trainer_command_parser,
+)
 from .spellings import argv_for_installed
 
 
@@ -71,9 +74,7 @@ def run_align(script: AlignScriptArguments, args: AlignConfig, model_args: Align
     from ..sft import VaccineSFTTrainer, load_causal_lm
 
     require(model_args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
-    load_kwargs = {"revision": model_args.model_revision, "trust_remote_code": args.trust_remote_code,
-                   "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
-                   **(args.model_init_kwargs or {})}
+    load_kwargs = model_load_kwargs(model_args, args.trust_remote_code, args.model_init_kwargs)
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         load_kwargs["quantization_config"] = quantization
@@ -114,5 +115,6 @@ def run_align(script: AlignScriptArguments, args: AlignConfig, model_args: Align
 
 
 def main(argv: list[str]) -> int:
-    run_align(*trainer_command_parser(ALIGN_ARGUMENTS, "align", description=command_description(__doc__)).parse_args_and_config(argv_for_installed(argv)))
+    parser = trainer_command_parser(ALIGN_ARGUMENTS, "align", description=command_description(__doc__))
+    run_align(*parser.parse_args_and_config(argv_for_installed(argv)))
     return 0

@@ -23,8 +23,17 @@ class ModelLoadingArguments:
 
     def load_kwargs(self) -> dict[str, Any]:
         """`from_pretrained` keyword arguments of the flags given."""
-        kwargs = {"dtype": self.dtype, "attn_implementation": self.attn_implementation, "revision": self.model_revision}
-        return {key: value for key, value in kwargs.items() if value is not None}
+        return model_load_kwargs(self)
+
+
+def model_load_kwargs(model_args: Any, trust_remote_code: bool = False,
+                      model_init_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `from_pretrained` keyword arguments of every command: the model flags (`dtype`, `attn_implementation`,
+    `model_revision`, on `ModelLoadingArguments` or TRL's `ModelConfig`) and the training arguments'
+    `trust_remote_code`, unset ones left out (from_pretrained's defaults), with `model_init_kwargs` on top."""
+    flags = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
+             "revision": model_args.model_revision, "trust_remote_code": trust_remote_code or None}
+    return {**{key: value for key, value in flags.items() if value is not None}, **(model_init_kwargs or {})}
 
 
 def require(value: Any, flag: str, example: str) -> None:

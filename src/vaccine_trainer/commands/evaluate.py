@@ -14,7 +14,9 @@ from typing import Any
 
 from ..markdown import interval_text
 from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
-from .common import PROG, ModelLoadingArguments, check_source, load_tokenizer, logger, require, command_description
+from .common import (
+    PROG, ModelLoadingArguments, check_source, command_description, load_tokenizer, logger, model_load_kwargs, require,
+)
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -93,11 +95,9 @@ class EvaluateArguments(ModelLoadingArguments):
 
     def load_kwargs(self) -> dict[str, Any]:
         """`from_pretrained` keyword arguments of the model flags (only those given)."""
-        kwargs = super().load_kwargs()
+        kwargs = model_load_kwargs(self, self.trust_remote_code)
         if self.device_map is not None:
             kwargs["device_map"] = self.device_map
-        if self.trust_remote_code:
-            kwargs["trust_remote_code"] = True
         if self.load_in_4bit:
             from transformers import BitsAndBytesConfig
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from ..markdown import markdown_table
 from ..sft import AlignedSFTConfig
 from .common import (
-    command_description,
-    ModelLoadingArguments, check_source, load_tokenizer, logger, require, require_rows, save_run,
-    trainer_command_parser,
+    ModelLoadingArguments, check_source, command_description, load_tokenizer, logger, model_load_kwargs, require,
+    require_rows, save_run, trainer_command_parser,
 )
 from .spellings import argv_for_installed
 
@@ -98,9 +97,8 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
         drift = build_alignment_dataset(script.drift_dataset, script.drift_samples, seed=script.dataset_seed,
                                         template=script.template, tokenizer=tokenizer, held_out=True)
         require_rows(drift, "drift", "drift_dataset")
-    load_kwargs = {**(model_args or ModelLoadingArguments()).load_kwargs(), **(args.model_init_kwargs or {})}
-    if args.trust_remote_code:
-        load_kwargs["trust_remote_code"] = True
+    load_kwargs = model_load_kwargs(model_args or ModelLoadingArguments(), args.trust_remote_code,
+                                    args.model_init_kwargs)
     if script.load_in_4bit:  # the alignment adapter stays beside the new one (a 4-bit base takes no merge)
         import torch
         from transformers import BitsAndBytesConfig

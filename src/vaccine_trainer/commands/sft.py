@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import trainer_command_parser, command_description
+from .common import command_description, model_load_kwargs, trainer_command_parser
 from .spellings import argv_for_installed
 
 
@@ -49,9 +49,8 @@ def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args:
 
     from ..sft import VaccineSFTTrainer
 
-    model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
-                         "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
-    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = model_load_kwargs(model_args, training_args.trust_remote_code,
+                                                        training_args.model_init_kwargs)
     dataset = load_sft_dataset(script_args, dataset_args)
     if script_args.dataset_train_split not in dataset:
         raise ValueError(f"The dataset has no split {script_args.dataset_train_split!r} (it has {list(dataset)}): "
