@@ -384,7 +384,7 @@ def test_drift_series_and_report_errors(tmp_path):
 
 
 def test_paired_differences_are_corrected_with_the_judges_measured_rates():
-    from vaccine_trainer.evaluation.report import paired_differences
+    from vaccine_trainer.evaluation.report import paired_prompt_differences
 
     prompts = [f"p{i}" for i in range(10)]
     flagged = {"sft": set(prompts[:6]), "vaccine": set(prompts[:3]), "other judge": set(prompts[:3])}
@@ -392,11 +392,11 @@ def test_paired_differences_are_corrected_with_the_judges_measured_rates():
     results = {m: {"harmful_score": {"samples": [{"prompt": p, "harmful": p in f} for p in prompts],
                                      "settings": {"judge": "learned" if m != "other judge" else "refusal"}},
                    "judge_check": check} for m, f in flagged.items()}
-    paired = paired_differences(results)
+    paired = paired_prompt_differences(results)
     assert paired["vaccine"]["difference"] == pytest.approx(-30.0) and paired["vaccine"]["n"] == 10
     assert paired["vaccine"]["corrected"]["value"] == pytest.approx(-60.0)  # -30 points / J
     assert "corrected" not in paired["other judge"]  # another judge's errors are not sft's judge's
-    assert paired_differences({"vaccine": results["vaccine"]}) == {}  # no SFT arm: nothing to pair with
+    assert paired_prompt_differences({"vaccine": results["vaccine"]}) == {}  # no SFT arm: nothing to pair with
 
 
 def test_an_evaluation_section_replaces_the_last_one_and_keeps_the_rest_of_the_card(tmp_path):

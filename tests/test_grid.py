@@ -9,7 +9,7 @@ import pytest
 from testing_utils import pipeline_argv
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.grid import evaluated_arms, paired_differences, summarise, write_summary
+from vaccine_trainer.commands.grid import evaluated_arms, paired_seed_differences, summarise, write_summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -104,7 +104,7 @@ def test_paired_differences_are_taken_seed_by_seed_against_sft(tmp_path):
 
     rows = [row(1, "sft", 50.0, 90.0, 4.0), row(1, "vaccine", 40.0, 91.0, 3.0), row(2, "sft", 70.0, 80.0),
             row(2, "vaccine", 64.0, 78.0), row(3, "vaccine", 0.0, 0.0)]  # seed 3 has no SFT cell: no pair
-    (entry,) = paired_differences(rows)
+    (entry,) = paired_seed_differences(rows)
     assert (entry["method"], entry["baseline"], entry["seeds"]) == ("vaccine", "sft", [1, 2])
     assert entry["harmful_score"] == [-10.0, -6.0] and entry["harmful_score_mean"] == -8.0
     assert entry["harmful_score_std"] == pytest.approx(2.8284271)

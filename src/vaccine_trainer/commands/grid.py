@@ -92,7 +92,7 @@ def run_grid(args: PipelineArguments, grid: GridArguments) -> dict[str, Path]:
     if not rows:
         raise ValueError(f"No finished cell under {root} to summarise: run the grid first.")
     settings = {**asdict(args), **asdict(grid), "model": model, "wall_time_s_this_run": round(time.time() - started, 1)}
-    pooled = pooled_differences(*collect_verdicts(root, seeds, ratios))
+    pooled = pooled_differences(*verdicts_and_judge_errors(root, seeds, ratios))
     paths = write_summary(root / SUMMARY_DIR, rows, settings=settings, missing=missing, pooled=pooled)
     print(f"{PROG} grid: summary in {paths['markdown']}")
     return paths
@@ -139,7 +139,7 @@ def arm_row(arm: ArmRecord) -> dict[str, Any]:
             "judge": arm.judge.label() if arm.judge else None, "drift": arm.drift}
 
 
-def collect_verdicts(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> tuple[dict, dict]:
+def verdicts_and_judge_errors(root: Path, seeds: Sequence[int], ratios: Sequence[float]) -> tuple[dict, dict]:
     """Per (seed, p, arm): each prompt's harmful verdict, and the judge's measured errors (None if unmeasured)."""
     from ..evaluation.report import harmful_verdicts, judge_errors_of
 
@@ -232,7 +232,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft") -> list[dict[str, Any]]:
+def paired_seed_differences(rows: Sequence[Mapping[str, Any]], baseline: str = "sft") -> list[dict[str, Any]]:
     """Method minus `baseline` on each seed that has both, per (method, p): the paper's comparison.
 
     Pairing by seed removes what the seed changes for every arm alike (data drawn, initialisation), so
@@ -302,11 +302,11 @@ def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,
     paragraphs printed under the main table (e.g. where some figures come from)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
-    paired = paired_differences(rows)
+    paired = paired_seed_differences(rows)
     paths = {"json": output_dir / "summary.json", "markdown": output_dir / "summary.md",
              "scores_plot": output_dir / "scores_vs_ratio.png", "drift_plot": output_dir / "drift.png"}
     _plot_against_ratio(summary, paths["scores_plot"])
-    _plot_drift(rows, paths["drift_plot"])
+    _plot_mean_drift(rows, paths["drift_plot"])
     paths["json"].write_text(json.dumps({"settings": dict(settings or {}), "summary": summary, "paired": paired,
                                          "pooled_paired": list(pooled), "rows": rows, "missing_cells": list(missing)},
                                         indent=1, default=str) + "\n")
@@ -407,7 +407,7 @@ def _plot_against_ratio(summary: Sequence[Mapping[str, Any]], path: Path) -> Non
     figure.savefig(path)
 
 
-def _plot_drift(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+def _plot_mean_drift(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Drift curves averaged over seeds; one panel per p."""
     from ..evaluation import agg_figure, drift_series
 

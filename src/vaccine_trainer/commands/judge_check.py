@@ -41,7 +41,7 @@ class JudgeCheckArguments:
 
 def run_judge_check(args: JudgeCheckArguments):
     from ..evaluation import check_judge, split_labelled_pairs
-    from ..evaluation.judge_check import validate_labelled
+    from ..evaluation.judge_accuracy import validate_labelled
     from ..evaluation.learned_judge import read_jsonl
 
     from .judge_names import check_judge_inputs, resolve_judge

@@ -124,7 +124,7 @@ def run_sweep(args: PipelineArguments, sweep: SweepArguments) -> tuple[dict[str,
     if not rows:
         raise ValueError(f"No finished sweep cell under {root}: run the sweep first.")
     planned = len(seeds) * len(ratios) * len(settings) * sum(1 for arm in args.arms() if arm.aligned)
-    verdicts = collect_verdicts(root, rows, args)
+    verdicts = verdicts_by_cell(root, rows, args)
     summary = {"settings": {**asdict(args), **asdict(sweep), "model": model,
                             "wall_time_s_this_run": round(time.time() - started, 1)},
                **summarise_cells(rows, verdicts, sweep.accuracy_guard, planned), "unfinished_jobs": unfinished}
@@ -289,7 +289,7 @@ def reference_cells(root: Path, seeds: Sequence[int], args: PipelineArguments
     return rows, verdicts
 
 
-def collect_verdicts(root: Path, rows: Sequence[Mapping[str, Any]], args: PipelineArguments) -> dict[CellKey, Any]:
+def verdicts_by_cell(root: Path, rows: Sequence[Mapping[str, Any]], args: PipelineArguments) -> dict[CellKey, Any]:
     """Each summarised arm's verdict per prompt, for the comparisons on the same prompts."""
     from ..evaluation.report import harmful_verdicts
 

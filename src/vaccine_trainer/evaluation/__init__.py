@@ -10,7 +10,7 @@
 """
 
 from .generation import format_all, generate_answers
-from .judge_check import JudgeCheck, check_judge
+from .judge_accuracy import JudgeCheck, check_judge
 from .judges import BARE_DENIAL, REFUSAL_PHRASES, Judge, RefusalJudge
 from .learned_judge import LearnedJudge, LearnedJudgeSettings, split_labelled_pairs
 from .model_judges import ClassifierJudge

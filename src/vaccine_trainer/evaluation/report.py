@@ -62,7 +62,7 @@ def judge_errors_of(check: Any) -> JudgeErrors | None:
     return JudgeErrors(*counts) if counts[1] > 0 and counts[3] > 0 else None
 
 
-def paired_differences(results: Mapping[str, Mapping[str, Any]], reference: str | None = None
+def paired_prompt_differences(results: Mapping[str, Mapping[str, Any]], reference: str | None = None
                        ) -> dict[str, dict[str, Any]]:
     """Each method's harmful score minus the reference's (SFT by default) on the prompts both answered, with a
     paired bootstrap interval, and corrected for the judge's errors where they were measured (same judge)."""
@@ -108,14 +108,14 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
     output.mkdir(parents=True, exist_ok=True)
     methods = {method: {kind: figure_dict(value) for kind, value in figures.items() if value is not None}
                for method, figures in results.items()}
-    paired = paired_differences(results)
+    paired = paired_prompt_differences(results)
     drift = {method: drift_points(history) for method, history in (log_histories or {}).items()}
     drift = {method: points for method, points in drift.items() if points}
     paths = {"json": output / "report.json", "markdown": output / "report.md", "scores_plot": output / "scores.png"}
     _plot_scores(methods, paths["scores_plot"])
     if drift:
         paths["drift_plot"] = output / "drift.png"
-        _plot_drift({method: [(p["step"], p["drift"]) for p in points] for method, points in drift.items()},
+        _plot_drift_curves({method: [(p["step"], p["drift"]) for p in points] for method, points in drift.items()},
                     paths["drift_plot"])
     for method, figures in results.items():
         for kind, value in figures.items():
@@ -292,7 +292,7 @@ def _plot_scores(methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     figure.savefig(path)
 
 
-def _plot_drift(drift: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> None:
+def _plot_drift_curves(drift: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> None:
     figure = agg_figure(5.5, 3.6)
     axis = figure.add_subplot(1, 1, 1)
     for method, points in drift.items():
