@@ -9,6 +9,7 @@ distributed backward stay exactly the Trainer's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from .distributed import check_distributed_support, check_layer_sampling_support
 from .layer_sampling import LayerSamplingState
 from .layers import find_vaccine_modules
 from .markdown import markdown_table
+from .step_metrics import StepMetrics
 from .targeted import LayerSampler
 from .perturbation import (
     LOSS_SCALE_OVERFLOW,
@@ -107,7 +109,7 @@ class VaccineMixin:
                 f"Vaccine ({settings.vaccine_perturbation}, rho={settings.rho}, norm={settings.vaccine_norm}) "
                 f"perturbs the outputs of {len(named)} modules: {_summarise(self.vaccine_modules)}"
             )
-        self._vaccine_log_sums = _empty_log_sums()
+        self._vaccine_metrics = StepMetrics()
         self._vaccine_state = VaccineStateCallback(self.vaccine_args.vaccine_kwargs(), self.vaccine_modules)
         self.add_callback(self._vaccine_state)
         self.vaccine_sampler: LayerSampler | None = None  # T-Vaccine
@@ -245,12 +247,10 @@ class VaccineMixin:
                     hooks.check_called(None if callable(eps) else [e is not None for e in eps])
                     applied = hooks.applied_norm() if measure else None
                     if applied is not None:  # a tensor: read back only when logging, not every step
-                        self._vaccine_log_sums["perturbation_norm"] += applied
-                        self._vaccine_log_sums["perturbation_applied"] += 1
+                        self._vaccine_metrics.add("perturbation_norm", applied)
                     kept = hooks.kept_fraction_median(eps_norms) if measure and eps_norms is not None else None
                     if kept is not None:
-                        self._vaccine_log_sums["perturbation_kept"] += kept
-                        self._vaccine_log_sums["perturbation_kept_count"] += 1
+                        self._vaccine_metrics.add("perturbation_kept", kept)
             return loss
         except BaseException:
             cleared = 0
@@ -289,8 +289,7 @@ class VaccineMixin:
         # tokens across processes divided out, so the figure does not depend on the number of processes.
         result.grad_norm /= loss_scale * self._vaccine_process_factor(num_items_in_batch)
         if result.skipped_reason is None:
-            self._vaccine_log_sums["grad_norm"] += result.grad_norm
-            self._vaccine_log_sums["perturbed"] += 1
+            self._vaccine_metrics.add("grad_norm", result.grad_norm)
         return result
 
     def _vaccine_hidden_state_gradients(
@@ -432,36 +431,18 @@ class VaccineMixin:
             )
         if not scaled:
             loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        sums = self._vaccine_log_sums
-        sums["clean_loss"] += loss.float().mean()  # a tensor: read back only when logging, not every step
-        sums["micro_batches"] += 1
+        # Each micro-batch's share of its window times the window's length: the scale of the logged loss.
+        self._vaccine_metrics.add("clean_loss", loss.float().mean() * self.args.gradient_accumulation_steps)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add vaccine/grad_norm, vaccine/clean_loss and vaccine/skipped_steps to training logs."""
-        sums = self._vaccine_log_sums
+        """Add the `vaccine/*` figures since the last log (means over micro-batches and processes) to the logs."""
         if "loss" in logs and self._vaccine_hooks is not None:
-            # Summed over processes: the clean loss is then averaged like the Trainer's loss, the norm over
-            # the micro-batches that were perturbed, and skipped micro-batches are counted on every rank.
-            values = torch.tensor(
-                [float(sums["clean_loss"]), sums["grad_norm"], sums["micro_batches"], sums["perturbed"],
-                 self.vaccine_skipped_steps, float(sums["perturbation_norm"]), sums["perturbation_applied"],
-                 float(sums["perturbation_kept"]), sums["perturbation_kept_count"]],
-                dtype=torch.float64, device=self.args.device,
-            )
+            reduce = None
             if self.args.world_size > 1:
-                values = self.accelerator.reduce(values, reduction="sum")
-            (clean_loss, grad_norm, micro_batches, perturbed, skipped, applied_norm, applied, kept,
-             kept_count) = values.tolist()
-            if micro_batches > 0:
-                logs["vaccine/clean_loss"] = clean_loss * self.args.gradient_accumulation_steps / micro_batches
-            if perturbed > 0:
-                logs["vaccine/grad_norm"] = grad_norm / perturbed
-            if applied > 0:
-                logs["vaccine/perturbation_norm"] = applied_norm / applied
-            if kept_count > 0:
-                logs["vaccine/perturbation_kept"] = kept / kept_count
-            logs["vaccine/skipped_steps"] = int(skipped)
-            self._vaccine_log_sums = _empty_log_sums()
+                reduce = functools.partial(self.accelerator.reduce, reduction="sum")
+            logs.update(self._vaccine_metrics.means(reduce, self.args.device,
+                                                    totals={"skipped_steps": self.vaccine_skipped_steps}))
+            self._vaccine_metrics.clear()
             if self.vaccine_sampler is not None:  # after a probe or a draw: probabilities and active layers
                 logs.update(self.vaccine_sampler.pop_logs())
         super().log(logs, start_time)
@@ -519,12 +500,6 @@ def compiled_with_hooks(torch_compile: bool, model: nn.Module):
     torch.compiler.reset()
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
         yield
-
-
-def _empty_log_sums() -> dict:
-    """What `log` averages since the last log: losses and norms are kept as sums, with their counts."""
-    return {"clean_loss": 0.0, "grad_norm": 0.0, "micro_batches": 0, "perturbed": 0,
-            "perturbation_norm": 0.0, "perturbation_applied": 0, "perturbation_kept": 0.0, "perturbation_kept_count": 0}
 
 
 def _summarise(names: list[str], keep: int = 3) -> str:
