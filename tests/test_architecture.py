@@ -10,6 +10,8 @@ from pathlib import Path
 
 from testing_utils import REPO_ROOT
 
+from vaccine_trainer import cli
+
 PACKAGE = REPO_ROOT / "src" / "vaccine_trainer"
 # The harness: judges, scoring, intervals, reports and plots, the offline model, the experiment commands.
 HARNESS = (
@@ -19,7 +21,7 @@ HARNESS = (
     "vaccine_trainer.commands.sweep_pairs", "vaccine_trainer.commands.sweep_worker",
     "vaccine_trainer.commands.parallel_jobs", "vaccine_trainer.commands.verdict_files",
 )
-HARNESS_PACKAGES = ("matplotlib", "sklearn", "scipy")
+HARNESS_PACKAGES = tuple(cli.HARNESS_PACKAGES)  # import names: matplotlib, sklearn, scipy
 
 
 def module_name(path: Path) -> str:
@@ -78,7 +80,7 @@ def test_the_check_sees_a_library_module_that_imports_the_harness(tmp_path, monk
 
 # As if they were not installed: `import scipy` raises ModuleNotFoundError, importlib.util.find_spec says None.
 BLOCK_HARNESS_PACKAGES = (f"import sys\nsys.path.insert(0, {str(REPO_ROOT / 'tests')!r})\n"
-                          "sys.modules.update(dict.fromkeys(['matplotlib', 'sklearn', 'scipy']))\n")
+                          f"sys.modules.update(dict.fromkeys({list(HARNESS_PACKAGES)!r}))\n")
 
 
 def run_without_harness_packages(code: str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -21,10 +21,6 @@ class ModelLoadingArguments:
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub model."})
 
-    def load_kwargs(self) -> dict[str, Any]:
-        """`from_pretrained` keyword arguments of the flags given."""
-        return model_load_kwargs(self)
-
 
 def model_load_kwargs(model_args: Any, trust_remote_code: bool = False,
                       model_init_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
