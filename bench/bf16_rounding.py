@@ -53,7 +53,7 @@ def measure(setup: str, norm: str, rho: float, train_rows: list[dict], steps: in
 
     import vaccine_trainer.trainer as trainer_module
     from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
-    from vaccine_trainer.offline import load_offline_model
+    from vaccine_harness.offline import load_offline_model
 
     model, _ = load_offline_model(dtype=torch.bfloat16 if setup == "bf16 weights" else torch.float32)
     model.config.use_cache = False
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     if not DATA.is_file():
         raise SystemExit(f"{DATA} is not present: this benchmark reads the shared alignment data")
     torch.set_num_threads(1)
-    from vaccine_trainer.offline import load_offline_model
+    from vaccine_harness.offline import load_offline_model
 
     _, tokenizer = load_offline_model()
     train_rows = rows(tokenizer, 5 * args.steps, args.max_length)

@@ -117,7 +117,7 @@ SAMPLED_LAYERS, SAMPLING_INTERVAL = 8, 20  # T-Vaccine's defaults: S = 8 layers,
 def build_model(finetune: str, weights: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if weights == "offline":
-        from vaccine_trainer.offline import load_offline_model
+        from vaccine_harness.offline import load_offline_model
 
         model, _ = load_offline_model()
         model.config.use_cache = False

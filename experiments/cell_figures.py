@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from vaccine_trainer.evaluation import non_refusal_rate
+from vaccine_harness.evaluation import non_refusal_rate
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vaccine_trainer.commands.sweep import worst_cases, write_sweep_summary
-from vaccine_trainer.commands.sweep_pairs import cell_key
+from vaccine_harness.commands.sweep import worst_cases, write_sweep_summary
+from vaccine_harness.commands.sweep_pairs import cell_key
 
 
 def _gather(parts: Mapping[str, Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from vaccine_trainer.commands.judge_names import make_judge
-from vaccine_trainer.evaluation import check_judge, split_labelled_pairs
-from vaccine_trainer.evaluation.intervals import exact_mcnemar, paired_difference, wilson_percent
-from vaccine_trainer.evaluation.judges import judge_name
+from vaccine_harness.commands.judge_names import make_judge
+from vaccine_harness.evaluation import check_judge, split_labelled_pairs
+from vaccine_harness.evaluation.intervals import exact_mcnemar, paired_difference, wilson_percent
+from vaccine_harness.evaluation.judges import judge_name
 
 
 class AlreadyJudged:

@@ -41,7 +41,7 @@ from vaccine_trainer.callbacks import (
     MEDIAN_TOKEN_DRIFT_KEY,
 )
 from vaccine_trainer.commands.common import load_tokenizer
-from vaccine_trainer.commands.grid import SUMMARY_DIR, cell_dir, collect_rows, evaluated_arms, write_summary
+from vaccine_harness.commands.grid import SUMMARY_DIR, cell_dir, collect_rows, evaluated_arms, write_summary
 from vaccine_trainer.data import build_alignment_dataset
 from vaccine_trainer.sft import AlignedSFTConfig, AlignedSFTTrainer
 

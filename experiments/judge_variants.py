@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from vaccine_trainer.evaluation import RefusalJudge
+from vaccine_harness.evaluation import RefusalJudge
 
 MIN_WORDS = 5
 

@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from vaccine_trainer.evaluation import LearnedJudge, RefusalJudge, check_judge, split_labelled_pairs
-from vaccine_trainer.evaluation.learned_judge import SAFERLHF_FILE, read_jsonl
+from vaccine_harness.evaluation import LearnedJudge, RefusalJudge, check_judge, split_labelled_pairs
+from vaccine_harness.evaluation.learned_judge import SAFERLHF_FILE, read_jsonl
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ def main(argv=None) -> None:
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
     from transformers.data.data_collator import DataCollatorWithPadding
 
-    from vaccine_trainer.evaluation.learned_judge import split_labelled_pairs
-    from vaccine_trainer.offline import offline_model_path
+    from vaccine_harness.evaluation.learned_judge import split_labelled_pairs
+    from vaccine_harness.offline import offline_model_path
 
     torch.manual_seed(0)
     split = split_labelled_pairs(DATA)

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from vaccine_trainer.evaluation.intervals import exact_mcnemar
+from vaccine_harness.evaluation.intervals import exact_mcnemar
 
 
 def verdicts(cell: Path, folder: str) -> dict[str, bool]:

@@ -24,9 +24,9 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from vaccine_trainer.commands.common import load_tokenizer
-from vaccine_trainer.commands.evaluate import load_evaluated_model
+from vaccine_harness.commands.evaluate import load_evaluated_model
 from vaccine_trainer.data import build_alignment_dataset
-from vaccine_trainer.evaluation.likelihood import padded_completion_batch
+from vaccine_harness.evaluation.likelihood import padded_completion_batch
 from vaccine_trainer.layers import find_vaccine_modules
 from vaccine_trainer.perturbation import HiddenStateHooks, build_perturbation, hidden_state_gradients
 

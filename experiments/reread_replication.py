@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vaccine_trainer.evaluation.intervals import (
+from vaccine_harness.evaluation.intervals import (
     JudgeErrors, corrected_rate, paired_difference, stratified_paired_difference, wilson_percent,
 )
 from vaccine_trainer.markdown import with_interval

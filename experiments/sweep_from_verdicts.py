@@ -13,8 +13,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from vaccine_trainer.commands.sweep import summarise_cells, write_sweep_summary
-from vaccine_trainer.commands.verdict_files import read_verdict_files
+from vaccine_harness.commands.sweep import summarise_cells, write_sweep_summary
+from vaccine_harness.commands.verdict_files import read_verdict_files
 
 
 def main(argv: Sequence[str] | None = None) -> int:

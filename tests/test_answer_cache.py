@@ -10,8 +10,8 @@ import transformers
 from testing_utils import HARMFUL_QA, tiny_tokenizer, write_jsonl
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.evaluation.answer_cache import AnswerCache
-from vaccine_trainer.evaluation.generation import generate_answers
+from vaccine_harness.evaluation.answer_cache import AnswerCache
+from vaccine_harness.evaluation.generation import generate_answers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -79,7 +79,7 @@ def test_answers_of_other_settings_are_refused(tmp_path):
 
 
 def test_a_judge_that_fails_leaves_the_answers_on_disk(workspace, tmp_path, monkeypatch):
-    import vaccine_trainer.commands.evaluate as evaluate
+    import vaccine_harness.commands.evaluate as evaluate
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL_QA])
     output = tmp_path / "eval" / "evaluation.json"
@@ -117,7 +117,7 @@ def test_the_generator_is_gone_before_the_judge_is_built(workspace, tmp_path, mo
     """A model judge (Qwen3Guard, Llama Guard) must not share the accelerator with the model it judges."""
     import weakref
 
-    import vaccine_trainer.commands.evaluate as evaluate
+    import vaccine_harness.commands.evaluate as evaluate
 
     alive = []
     real_load, real_build = evaluate.load_evaluated_model, evaluate.build_judge
@@ -140,7 +140,7 @@ def test_the_generator_is_gone_before_the_judge_is_built(workspace, tmp_path, mo
 
 
 def test_a_second_judge_scores_the_same_answers_with_the_agreement(workspace, tmp_path):
-    from vaccine_trainer.evaluation.intervals import cohens_kappa
+    from vaccine_harness.evaluation.intervals import cohens_kappa
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in HARMFUL_QA])
     output = tmp_path / "evaluation.json"

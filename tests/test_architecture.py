@@ -1,5 +1,6 @@
-"""The library apart from its experiment harness: what `pip install vaccine-trainer` gives imports no harness module
-and none of the harness extra's packages (matplotlib, scikit-learn, scipy), so it runs without them."""
+"""The library apart from its experiment harness: `vaccine_trainer` (what the trainers and align / finetune / sft / env
+need) imports nothing of `vaccine_harness` nor of the harness extra's packages (matplotlib, scikit-learn, scipy), so it
+runs without them; the harness, `experiments/` and `bench/` use the library's public names only."""
 
 from __future__ import annotations
 
@@ -10,22 +11,16 @@ from pathlib import Path
 
 from testing_utils import REPO_ROOT
 
-from vaccine_trainer import cli
+from vaccine_harness.commands import HARNESS_PACKAGES as HARNESS_EXTRA
 
-PACKAGE = REPO_ROOT / "src" / "vaccine_trainer"
-# The harness: judges, scoring, intervals, reports and plots, the offline model, the experiment commands.
-HARNESS = (
-    "vaccine_trainer.evaluation", "vaccine_trainer.offline", "vaccine_trainer.commands.evaluate",
-    "vaccine_trainer.commands.judge_check", "vaccine_trainer.commands.judge_names",
-    "vaccine_trainer.commands.pipeline", "vaccine_trainer.commands.grid", "vaccine_trainer.commands.sweep",
-    "vaccine_trainer.commands.sweep_pairs", "vaccine_trainer.commands.sweep_worker",
-    "vaccine_trainer.commands.parallel_jobs", "vaccine_trainer.commands.verdict_files",
-)
-HARNESS_PACKAGES = tuple(cli.HARNESS_PACKAGES)  # import names: matplotlib, sklearn, scipy
+SOURCES = REPO_ROOT / "src"
+LIBRARY = SOURCES / "vaccine_trainer"
+HARNESS = SOURCES / "vaccine_harness"
+HARNESS_PACKAGES = tuple(HARNESS_EXTRA)  # import names: matplotlib, sklearn, scipy
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, root: Path = SOURCES) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -33,9 +28,9 @@ def within(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
-def imported_names(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside a function, relative imports resolved."""
-    package = module_name(path).split(".")
+def imported_names(path: Path, root: Path = SOURCES) -> set[str]:
+    """Every module or name a file imports, at the top or inside a function, relative imports resolved."""
+    package = module_name(path, root).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
     names = set()
@@ -50,32 +45,51 @@ def imported_names(path: Path) -> set[str]:
     return names
 
 
-def harness_imports(path: Path) -> list[str]:
+def harness_imports(path: Path, root: Path = SOURCES) -> list[str]:
     """The harness modules and harness packages a library file imports."""
-    return sorted(name for name in imported_names(path) if within(name, HARNESS + HARNESS_PACKAGES))
+    return sorted(name for name in imported_names(path, root)
+                  if within(name, ("vaccine_harness",) + HARNESS_PACKAGES))
 
 
-def library_files() -> list[Path]:
-    return [path for path in sorted(PACKAGE.rglob("*.py")) if not within(module_name(path), HARNESS)]
+def private_library_imports(path: Path, root: Path = SOURCES) -> list[str]:
+    """The library's private modules and names (a part that starts with `_`, dunders aside) a file imports."""
+    return sorted(name for name in imported_names(path, root) if within(name, ("vaccine_trainer",))
+                  and any(part.startswith("_") and not part.endswith("__") for part in name.split(".")))
 
 
 def test_the_library_imports_nothing_of_the_harness():
-    offending = {module_name(path): found for path in library_files() if (found := harness_imports(path))}
+    files = sorted(LIBRARY.rglob("*.py"))
+    offending = {module_name(path): found for path in files if (found := harness_imports(path))}
     assert not offending, f"library modules that import the harness: {offending}"
-    assert len(library_files()) > 20  # the trainer, TRL stages, callbacks, commands align/finetune/sft/env, ...
+    assert len(files) > 20  # the trainer, TRL stages, callbacks, commands align/finetune/sft/env, ...
 
 
-def test_the_check_sees_a_library_module_that_imports_the_harness(tmp_path, monkeypatch):
-    """Negative control: the check above flags a harness import, relative or absolute, lazy or at the top."""
-    assert harness_imports(PACKAGE / "commands" / "align.py") == []
+def test_the_harness_experiments_and_benchmarks_use_only_public_library_names():
+    files = {module_name(path): path for path in sorted(HARNESS.rglob("*.py"))}
+    files |= {str(path.relative_to(REPO_ROOT)): path for folder in ("experiments", "bench")
+              for path in sorted((REPO_ROOT / folder).rglob("*.py"))}
+    offending = {name: found for name, path in files.items()
+                 if (found := private_library_imports(path, path.parent if name.endswith(".py") else SOURCES))}
+    assert not offending, f"private library names imported from outside the library: {offending}"
+    assert len(files) > 40
+
+
+def test_the_checks_see_a_harness_import_and_a_private_name(tmp_path, monkeypatch):
+    """Negative control: the checks above flag a harness import (relative, absolute, lazy or at the top) and a
+    private library name."""
+    assert harness_imports(LIBRARY / "commands" / "align.py") == []
     package = tmp_path / "vaccine_trainer"
     (package / "commands").mkdir(parents=True)
     file = package / "commands" / "align.py"
-    file.write_text("from ..evaluation.report import plot\n\n"
-                    "def f():\n    import scipy.stats\n    from . import grid\n")
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
-    assert harness_imports(file) == ["scipy.stats", "vaccine_trainer.commands.grid",
-                                     "vaccine_trainer.evaluation.report", "vaccine_trainer.evaluation.report.plot"]
+    file.write_text("from vaccine_harness.evaluation.report import plot\n\n"
+                    "def f():\n    import scipy.stats\n    from vaccine_harness.commands import grid\n")
+    assert harness_imports(file, tmp_path) == [
+        "scipy.stats", "vaccine_harness.commands", "vaccine_harness.commands.grid", "vaccine_harness.evaluation.report",
+        "vaccine_harness.evaluation.report.plot"]
+    script = tmp_path / "experiment.py"
+    script.write_text("from vaccine_trainer.callbacks import _median\nimport vaccine_trainer.__main__\n"
+                      "from vaccine_trainer.launch import launch\n")
+    assert private_library_imports(script, tmp_path) == ["vaccine_trainer.callbacks._median"]
 
 
 # As if they were not installed: `import scipy` raises ModuleNotFoundError, importlib.util.find_spec says None.
@@ -116,8 +130,10 @@ from vaccine_trainer.cli import main
 for command in ("align", "finetune", "sft"):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         main([command, "--help"])
+# The CLI reads the harness's command registry (an entry point), and loads none of its modules to run the library's.
+print("harness modules loaded:", sorted(m for m in sys.modules
+                                        if m.startswith("vaccine_harness.") and m != "vaccine_harness.commands"))
 assert main(["evaluate", "--adapter", "x"]) == 1
-print("harness modules loaded:", sorted(m for m in sys.modules if m.startswith("vaccine_trainer.evaluation")))
 """, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "harness modules loaded: []" in result.stdout
@@ -128,5 +144,5 @@ print("harness modules loaded:", sorted(m for m in sys.modules if m.startswith("
 def test_the_blocker_does_hide_the_harness_packages(tmp_path):
     """Negative control for the test above: under the same blocker, what needs scipy fails."""
     result = run_without_harness_packages(
-        "from vaccine_trainer.evaluation.intervals import exact_mcnemar\nexact_mcnemar(3, 1)\n", tmp_path)
+        "from vaccine_harness.evaluation.intervals import exact_mcnemar\nexact_mcnemar(3, 1)\n", tmp_path)
     assert result.returncode != 0 and "ModuleNotFoundError: No module named 'scipy.stats'" in result.stderr

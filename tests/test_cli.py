@@ -11,7 +11,9 @@ from importlib.metadata import entry_points
 import pytest
 from testing_utils import ALIGNMENT, FAST, HARMFUL_QA, finetune_argv, finetune_settings, write_jsonl
 
-from vaccine_trainer.cli import COMMANDS, main
+from vaccine_trainer.cli import commands, main
+
+PACKAGES = ("vaccine_trainer", "vaccine_harness")  # the library and its experiment harness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -81,14 +83,14 @@ def test_clear_errors(workspace, tmp_path, capsys, argv, code, stream, message):
 def test_console_script_and_help():
     (script,) = entry_points(group="console_scripts", name="vaccine-trainer")
     assert script.value == "vaccine_trainer.cli:run"
-    assert set(COMMANDS) >= {"align", "finetune"}
+    assert set(commands()) >= {"align", "finetune", "evaluate", "pipeline", "sweep"}  # the harness's, by entry point
     result = subprocess.run([sys.executable, "-m", "vaccine_trainer.cli", "align", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--rho" in result.stdout and "--vaccine_target" in result.stdout and "--lora_r" in result.stdout
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(commands()))
 def test_every_commands_help_works_and_the_trainer_commands_put_vaccine_and_launch_first(command, capsys):
     try:
         code = main([command, "--help"])
@@ -198,24 +200,24 @@ def _module_level_imports(path, module: str, package_root) -> set[str]:
                 found |= {t for t in [target, *names] if (package_root / (t.replace(".", "/") + ".py")).is_file()
                           or (package_root / t.replace(".", "/") / "__init__.py").is_file()}
             elif isinstance(child, ast.Import):
-                found |= {alias.name for alias in child.names if alias.name.startswith("vaccine_trainer")}
-    return {t for t in found if t.startswith("vaccine_trainer") and t != module}
+                found |= {alias.name for alias in child.names if alias.name.startswith(PACKAGES)}
+    return {t for t in found if t.startswith(PACKAGES) and t != module}
 
 
 def test_the_package_has_no_import_circle():
-    """Every module can be imported on its own: the graph of module-level imports inside the package is acyclic."""
+    """Every module can be imported on its own: the graph of module-level imports inside the library and the harness
+    is acyclic."""
     import graphlib
 
     import vaccine_trainer
 
-    package_dir = Path(vaccine_trainer.__file__).parent
-    root = package_dir.parent
+    root = Path(vaccine_trainer.__file__).parent.parent
     graph = {}
-    for path in package_dir.rglob("*.py"):
+    for path in [path for package in PACKAGES for path in (root / package).rglob("*.py")]:
         parts = path.relative_to(root).with_suffix("").parts
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         graph[module] = _module_level_imports(path, module, root)
-    assert "vaccine_trainer.commands.pipeline" in graph["vaccine_trainer.commands.grid"]  # the parser sees edges
+    assert "vaccine_harness.commands.pipeline" in graph["vaccine_harness.commands.grid"]  # the parser sees edges
     assert "vaccine_trainer.commands.common" in graph["vaccine_trainer.cli"]
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle
 
@@ -224,8 +226,9 @@ def test_the_library_names_no_path_of_this_repository():
     """An installed package has no ../shared beside it: data folders are settings, never defaults or messages."""
     import vaccine_trainer
 
-    package_dir = Path(vaccine_trainer.__file__).parent
-    offending = [f"{path.relative_to(package_dir)}:{number}" for path in package_dir.rglob("*.py")
+    root = Path(vaccine_trainer.__file__).parent.parent
+    offending = [f"{path.relative_to(root)}:{number}"
+                 for package in PACKAGES for path in (root / package).rglob("*.py")
                  for number, line in enumerate(path.read_text().splitlines(), 1) if "../shared" in line]
     assert offending == []
 
@@ -337,7 +340,7 @@ def test_every_command_builds_from_pretrained_arguments_the_same_way():
     from trl import ModelConfig
 
     from vaccine_trainer.commands.common import ModelLoadingArguments, model_load_kwargs
-    from vaccine_trainer.commands.evaluate import EvaluateArguments
+    from vaccine_harness.commands.evaluate import EvaluateArguments
 
     flags = {"dtype": "bfloat16", "attn_implementation": "eager", "model_revision": "v1"}
     expected = {"dtype": "bfloat16", "attn_implementation": "eager", "revision": "v1"}

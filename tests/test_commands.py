@@ -10,7 +10,7 @@ from testing_utils import REPO_ROOT, pipeline_argv
 from trl import TrlParser
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.pipeline import (
+from vaccine_harness.commands.pipeline import (
     PHASE_COMMANDS,
     PipelineArguments,
     check_phase_settings,
@@ -29,7 +29,7 @@ def test_there_are_shipped_pipeline_configs():
 
 @pytest.mark.parametrize("config", SHIPPED)
 def test_every_shipped_pipeline_config_gives_known_phase_settings(config, monkeypatch):
-    from vaccine_trainer.commands.grid import GridArguments
+    from vaccine_harness.commands.grid import GridArguments
 
     monkeypatch.chdir(REPO_ROOT)
     args, _ = TrlParser((PipelineArguments, GridArguments)).parse_args_and_config(["--config", config])
@@ -94,7 +94,7 @@ def test_a_marker_of_an_older_version_is_refused_with_what_to_do(workspace, tmp_
 
 def test_an_interrupted_training_phase_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     import vaccine_trainer.commands.align as align_module
-    from vaccine_trainer.commands.pipeline import run_phase
+    from vaccine_harness.commands.pipeline import run_phase
 
     seen = []
     monkeypatch.setattr(align_module, "run_align", lambda script, args, model: seen.append(args.resume_from_checkpoint))

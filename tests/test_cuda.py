@@ -173,8 +173,8 @@ def test_deepspeed_zero2_fp16_on_cuda_equals_the_reference(tmp_path):
 def test_batched_generation_on_cuda_gives_the_one_by_one_answers(tmp_path):
     from transformers import AutoTokenizer
 
-    from vaccine_trainer.commands.evaluate import load_evaluated_model
-    from vaccine_trainer.evaluation.generation import generate_answers
+    from vaccine_harness.commands.evaluate import load_evaluated_model
+    from vaccine_harness.evaluation.generation import generate_answers
 
     texts = ["the cat sat on the mat", "a dog ran far", "why", "tell me a very long story about the sea and sky"]
     save_tiny_causal_lm(tmp_path / "model", texts)

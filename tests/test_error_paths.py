@@ -12,7 +12,7 @@ from torch import nn
 
 from vaccine_trainer.config import parse_layer_spec
 from vaccine_trainer.data import load_records
-from vaccine_trainer.evaluation import parse_number
+from vaccine_harness.evaluation import parse_number
 from vaccine_trainer.perturbation import HiddenStateHooks, hidden_output
 
 
@@ -170,7 +170,7 @@ def test_classifier_judge_multi_label_takes_the_largest_harmful_probability(tmp_
     import transformers
     from testing_utils import tiny_tokenizer
 
-    from vaccine_trainer.evaluation import ClassifierJudge
+    from vaccine_harness.evaluation import ClassifierJudge
 
     tokenizer = tiny_tokenizer()
     labels = {0: "safe", 1: "violence", 2: "theft"}

@@ -17,7 +17,7 @@ from vaccine_trainer.data import (
     format_prompt,
     load_task_eval,
 )
-from vaccine_trainer.evaluation import (
+from vaccine_harness.evaluation import (
     Accuracy,
     ClassifierJudge,
     HarmfulScore,
@@ -384,7 +384,7 @@ def test_drift_series_and_report_errors(tmp_path):
 
 
 def test_paired_differences_are_corrected_with_the_judges_measured_rates():
-    from vaccine_trainer.evaluation.report import paired_prompt_differences
+    from vaccine_harness.evaluation.report import paired_prompt_differences
 
     prompts = [f"p{i}" for i in range(10)]
     flagged = {"sft": set(prompts[:6]), "vaccine": set(prompts[:3]), "other judge": set(prompts[:3])}
@@ -400,7 +400,7 @@ def test_paired_differences_are_corrected_with_the_judges_measured_rates():
 
 
 def test_an_evaluation_section_replaces_the_last_one_and_keeps_the_rest_of_the_card(tmp_path):
-    from vaccine_trainer.evaluation.card import END, START, write_section
+    from vaccine_harness.evaluation.card import END, START, write_section
 
     card = tmp_path / "README.md"
     card.write_text("# my model\n\ntrained with rho=2\n")
@@ -413,7 +413,7 @@ def test_an_evaluation_section_replaces_the_last_one_and_keeps_the_rest_of_the_c
 
 
 def test_push_without_a_hub_id_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import vaccine_trainer.commands.evaluate as evaluate
+    import vaccine_harness.commands.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "load_evaluated_model", lambda *a, **k: pytest.fail("a model was loaded"))
     args = evaluate.EvaluateArguments(model_name_or_path="m", card_dir=str(tmp_path), push_to_hub=True)
@@ -432,8 +432,8 @@ def test_the_report_lists_a_second_judge_with_the_agreement(tmp_path):
 
 
 def test_the_report_opens_with_its_results_and_ends_with_its_settings(tmp_path):
-    from vaccine_trainer.evaluation.report import write_report
-    from vaccine_trainer.evaluation.scores import Accuracy, HarmfulScore
+    from vaccine_harness.evaluation.report import write_report
+    from vaccine_harness.evaluation.scores import Accuracy, HarmfulScore
 
     results = {m: {"harmful_score": HarmfulScore(score=s, n=10, flagged=int(s / 10)),
                    "accuracy": Accuracy(task="sst2", accuracy=80.0, n=10, correct=8)}

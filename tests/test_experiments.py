@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.grid import cell_dir, write_summary
+from vaccine_harness.commands.grid import cell_dir, write_summary
 from vaccine_trainer.layers import find_vaccine_modules
 
 

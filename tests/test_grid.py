@@ -9,7 +9,7 @@ import pytest
 from testing_utils import pipeline_argv
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.grid import evaluated_arms, paired_seed_differences, summarise, write_summary
+from vaccine_harness.commands.grid import evaluated_arms, paired_seed_differences, summarise, write_summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -54,7 +54,7 @@ def test_grid_aligns_once_per_seed_and_summarises_every_cell(workspace, tmp_path
     assert len(summary["pooled_paired"]) == 2
     row = summary["rows"][0]
     flagged = round(row["harmful_score"] * row["harmful_score_n"] / 100)
-    from vaccine_trainer.evaluation.intervals import wilson_percent
+    from vaccine_harness.evaluation.intervals import wilson_percent
 
     low, high = wilson_percent(flagged, row["harmful_score_n"])
     assert f"| {row['harmful_score']:.1f} [{low:.1f}, {high:.1f}] |" in (out / "summary" / "summary.md").read_text()

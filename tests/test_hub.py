@@ -15,7 +15,7 @@ from testing_utils import FAST, SHARED_DATA, finetune_argv
 
 from vaccine_trainer import load_finetuned_model
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.evaluate import load_evaluated_model
+from vaccine_harness.commands.evaluate import load_evaluated_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

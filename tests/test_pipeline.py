@@ -8,8 +8,8 @@ import pytest
 from testing_utils import SHARED_DATA, pipeline_argv
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.pipeline import PipelineArguments
-from vaccine_trainer.evaluation import non_refusal_rate
+from vaccine_harness.commands.pipeline import PipelineArguments
+from vaccine_harness.evaluation import non_refusal_rate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -126,7 +126,7 @@ def test_arm_labels_name_rho_unless_it_is_the_papers(rho, labels):
 
 
 def test_an_arm_of_another_norm_is_named_and_kept_apart_and_aligns_with_that_norm(tmp_path):
-    from vaccine_trainer.commands.pipeline import align_settings
+    from vaccine_harness.commands.pipeline import align_settings
 
     args = PipelineArguments(methods="sft,vaccine", rho="0.05,2", vaccine_norm="relative")
     arms = args.arms()
@@ -151,7 +151,7 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
     from testing_utils import save_tiny_causal_lm
     from transformers import AutoModelForCausalLM
 
-    from vaccine_trainer.commands.evaluate import load_evaluated_model
+    from vaccine_harness.commands.evaluate import load_evaluated_model
 
     base_path = save_tiny_causal_lm(tmp_path / "base", ["hello world"])
 
@@ -183,7 +183,7 @@ def test_evaluated_model_merges_stage_one_and_applies_stage_two(tmp_path):
     assert torch.allclose(aligned_only, logits(merged_stage_one()), atol=1e-5)
     assert not torch.allclose(evaluated, aligned_only, atol=1e-3)
     # The model flags reach from_pretrained: bf16 weights on an explicit device map, the same model within bf16.
-    from vaccine_trainer.commands.evaluate import EvaluateArguments
+    from vaccine_harness.commands.evaluate import EvaluateArguments
 
     flags = EvaluateArguments(dtype="bfloat16", device_map="cpu", attn_implementation="eager").load_kwargs()
     assert flags == {"dtype": "bfloat16", "device_map": "cpu", "attn_implementation": "eager"}

@@ -7,8 +7,8 @@ import torch
 import transformers
 from testing_utils import tiny_tokenizer
 
-from vaccine_trainer.commands.judge_names import make_judge
-from vaccine_trainer.evaluation.model_judges import Qwen3GuardJudge, parse_qwen3guard
+from vaccine_harness.commands.judge_names import make_judge
+from vaccine_harness.evaluation.model_judges import Qwen3GuardJudge, parse_qwen3guard
 
 # A stand-in for the judge's own chat template (the real one writes Qwen3Guard's moderation instructions):
 # the judge must render the (user, assistant) pair through whatever template its tokenizer carries.

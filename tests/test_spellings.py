@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vaccine_trainer.commands import pipeline
+from vaccine_harness.commands import pipeline
 from vaccine_trainer.commands.spellings import argv_for_installed, settings_for_installed, training_flags
 
 OLD = frozenset({"gradient_checkpointing", "gradient_checkpointing_kwargs", "learning_rate"})  # transformers < 5.2x

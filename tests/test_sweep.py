@@ -9,7 +9,7 @@ import pytest
 from testing_utils import pipeline_argv
 
 from vaccine_trainer.cli import main
-from vaccine_trainer.commands.sweep import keeps_guard, worst_cases
+from vaccine_harness.commands.sweep import keeps_guard, worst_cases
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,7 +39,7 @@ def flags(*harmful):
 
 
 def test_the_arms_against_sft_on_the_same_prompts_by_hand():
-    from vaccine_trainer.commands.sweep_pairs import cell_key, paired_cells, paired_markdown, paired_targets
+    from vaccine_harness.commands.sweep_pairs import cell_key, paired_cells, paired_markdown, paired_targets
 
     rows = [row("sft", 1e-3, 2, 50.0, 80.0), row("sft", 4e-3, 2, 75.0, 80.0),
             row("vaccine", 1e-3, 2, 75.0, 70.0),   # broken guard (70 < 75): not Vaccine's worst case
@@ -104,8 +104,8 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
         assert (out / "sweep_summary" / name).stat().st_size > 0
 
     # every cell's verdicts are kept beside the summary, and the summary's figures come back from them alone
-    from vaccine_trainer.commands.sweep import summarise_cells
-    from vaccine_trainer.commands.verdict_files import read_verdict_files
+    from vaccine_harness.commands.sweep import summarise_cells
+    from vaccine_harness.commands.verdict_files import read_verdict_files
 
     files = sorted((out / "sweep_summary" / "verdicts").glob("*.json"))
     assert [f.name for f in files] == ["seed1-p0-lr0.01-ep1-sft.json", "seed1-p0-lr0.01-ep1-vaccine.json",  # p = 0
@@ -137,8 +137,8 @@ def test_a_sweep_without_an_aligned_arm_is_refused(workspace, tmp_path, capsys):
 def parsed(argv: list[str]):
     from trl import TrlParser
 
-    from vaccine_trainer.commands.pipeline import PipelineArguments
-    from vaccine_trainer.commands.sweep import SweepArguments
+    from vaccine_harness.commands.pipeline import PipelineArguments
+    from vaccine_harness.commands.sweep import SweepArguments
 
     return TrlParser((PipelineArguments, SweepArguments)).parse_args_and_config(argv)
 
@@ -150,7 +150,7 @@ def parallel_argv(output_dir) -> list[str]:
 
 
 def test_the_parallel_jobs_are_the_sequential_sweeps_runs_one_arm_a_job(tmp_path, monkeypatch):
-    import vaccine_trainer.commands.sweep as sweep_command
+    import vaccine_harness.commands.sweep as sweep_command
 
     args, sweep = parsed(parallel_argv(tmp_path / "s"))
 
@@ -169,7 +169,7 @@ def test_the_parallel_jobs_are_the_sequential_sweeps_runs_one_arm_a_job(tmp_path
     # Stage 1 of every seed and arm first (side by side); every other job waits for its own stage 1.
     assert [job.name for job in jobs[:4]] == ["align:1:sft", "align:1:vaccine", "align:2:sft", "align:2:vaccine"]
     assert all(job.needs == "align:" + ":".join(job.name.split(":")[1:3]) for job in jobs[4:])
-    assert jobs[-1].command[-3:] == ["vaccine_trainer.commands.sweep_worker", str(tmp_path / "arguments.json"),
+    assert jobs[-1].command[-3:] == ["vaccine_harness.commands.sweep_worker", str(tmp_path / "arguments.json"),
                                      "cell:2:vaccine:0.1:0.001:2"]
     aligns = [run for run in ours if run.align_only]
     assert [(run.seed, run.methods) for run in aligns] == [(1, "sft"), (1, "vaccine"), (2, "sft"), (2, "vaccine")]
@@ -185,7 +185,7 @@ def test_the_parallel_jobs_are_the_sequential_sweeps_runs_one_arm_a_job(tmp_path
 
 def shell_jobs(tmp_path, commands: dict[str, str], seeds: str = "1"):
     """The sweep's jobs with shell commands in place of runs: `exit 1` fails, `sleep 30` outlives a deadline."""
-    from vaccine_trainer.commands.sweep import sweep_jobs
+    from vaccine_harness.commands.sweep import sweep_jobs
 
     args, sweep = parsed([*parallel_argv(tmp_path), "--seeds", seeds])
     jobs = sweep_jobs(args, sweep, tmp_path / "arguments.json")
@@ -195,7 +195,7 @@ def shell_jobs(tmp_path, commands: dict[str, str], seeds: str = "1"):
 
 
 def test_a_failed_job_is_retried_once_and_what_needs_it_never_starts(tmp_path, monkeypatch):
-    from vaccine_trainer.commands import parallel_jobs
+    from vaccine_harness.commands import parallel_jobs
 
     monkeypatch.setattr(parallel_jobs, "POLL_S", 0.01)
     jobs = shell_jobs(tmp_path, {"align:1:vaccine": "exit 1"})
@@ -213,7 +213,7 @@ def test_a_failed_job_is_retried_once_and_what_needs_it_never_starts(tmp_path, m
 def test_at_the_deadline_running_jobs_stop_and_no_more_start(tmp_path, monkeypatch):
     import time
 
-    from vaccine_trainer.commands import parallel_jobs
+    from vaccine_harness.commands import parallel_jobs
 
     monkeypatch.setattr(parallel_jobs, "POLL_S", 0.01)
     jobs = shell_jobs(tmp_path, {"align:1:sft": "sleep 30", "align:1:vaccine": "sleep 30"})
@@ -237,10 +237,10 @@ def test_bad_worker_settings_are_refused_before_anything_runs(
 
 
 def test_a_parallel_sweep_trains_what_the_sequential_one_does(workspace, tmp_path, monkeypatch):
-    """Real jobs (`python -m vaccine_trainer.commands.sweep_worker`), each one CPU thread as this process."""
+    """Real jobs (`python -m vaccine_harness.commands.sweep_worker`), each one CPU thread as this process."""
     import os
 
-    from vaccine_trainer.commands import parallel_jobs
+    from vaccine_harness.commands import parallel_jobs
 
     monkeypatch.setattr(parallel_jobs, "POLL_S", 0.2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # 2 workers: one thread each, as the sequential run here
@@ -321,7 +321,7 @@ def test_summaries_of_different_cells_combine_and_the_worst_case_is_recomputed_o
 
 
 def test_explicit_attacks_replace_the_cross_product_in_their_order():
-    from vaccine_trainer.commands.sweep import SweepArguments
+    from vaccine_harness.commands.sweep import SweepArguments
 
     assert SweepArguments(attacks="1e-3x2, 4e-3X4,2e-3x6").settings() == [(1e-3, 2.0), (4e-3, 4.0), (2e-3, 6.0)]
     assert SweepArguments(learning_rates="1e-3,2e-3", epochs="2").settings() == [(1e-3, 2.0), (2e-3, 2.0)]

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
 from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
-from vaccine_trainer.evaluation.learned_judge import BEAVERTAILS_FILE, SAFERLHF_FILE
+from vaccine_harness.evaluation.learned_judge import BEAVERTAILS_FILE, SAFERLHF_FILE
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network, whatever the environment says
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

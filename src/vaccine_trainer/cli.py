@@ -1,8 +1,8 @@
 """The `vaccine-trainer` console script: a registry of subcommands and `main`.
 
-`trl sft` hard-codes `SFTTrainer`, so the project ships its own entry point. Each subcommand is a module
-of `vaccine_trainer.commands` with a `main(argv) -> exit code`, named here and imported only when it runs,
-so `vaccine-trainer --help` imports neither torch nor transformers. Each parses its own dataclasses
+`trl sft` hard-codes `SFTTrainer`, so the project ships its own entry point. Each subcommand is a module with a
+`main(argv) -> exit code`, named here (or by another package through an entry point) and imported only when it
+runs, so `vaccine-trainer --help` imports neither torch nor transformers. Each parses its own dataclasses
 with `TrlParser`, so every flag also works in a YAML file given with `--config`.
 
     vaccine-trainer align --model_name_or_path M --dataset alignment.jsonl --rho 2 --output_dir aligned
@@ -13,75 +13,84 @@ with `TrlParser`, so every flag also works in a YAML file given with `--config`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import NoReturn
 
 from .commands.common import PROG, logger
 from .launch import exit_launched_rank, launch, split_launch_flags
 
 LAUNCHED = ("align", "finetune", "sft")  # commands that take --accelerate_config / --num_processes
-# What the experiment harness (judges, intervals, plots) needs beyond the library: pyproject's `harness` extra.
-HARNESS_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "scipy": "scipy"}
+# Other packages add subcommands through this entry-point group: each entry names a sequence of `Command`s. The
+# experiment harness (`vaccine_harness`) adds evaluate, judge-check, pipeline, grid and sweep this way, so the
+# library never imports it.
+COMMANDS_ENTRY_POINT_GROUP = "vaccine_trainer.commands"
 
 
 class MissingExtraError(ImportError):
-    """A harness command run where only the library is installed."""
+    """A command run where the extra it needs is not installed."""
 
 
 @dataclass(frozen=True)
 class Command:
     """One subcommand: `target` ("module:function") takes the arguments after its name, returns the exit code.
-    A `harness` command (evaluation and experiments) needs the `harness` extra; the library's do not."""
+    A command that needs an extra names it and the packages it brings (import name: distribution); it says which
+    are missing, instead of failing on an import half-way."""
 
     name: str
     help: str
     target: str
-    harness: bool = False
+    extra: str | None = None
+    requires: Mapping[str, str] = field(default_factory=dict)
 
     def run(self, argv: list[str]) -> int:
-        if self.harness:
-            missing = [dist for module, dist in HARNESS_PACKAGES.items() if importlib.util.find_spec(module) is None]
-            if missing:
-                raise MissingExtraError(
-                    f"`{PROG} {self.name}` belongs to the experiment harness, which needs {', '.join(missing)}: "
-                    "pip install \"vaccine-trainer[harness]\" (from a clone: pip install -e \".[harness]\").")
+        missing = [dist for module, dist in self.requires.items() if importlib.util.find_spec(module) is None]
+        if missing:
+            raise MissingExtraError(
+                f"`{PROG} {self.name}` needs {', '.join(missing)}: pip install \"vaccine-trainer[{self.extra}]\" "
+                f"(from a clone: pip install -e \".[{self.extra}]\").")
         module, _, function = self.target.partition(":")
         run: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
         return run(argv)
 
 
-COMMANDS: dict[str, Command] = {command.name: command for command in (
+LIBRARY_COMMANDS: tuple[Command, ...] = (
     Command("align", "Stage 1: align a model with Vaccine (--rho, default 2) or plain SFT (--rho 0).",
             "vaccine_trainer.commands.align:main"),
     Command("sft", "`trl sft` with Vaccine: a TRL SFT YAML plus `rho: 2` (rho 0: exactly what `trl sft` trains).",
             "vaccine_trainer.commands.sft:main"),
     Command("finetune", "Stage 2: merge an alignment adapter, fine-tune a fresh LoRA on a harmful/benign mix.",
             "vaccine_trainer.commands.finetune:main"),
-    Command("evaluate", "Harmful score (pluggable judge) and fine-tune accuracy of a model with its adapters.",
-            "vaccine_trainer.commands.evaluate:main", harness=True),
-    Command("judge-check", "A judge's accuracy, precision, recall and refusals flagged on human-labelled pairs.",
-            "vaccine_trainer.commands.judge_check:main", harness=True),
-    Command("pipeline", "The whole experiment: align (none/SFT/Vaccine) -> harmful fine-tuning -> evaluate -> report.",
-            "vaccine_trainer.commands.pipeline:main", harness=True),
-    Command("grid", "The pipeline over seeds and harmful ratios (alignment shared across p), with a summary table.",
-            "vaccine_trainer.commands.grid:main", harness=True),
-    Command("sweep", "Stage 2 over attacker settings (lr x epochs) per aligned arm: the surface and the worst case.",
-            "vaccine_trainer.commands.sweep:main", harness=True),
     Command("env", "Versions, accelerator and accelerate config, for a bug report.",
             "vaccine_trainer.commands.env:main"),
-)}
+)
+
+
+@functools.cache
+def commands() -> dict[str, Command]:
+    """The library's commands, then those installed packages register under `COMMANDS_ENTRY_POINT_GROUP`."""
+    found = {command.name: command for command in LIBRARY_COMMANDS}
+    for entry_point in sorted(entry_points(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name):
+        for command in entry_point.load():
+            if command.name in found:
+                raise ValueError(f"The entry point {entry_point.value} registers the command {command.name!r} again.")
+            found[command.name] = command
+    return found
 
 
 def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
+    registered = commands()
+    width = max(len(name) for name in registered)
     lines = [f"usage: {PROG} <command> [--config file.yaml] [--flag value ...]", "", "commands:"]
-    lines += [f"  {c.name:<{width}}  {c.help}" for c in COMMANDS.values() if not c.harness]
-    lines += ["", 'experiment harness (pip install "vaccine-trainer[harness]"):']
-    lines += [f"  {c.name:<{width}}  {c.help}" for c in COMMANDS.values() if c.harness]
+    lines += [f"  {c.name:<{width}}  {c.help}" for c in registered.values() if c.extra is None]
+    for extra in dict.fromkeys(c.extra for c in registered.values() if c.extra is not None):
+        lines += ["", f'with the {extra} extra (pip install "vaccine-trainer[{extra}]"):']
+        lines += [f"  {c.name:<{width}}  {c.help}" for c in registered.values() if c.extra == extra]
     lines += ["", f"`{PROG} <command> --help` lists a command's flags."]
     return "\n".join(lines)
 
@@ -93,14 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"{PROG}: unknown command {name!r}; choose one of {sorted(COMMANDS)}.\n\n{usage()}", file=sys.stderr)
+    if name not in commands():
+        print(f"{PROG}: unknown command {name!r}; choose one of {sorted(commands())}.\n\n{usage()}", file=sys.stderr)
         return 2
     try:
         flags, own = split_launch_flags(rest) if name in LAUNCHED else ({}, rest)
         if flags:
             return launch(name, flags, own)  # the same command again, under `accelerate launch`
-        return COMMANDS[name].run(rest)
+        return commands()[name].run(rest)
     except (ValueError, FileNotFoundError, MissingExtraError) as error:  # bad input: a message, not a traceback
         logger().debug("Failed with", exc_info=True)
         print(f"{PROG} {name}: error: {error}", file=sys.stderr)

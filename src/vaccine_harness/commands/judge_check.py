@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import PROG, check_source, require, command_description
+from vaccine_trainer.commands.common import PROG, check_source, require, command_description
+
 from .evaluate import build_judge
 from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..markdown import markdown_table, with_interval
-from .common import PROG, logger, command_description
+from vaccine_trainer.commands.common import PROG, logger, command_description
+from vaccine_trainer.markdown import markdown_table, with_interval
+
 from .pipeline import (
     DEFAULT_RHO,
     METHODS,

@@ -1,6 +1,6 @@
 """One job of a parallel sweep, in its own process (`vaccine-trainer sweep --workers N` starts these).
 
-    python -m vaccine_trainer.commands.sweep_worker <output_dir>/jobs/sweep_arguments.json <job name>
+    python -m vaccine_harness.commands.sweep_worker <output_dir>/jobs/sweep_arguments.json <job name>
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import subprocess
 import time
 import typing
 from collections.abc import Callable, Mapping
@@ -19,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
-from .common import PROG, check_source, logger, command_description
+from vaccine_trainer.commands.common import PROG, check_source, logger, command_description
+from vaccine_trainer.commands.spellings import settings_for_installed
+
 from .evaluate import EVALUATION_FILE
-from .spellings import settings_for_installed
+from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 
 METHODS = ("non-aligned", "sft", "vaccine", "t-vaccine")
 PHASE_MARKER = "phase.json"
@@ -144,7 +146,7 @@ class PipelineArguments:
             if self.num_processes or self.launch_args:
                 raise ValueError("--num_processes and --launch_args go with --accelerate_config (e.g. multi_gpu).")
             return {}
-        from ..launch import LAUNCH_FLAGS, accelerate_config_path
+        from vaccine_trainer.launch import LAUNCH_FLAGS, accelerate_config_path
 
         flags = {"--accelerate_config": accelerate_config_path(self.accelerate_config)}
         if self.num_processes:
@@ -198,7 +200,8 @@ class Arm:
 
 @dataclass(frozen=True)
 class PhaseCommand:
-    """A subcommand as the pipeline calls it: its argument dataclasses and the function that runs them."""
+    """A subcommand as the pipeline calls it: its argument dataclasses and the function that runs them (the
+    library's public `run_align` / `run_finetune` and the harness's `run_evaluation`)."""
 
     module: str
     arguments: str
@@ -207,15 +210,15 @@ class PhaseCommand:
     def load(self) -> tuple[tuple[type, ...], Callable[..., Any]]:
         import importlib
 
-        module = importlib.import_module(f"{__package__}.{self.module}")
+        module = importlib.import_module(self.module)
         arguments = getattr(module, self.arguments)
         return (arguments if isinstance(arguments, tuple) else (arguments,)), getattr(module, self.runner)
 
 
 PHASE_COMMANDS: dict[str, PhaseCommand] = {
-    "align": PhaseCommand("align", "ALIGN_ARGUMENTS", "run_align"),
-    "finetune": PhaseCommand("finetune", "FINETUNE_ARGUMENTS", "run_finetune"),
-    "evaluate": PhaseCommand("evaluate", "EvaluateArguments", "run_evaluation"),
+    "align": PhaseCommand("vaccine_trainer.commands.align", "ALIGN_ARGUMENTS", "run_align"),
+    "finetune": PhaseCommand("vaccine_trainer.commands.finetune", "FINETUNE_ARGUMENTS", "run_finetune"),
+    "evaluate": PhaseCommand("vaccine_harness.commands.evaluate", "EvaluateArguments", "run_evaluation"),
 }
 
 
@@ -343,11 +346,12 @@ def run_phase(folder: Path, name: str, command: str, settings: Mapping[str, Any]
     logger().warning(f"{name}: running ({command_line(command, run_settings)})")
     started = time.time()
     if launch and command in ("align", "finetune"):
-        from .. import cli
+        from vaccine_trainer.launch import launch as launch_command
 
-        flags = [item for pair in launch.items() for item in pair]
-        if cli.main([*command_words(command, run_settings), *flags]) != 0:
-            raise RuntimeError(f"{name}: the launched `{command}` failed; its output is above.")
+        try:
+            launch_command(command, dict(launch), command_words(command, run_settings)[1:])
+        except (subprocess.CalledProcessError, SystemExit) as error:
+            raise RuntimeError(f"{name}: the launched `{command}` failed; its output is above.") from error
     else:
         runner(*arguments)
     done = {"phase": name, "settings": settings, "command": command_line(command, settings),

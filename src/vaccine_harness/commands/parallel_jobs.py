@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import logger
+from vaccine_trainer.commands.common import logger
 
 POLL_S = 2.0
 STOPPED = "stopped"

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import format_prompt
+from vaccine_trainer.data import format_prompt
+
 from .answer_cache import AnswerCache
 
 

@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..drift_measures import DRIFT_MEASURES
-from ..markdown import with_interval
+from vaccine_trainer.drift_measures import DRIFT_MEASURES
+from vaccine_trainer.markdown import with_interval
+
 from .intervals import wilson_percent
 
 

@@ -10,8 +10,9 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..drift_measures import DRIFT_MEASURES
-from ..markdown import markdown_table, with_interval
+from vaccine_trainer.drift_measures import DRIFT_MEASURES
+from vaccine_trainer.markdown import markdown_table, with_interval
+
 from .intervals import JudgeErrors, corrected_difference, paired_difference
 from .metrics import METRICS, ArmRecord, figure_dict, metrics_in
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..markdown import markdown_table, with_interval
-from .common import logger
+from vaccine_trainer.commands.common import logger
+from vaccine_trainer.markdown import markdown_table, with_interval
 
 Verdicts = Mapping[str, bool]  # prompt -> harmful
 CellKey = tuple[int, float, float, float, str]  # seed, harmful ratio, learning rate, epochs, method

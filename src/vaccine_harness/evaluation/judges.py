@@ -2,7 +2,7 @@
 
 A judge decides, for each (prompt, answer) pair, whether the answer is harmful. `RefusalJudge` measures
 non-refusal, an upper bound of harm; the judges backed by a model are in `model_judges` and `learned_judge`,
-and `vaccine_trainer.commands.judge_names` builds any of them from a name such as ``"refusal"``. The phrases and
+and `vaccine_harness.commands.judge_names` builds any of them from a name such as ``"refusal"``. The phrases and
 what each judge was measured to reach are in docs/judges.md.
 """
 

@@ -11,7 +11,8 @@ from typing import Any
 import datasets
 from transformers.utils import logging
 
-from ..data import GSM8K_ANSWER_PROMPT, TASK_LABELS
+from vaccine_trainer.data import GSM8K_ANSWER_PROMPT, TASK_LABELS
+
 from .answer_cache import AnswerCache
 from .generation import format_all, generate_answers
 from .intervals import wilson_percent

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..markdown import markdown_table, with_interval
-from .common import PROG, logger, command_description
+from vaccine_trainer.commands.common import PROG, logger, command_description
+from vaccine_trainer.markdown import markdown_table, with_interval
+
 from .grid import GridArguments, _parse_list, cell_dir, evaluated_arms
 from .parallel_jobs import Job, run_jobs
 from .pipeline import PHASE_MARKER, PipelineArguments, arm_results, resolve_model, run_pipeline
@@ -198,7 +199,7 @@ def sweep_jobs(args: PipelineArguments, sweep: SweepArguments, arguments_file: P
         cache = root / JOBS_DIR / "datasets_cache" / name.replace(":", "_")  # no two writers on one cache entry
         environment = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
                        "HF_DATASETS_CACHE": str(cache)}
-        command = [sys.executable, "-m", "vaccine_trainer.commands.sweep_worker", str(arguments_file), name]
+        command = [sys.executable, "-m", "vaccine_harness.commands.sweep_worker", str(arguments_file), name]
         return Job(name, command, needs=needs, environment=environment)
 
     def stage_one(seed: int, method: str) -> str | None:

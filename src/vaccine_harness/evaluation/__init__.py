@@ -2,7 +2,7 @@
 
 * Harmful score: the percentage of harmful prompts whose greedy answer a judge flags (the paper: 500
   BeaverTails test prompts, 128 new tokens, the BeaverDam moderation model). Judges are pluggable
-  (``judge(prompts, answers) -> list[bool]``), built by name with `vaccine_trainer.commands.judge_names.make_judge`.
+  (``judge(prompts, answers) -> list[bool]``), built by name with `vaccine_harness.commands.judge_names.make_judge`.
 * Fine-tune accuracy: the percentage of a benign task's test rows answered correctly, with the paper's
   parsing rules (label word in the answer; GSM8K: the number after "The final answer is: ").
 * :func:`check_judge`: a judge's accuracy on human-labelled pairs, printed beside its scores.

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..markdown import interval_text
-from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
-from .common import (
+from vaccine_trainer.commands.common import (
     PROG, ModelLoadingArguments, check_source, command_description, load_tokenizer, logger, model_load_kwargs, require,
 )
+from vaccine_trainer.markdown import interval_text
+
+from .judge_names import DEFAULT_JUDGE, JUDGE_HELP
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -114,7 +115,7 @@ def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapte
     """
     import torch
 
-    from ..stage2_output import merged_model
+    from vaccine_trainer.stage2_output import merged_model
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter!r} has no adapter_config.json: give the output folder of "
@@ -128,7 +129,7 @@ def load_evaluated_model(base: str, alignment_adapter: str | None = None, adapte
 def read_evaluation_inputs(args: EvaluateArguments) -> tuple[list, Any, Path | None]:
     """The harmful prompts, the task rows (None without a task) and the card's folder: every input read and
     checked before any model loads."""
-    from ..data import load_harmful_prompts, load_task_eval
+    from vaccine_trainer.data import load_harmful_prompts, load_task_eval
     from .judge_names import check_judge_inputs, resolve_judge
 
     require(args.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -156,7 +157,7 @@ def read_evaluation_inputs(args: EvaluateArguments) -> tuple[list, Any, Path | N
 def model_figures(model, tokenizer, args: EvaluateArguments, prompts, task_rows) -> dict[str, Any]:
     """What needs the evaluated model: its answers to the harmful prompts, the task accuracies (generated and by
     label likelihood) and the judge-free metrics."""
-    from ..data import TASK_LABELS
+    from vaccine_trainer.data import TASK_LABELS
     from ..evaluation import finetune_accuracy
     from ..evaluation.scores import harmful_answers, label_likelihood_accuracy
 
@@ -172,7 +173,7 @@ def model_figures(model, tokenizer, args: EvaluateArguments, prompts, task_rows)
             figures["accuracy_by_likelihood"] = label_likelihood_accuracy(
                 model, tokenizer, args.task, task_rows, template=args.template, batch_size=args.batch_size)
     if args.harmful_pairs or args.alignment_dataset:
-        from ..data import instruction_pairs
+        from vaccine_trainer.data import instruction_pairs
         from ..evaluation.likelihood import likelihood_metrics
 
         n = args.num_likelihood_rows

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..markdown import interval_text, markdown_table
+from vaccine_trainer.markdown import interval_text, markdown_table
+
 from .metrics import JudgeRecord
 
 START, END = "<!-- vaccine-trainer evaluate -->", "<!-- end of vaccine-trainer evaluate -->"
