@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from testing_utils import tiny_lora_model, token_rows, trainable_state, training_args  # noqa: E402
 
-from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments  # noqa: E402
+from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments, backend  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
@@ -35,8 +35,8 @@ seen, scales = set(), []
 for layer in model.base_model.model.model.layers:
     layer.self_attn.register_forward_hook(
         lambda module, inputs, output: seen.add((trainer._vaccine_hooks.mode, str(output[0].dtype))))
-read_scale = trainer._vaccine_loss_scale
-trainer._vaccine_loss_scale = lambda: scales.append(read_scale()) or scales[-1]
+read_scale = backend.loss_scale
+backend.loss_scale = lambda trainer: scales.append(read_scale(trainer)) or scales[-1]
 trainer.train()
 # DeepSpeed casts the module to fp16 and keeps fp32 master weights made from those fp16 values: the update is
 # the master weights after the step minus the fp16-rounded weights before it.

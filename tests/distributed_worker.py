@@ -62,6 +62,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from vaccine_trainer import (  # noqa: E402
     AlignedSFTConfig, AlignedSFTTrainer, VaccineSFTConfig, VaccineSFTTrainer, VaccineTrainer, VaccineTrainingArguments,
 )
+from vaccine_trainer import backend  # noqa: E402
 from vaccine_trainer.launch import exit_launched_rank  # noqa: E402
 from vaccine_trainer.perturbation import uses_reentrant_checkpointing  # noqa: E402
 
@@ -270,7 +271,7 @@ class PhaseMixin:
 
     def _vaccine_pass_one(self, model, inputs, num_items_in_batch):
         self.phase = "pass1"
-        bare = self._vaccine_pass_one_model(model)
+        bare = backend.pass_one_model(self, model)
         self.reentrant_seen.append(uses_reentrant_checkpointing(bare, training_only=False))
         try:
             return super()._vaccine_pass_one(model, inputs, num_items_in_batch)

@@ -351,3 +351,14 @@ def test_every_command_builds_from_pretrained_arguments_the_same_way():
     assert model_load_kwargs(ModelConfig()) == {"dtype": "float32", "revision": "main"}  # TRL's defaults travel
     assert EvaluateArguments(trust_remote_code=True, device_map="cpu", **flags).load_kwargs() == {
         **expected, "trust_remote_code": True, "device_map": "cpu"}
+
+
+def test_python_dash_m_vaccine_trainer_lists_every_command():
+    done = subprocess.run([sys.executable, "-m", "vaccine_trainer", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    for name in ("align", "finetune", "evaluate", "judge-check", "pipeline", "grid"):
+        assert f"  {name}" in done.stdout, name
+    unknown = subprocess.run([sys.executable, "-m", "vaccine_trainer", "nope"], capture_output=True, text=True,
+                             timeout=120)
+    assert unknown.returncode == 2 and "unknown command 'nope'" in unknown.stderr

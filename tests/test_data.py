@@ -276,3 +276,30 @@ def test_a_second_benign_task_takes_its_share_of_the_benign_rows(shared_data):
         build_finetune_mix(str(shared_data / "harmful_qa.jsonl"), str(shared_data / "sst2_train.jsonl"),
                            task="sst2", n=10, p=0.1, second_source=str(shared_data / "alpacaeval_gpt4.jsonl"),
                            second_fraction=1.5)
+
+
+@pytest.fixture
+def saved_splits(tmp_path):
+    rows = {"instruction": ["a", "b"], "output": ["x", "y"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dict"))
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "single"))
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    return tmp_path
+
+
+def test_load_records_reads_parquet_and_save_to_disk(saved_splits):
+    assert load_records(str(saved_splits / "rows.parquet"))["instruction"] == ["a", "b"]
+    assert load_records(str(saved_splits / "dict"), "train")["output"] == ["x", "y"]
+    assert len(load_records(str(saved_splits / "single"), "test")) == 2  # one split: taken whatever is asked
+
+
+@pytest.mark.parametrize("source, error, message", [
+    ("dict", ValueError, r"has splits \['train'\]; split 'test' is not one of them"),
+    ("missing.parquet", FileNotFoundError, "does not exist"),
+    ("rows.txt", ValueError, "Unsupported data file"),
+])
+def test_load_records_errors(saved_splits, source, error, message):
+    if source == "rows.txt":
+        (saved_splits / source).write_text("a\n")
+    with pytest.raises(error, match=message):
+        load_records(str(saved_splits / source), "test")

@@ -25,7 +25,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, Dis
 from accelerate.utils import FullyShardedDataParallelPlugin
 from testing_utils import relative_error, tiny_lora_model, tiny_model, trainable_state
 
-from vaccine_trainer import VaccineArguments, VaccineTrainer
+from vaccine_trainer import VaccineArguments, VaccineTrainer, backend
 from vaccine_trainer.distributed import check_distributed_support, describe_backend
 from vaccine_trainer.launch import SHIPPED, accelerate_config_path
 
@@ -566,17 +566,17 @@ def test_pass_one_uses_deepspeeds_fp16_loss_scale(tmp_path, kind):
 
     trainer = VaccineTrainer(model=tiny_lora_model("llama"), args=worker.VaccineTrainingArguments(
         **training_args(tmp_path), rho=2.0), train_dataset=token_rows(4))
-    assert trainer._vaccine_loss_scale() is None  # no loss scaling in fp32
+    assert backend.loss_scale(trainer) is None  # no loss scaling in fp32
     trainer.is_deepspeed_enabled = True
     optimizer = deepspeed_fp16_optimizer(kind, 1024.0)
     assert optimizer.loss_scale == 1024.0
     trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=optimizer)
-    assert trainer._vaccine_loss_scale() == 1024.0
+    assert backend.loss_scale(trainer) == 1024.0
     trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: False, optimizer=optimizer)  # bf16/fp32
-    assert trainer._vaccine_loss_scale() is None
+    assert backend.loss_scale(trainer) is None
     trainer.model_wrapped = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace())
     with pytest.raises(RuntimeError, match="cannot read the fp16 loss scale"):
-        trainer._vaccine_loss_scale()
+        backend.loss_scale(trainer)
 
 
 def test_pass_one_runs_under_deepspeeds_torch_autocast(tmp_path):

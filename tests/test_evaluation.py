@@ -441,3 +441,9 @@ def test_the_report_opens_with_its_results_and_ends_with_its_settings(tmp_path):
     text = write_report(tmp_path, results, settings={"seed": 1})["markdown"].read_text()
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert sections[0] == "## Results" and sections[-1] == "## Settings"
+
+
+def test_gsm8k_hub_answers_with_hashes_parse():
+    """The hub's GSM8K answers end with '#### 72' (the shared files carry final_answer instead)."""
+    assert parse_number("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72") == "72"
+    assert parse_number("So the total is 1,234 dollars.\n#### 1,234") == "1234"

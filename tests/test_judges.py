@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from testing_utils import HARMFUL_ANSWERS, SAFE_ANSWERS
 
@@ -315,3 +316,30 @@ def test_every_command_defaults_to_the_same_judge_the_best_one_the_inputs_allow(
         judge = make_judge("auto")
     assert isinstance(judge, RefusalJudge)
     assert "62.1% accurate" in caplog.text and "--judge_data_dir" in caplog.text  # its accuracy, and the way out
+
+
+def test_classifier_judge_multi_label_takes_the_largest_harmful_probability(tmp_path):
+    import transformers
+    from testing_utils import tiny_tokenizer
+
+    from vaccine_harness.evaluation import ClassifierJudge
+
+    tokenizer = tiny_tokenizer()
+    labels = {0: "safe", 1: "violence", 2: "theft"}
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, num_labels=3, id2label=labels,
+                                     label2id={v: k for k, v in labels.items()},
+                                     problem_type="multi_label_classification", pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    judge = ClassifierJudge(str(tmp_path / "clf"), harmful_labels=["violence", "theft"])
+    assert judge.multi_label
+    answers = ["make a bomb", "steal a car", "hello world"]
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(**tokenizer(answers, return_tensors="pt", padding=True)).logits)
+    expected = probabilities[:, 1:].max(dim=1).values  # the largest harmful label, not the sum
+    assert judge.scores(["p"] * 3, answers) == pytest.approx(expected.tolist(), rel=1e-4)
+    judge.threshold = float(expected.median()) + 1e-6
+    assert judge(["p"] * 3, answers) == [bool(s >= judge.threshold) for s in expected.tolist()]

@@ -15,7 +15,7 @@ from testing_utils import RHO, reference_update, relative_error, tiny_lora_model
 from torch import nn
 
 import vaccine_trainer.trainer as trainer_module
-from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
+from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments, backend
 from vaccine_trainer.perturbation import HiddenStateHooks, build_perturbation
 
 def fp16_trainer(tmp_path, init_scale: float = 2.0 ** 10, **overrides) -> VaccineTrainer:
@@ -43,7 +43,7 @@ def test_fp16_with_a_real_grad_scaler_equals_the_fp32_reference(tmp_path):
     assert relative_error(plain, expected) > 1.0
     logged = next(e for e in trainer.state.log_history if "vaccine/grad_norm" in e)
     # The scale is divided out of the logged norm: it is the fp32 figure within fp16 rounding.
-    assert trainer._vaccine_loss_scale() == 2.0 ** 10
+    assert backend.loss_scale(trainer) == 2.0 ** 10
     assert logged["vaccine/perturbation_norm"] == pytest.approx(RHO, rel=1e-2)
 
 

@@ -345,3 +345,43 @@ def test_a_trl_sft_yaml_trains_the_same_adapter_under_vaccine_trainer_sft_at_rho
     assert not all(torch.equal(trl_adapter[k], vaccine_adapter[k]) for k in trl_adapter)  # Vaccine trained
     settings = json.loads((tmp_path / "vaccine" / "vaccine_config.json").read_text())["settings"]
     assert settings["rho"] == 2.0 and "'vaccine/grad_norm'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lora_r": 0}, "lora_r must be a positive integer"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"drift_target": "mlp"}, "drift_target must be 'layer' or 'attention'"),
+])
+def test_aligned_sft_config_validation(tmp_path, settings, message):
+    from vaccine_trainer import AlignedSFTConfig
+
+    with pytest.raises(ValueError, match=message):
+        AlignedSFTConfig(output_dir=str(tmp_path), **settings)
+
+
+@pytest.fixture
+def aligned_peft_model():
+    from testing_utils import tiny_lora_model
+
+    return tiny_lora_model()
+
+
+@pytest.mark.parametrize("misuse, message", [
+    (lambda peft_model, folder: (tiny_base(), peft_model), "Both a model and an aligned PeftModel"),
+    (lambda peft_model, folder: (None, folder), "No model given"),
+    (lambda peft_model, folder: (peft_model, folder), "already carries a PEFT adapter"),
+], ids=["model-and-peft", "no-model", "peft-and-path"])
+def test_merge_alignment_adapter_misuse(aligned_peft_model, tmp_path, misuse, message):
+    from vaccine_trainer import merge_alignment_adapter
+
+    folder = tmp_path / "adapter"
+    aligned_peft_model.save_pretrained(folder)
+    model, adapter = misuse(aligned_peft_model, str(folder))
+    with pytest.raises(ValueError, match=message):
+        merge_alignment_adapter(model, adapter)
+
+
+def tiny_base():
+    from testing_utils import tiny_model
+
+    return tiny_model()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from testing_utils import (
-    LR, PROBE, flat, perturbed_modules, reference_gradients, relative_error, run, tiny_lora_model, tiny_model,
-    token_rows, trainable_state, training_args,
+    LR, PROBE, PassOneGradientFault, flat, make_trainer, perturbed_modules, reference_gradients, relative_error, run,
+    tiny_lora_model, tiny_model, token_rows, trainable_state, training_args,
 )
 from transformers import Trainer
 from transformers.data.data_collator import default_data_collator
 
-from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments
+from vaccine_trainer import VaccineTrainer, VaccineTrainingArguments, backend
 
 
 def test_gradient_accumulation_keeps_every_micro_batch(tmp_path):
@@ -217,7 +217,7 @@ def test_logged_norm_divides_the_amp_loss_scale_out(tmp_path, monkeypatch):
     """Pass 1 scales the loss like AMP does (fp16 gradients underflow); the log and the update must not change."""
     rows = token_rows(4)
     plain_update, plain = run(tiny_lora_model(), tmp_path / "a", rows, max_steps=1)
-    monkeypatch.setattr(VaccineTrainer, "_vaccine_loss_scale", lambda self: 1024.0)
+    monkeypatch.setattr(backend, "loss_scale", lambda trainer: 1024.0)
     scaled_update, scaled = run(tiny_lora_model(), tmp_path / "b", rows, max_steps=1)
 
     def norm(trainer):
@@ -261,3 +261,63 @@ def test_a_checkpoint_function_that_is_reentrant_against_its_settings_gives_the_
     assert relative_error(swapped, plain) < 1e-4
     assert trainer._vaccine_reentrant_found  # it did take the recovery path
     assert trainer.vaccine_skipped_steps == 0
+
+
+def test_keyword_rho_is_validated_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="rho must be"):
+        VaccineTrainer(model=tiny_lora_model(), args=VaccineTrainingArguments(**training_args(tmp_path)),
+                       train_dataset=token_rows(4), rho=float("nan"))
+    trainer = VaccineTrainer(model=tiny_lora_model(), args=VaccineTrainingArguments(**training_args(tmp_path)),
+                             train_dataset=token_rows(4), rho=0.7)
+    assert trainer.args.rho == 0.7
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        make_trainer(tmp_path, rows=[])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0])
+def test_non_finite_or_zero_pass_one_gradient_skips_the_perturbation(tmp_path, value, caplog):
+    caplog.set_level("WARNING", logger="vaccine_trainer")
+    model = tiny_lora_model()
+    fault = PassOneGradientFault(model, value)
+    trainer = make_trainer(tmp_path, model=model, max_steps=2, vaccine_target="layer", vaccine_layers="0")
+    trainer.train()
+    fault.handle.remove()
+    assert all(torch.isfinite(p).all() for p in trainable_state(model).values())
+    assert trainer.vaccine_skipped_steps == 2
+    assert [e["vaccine/skipped_steps"] for e in trainer.state.log_history if "loss" in e] == [1, 2]
+    reason = "zero hidden-state gradient" if value == 0.0 else "non-finite hidden-state gradient"
+    assert caplog.text.count(f"Vaccine: {reason} in pass 1") == 2 and "2 skipped so far" in caplog.text
+    # the skipped step is exactly a plain step
+    plain_model = tiny_lora_model()
+    before = trainable_state(plain_model)
+    make_trainer(tmp_path / "plain", model=plain_model, max_steps=2, rho=0.0).train()
+    assert all(torch.equal(a, b) for a, b in zip(trainable_state(plain_model).values(),
+                                                  trainable_state(model).values()))
+    assert not all(torch.equal(a, b) for a, b in zip(before.values(), trainable_state(model).values()))
+
+
+def test_failure_in_pass_two_backward_leaves_no_partial_gradients(tmp_path):
+    model = tiny_lora_model()
+    trainer = make_trainer(tmp_path, model=model)
+    batch = default_data_collator(token_rows(2))
+    tokens = torch.tensor(2 * 11)  # as the Trainer's loop passes it: labels that count, over the window
+    trainer.training_step(model, batch, tokens)  # first micro-batch of an accumulation window
+    assert any(p.grad is not None for p in model.parameters())
+
+    forwards = {"n": 0}
+
+    def explode_in_backward(module, args, output):
+        forwards["n"] += 1
+        if forwards["n"] == 2:  # pass 2's forward: the fault fires during its backward
+            output.register_hook(lambda grad: (_ for _ in ()).throw(RuntimeError("backward fault")))
+
+    handle = model.get_base_model().model.layers[1].register_forward_hook(explode_in_backward)
+    with pytest.raises(RuntimeError, match="backward fault"):
+        trainer.training_step(model, batch, tokens)
+    handle.remove()
+    assert all(p.grad is None for p in model.parameters())
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert torch.isfinite(trainer.training_step(model, batch, tokens))  # training goes on

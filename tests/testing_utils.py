@@ -142,6 +142,30 @@ def training_args(output_dir, **overrides):
     return installed_spelling(settings)
 
 
+def make_trainer(tmp_path, model=None, rows=None, **overrides) -> VaccineTrainer:
+    """A VaccineTrainer on a tiny LoRA Llama and 4 token rows; `rho` and `vaccine_*` overrides go to Vaccine's
+    arguments, the rest to `training_args`."""
+    vaccine = {k: overrides.pop(k) for k in list(overrides) if k == "rho" or k.startswith("vaccine_")}
+    args = VaccineTrainingArguments(**training_args(tmp_path, **overrides), **vaccine)
+    return VaccineTrainer(model=model if model is not None else tiny_lora_model(), args=args,
+                          train_dataset=token_rows(4) if rows is None else rows)
+
+
+class PassOneGradientFault:
+    """Replaces the hidden-state gradient at layer 1 by NaN/inf/0, in pass 1 only (odd forwards)."""
+
+    def __init__(self, model, value: float):
+        self.forwards = 0
+        self.value = value
+        layer = model.get_base_model().model.layers[1]
+        self.handle = layer.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        self.forwards += 1
+        if self.forwards % 2 == 1 and output.requires_grad:
+            output.register_hook(lambda grad: torch.full_like(grad, self.value))
+
+
 def installed_spelling(settings: dict) -> dict:
     """`settings` with the checkpointing flags spelled as the installed transformers spells them (5.2x renamed
     `gradient_checkpointing[_kwargs]` to `activation_checkpointing[_kwargs]`), so the suite runs on older 5.x."""

@@ -17,12 +17,9 @@ rather than discovered mid-run:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from accelerate.utils import DistributedType
-from torch import nn
 from transformers.utils import logging
 
 from .checkpointing import setting
@@ -172,46 +169,7 @@ def check_layer_sampling_support(trainer: Any) -> None:
         logger.info("T-Vaccine: DDP looks for unused parameters (the layers frozen until the next draw).")
 
 
-def pass_one_without_sync(trainer: Any, model: nn.Module) -> contextlib.AbstractContextManager:
-    """The context pass 1 runs in so that the backend synchronises no gradient, whatever pass 1 crosses.
-
-    * DDP: `no_sync`, which the reentrant-checkpointing fallback (a full `backward()`) needs.
-    * FSDP2: every group's post-backward hook that the partial backward crosses would reduce-scatter the
-      gradients accumulated by earlier micro-batches of the window, i.e. sync early. Sync is paused, then set
-      to what the Trainer chose for this micro-batch's pass 2: on for the window's last micro-batch (or with
-      `sync_each_batch`), off inside its `no_sync` for the others.
-    * DeepSpeed: nothing; pass 1 runs through the engine's module, whose backward reduces nothing.
-    """
-    if trainer.accelerator.is_fsdp2:
-        plugin_kwargs = trainer.accelerator.gradient_state.plugin_kwargs
-        return fsdp2_gradient_sync_paused(
-            model, sync_after=trainer.accelerator.sync_gradients or plugin_kwargs.get("sync_each_batch", False))
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        return contextlib.nullcontext()
-    return trainer.accelerator.no_sync(model)
-
-
-@contextlib.contextmanager
-def fsdp2_gradient_sync_paused(model: nn.Module, sync_after: bool) -> Iterator[None]:
-    """Turn off FSDP2's gradient reduction in every `fully_shard` module of `model`, then set it to `sync_after`.
-
-    Through the public `FSDPModule.set_requires_gradient_sync` (torch >= 2.6), which has no getter: the caller
-    says which state the next backward expects.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    for module in sharded:
-        module.set_requires_gradient_sync(False, recurse=False)
-    try:
-        yield
-    finally:
-        for module in sharded:
-            module.set_requires_gradient_sync(sync_after, recurse=False)
-
-
 __all__ = [
-    "check_distributed_support",
-    "check_layer_sampling_support", "describe_backend", "fsdp2_gradient_sync_paused", "pass_one_without_sync",
+    "check_distributed_support", "check_layer_sampling_support", "describe_backend",
     "reentrant_checkpointing_requested",
 ]

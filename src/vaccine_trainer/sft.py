@@ -96,7 +96,7 @@ def _as_config(args: TrainingArguments | None, config_class: type, default_outpu
     return config_class(**{k: v for k, v in values.items() if k in known})
 
 
-class VaccineSFTTrainer(ModelCardSections, VaccineMixin, SFTTrainer):
+class VaccineSFTTrainer(VaccineMixin, SFTTrainer):
     """`trl.SFTTrainer` with Vaccine's perturbation-aware alignment step.
 
     Takes `VaccineSFTConfig` (or any `SFTConfig`/`TrainingArguments` plus Vaccine keyword arguments,
