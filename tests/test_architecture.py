@@ -146,3 +146,13 @@ def test_the_blocker_does_hide_the_harness_packages(tmp_path):
     result = run_without_harness_packages(
         "from vaccine_harness.evaluation.intervals import exact_mcnemar\nexact_mcnemar(3, 1)\n", tmp_path)
     assert result.returncode != 0 and "ModuleNotFoundError: No module named 'scipy.stats'" in result.stderr
+
+
+def test_docs_layout_lists_every_module_of_both_packages():
+    """docs/layout.md is the map a newcomer reads first: a module added, moved or removed must show there."""
+    text = (REPO_ROOT / "docs" / "layout.md").read_text()
+    listed = {(section.split("`")[1], line.split("`")[1]) for section in text.split("\n## ")[1:]
+              for line in section.splitlines() if line.startswith("- `")}
+    present = {(package.name, str(path.relative_to(package))) for package in (LIBRARY, HARNESS)
+               for path in package.rglob("*.py")}
+    assert listed == present, {"not listed": sorted(present - listed), "listed, not present": sorted(listed - present)}
