@@ -10,10 +10,16 @@ import torch
 from hypothesis import settings
 from testing_utils import SHARED_DATA, make_labelled_dir, make_workspace
 
-# CI draws the same examples on every run (a failure reproduces); developers draw fresh ones.
+# Every run draws the same examples (a failure reproduces, and CI cannot fail at random, whether or not it sets CI);
+# HYPOTHESIS_PROFILE=dev draws fresh ones, for a developer hunting new counterexamples.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on as many workers as cores (pyproject's addopts): one intra-op thread each, or the workers'
+    # threads would spin-wait on each other's cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
