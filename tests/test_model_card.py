@@ -42,3 +42,20 @@ def test_a_vaccine_trainer_writes_its_section_and_a_callers_through_the_same_pat
     assert "vaccine" in card.split("---")[1] and "safety-alignment" in card.split("---")[1]
     assert card.index("## Vaccine alignment") < card.index("## Stage 2")
     assert "| `rho` | `1.5` |" in card and "Micro-batches trained without perturbation" in card
+
+
+def test_without_tags_of_its_own_the_cards_metadata_is_the_parents(tmp_path):
+    class Sections(ModelCardSections, Trainer):
+        pass
+
+    cards = {}
+    for name, trainer_class in (("parent", Trainer), ("sections", Sections)):
+        folder = tmp_path / name / "run"  # the same model name in both cards
+        trainer = trainer_class(model=tiny_lora_model(), args=TrainingArguments(**training_args(folder)),
+                                train_dataset=token_rows(2))
+        if name == "sections":
+            trainer.model_card_sections.append("## Given\n\nby the command\n")
+        trainer.create_model_card()
+        cards[name] = (folder / "README.md").read_text()
+    assert cards["sections"].split("---")[1] == cards["parent"].split("---")[1]
+    assert "## Given" in cards["sections"]

@@ -36,7 +36,8 @@ class ModelCardSections:
         if not sections and not self.model_card_tags:
             return
         card = ModelCard.load(path)  # re-read: PEFT rewrites the card's metadata after the parent writes it
-        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *self.model_card_tags]))
+        if self.model_card_tags:
+            card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *self.model_card_tags]))
         card.text += "".join("\n" + section for section in sections)
         card.save(path)
 
