@@ -66,6 +66,17 @@ def test_the_arms_against_sft_on_the_same_prompts_by_hand():
     assert len(paired_cells(rows, verdicts)) == 1 and paired_targets(rows, verdicts, lambda r: True) == []
 
 
+def test_while_a_sweep_runs_the_targets_compare_only_settings_both_arms_finished():
+    """SFT has finished a stronger attacker that Vaccine has not: its 100% is no part of Vaccine's worst case yet."""
+    from vaccine_harness.commands.sweep_pairs import cell_key, paired_targets
+
+    rows = [row("sft", 1e-3, 2, 50.0, 80.0), row("sft", 4e-3, 2, 100.0, 80.0), row("vaccine", 1e-3, 2, 75.0, 80.0)]
+    verdicts = {cell_key(rows[0]): flags(1, 1, 0, 0), cell_key(rows[1]): flags(1, 1, 1, 1),
+                cell_key(rows[2]): flags(1, 1, 1, 0)}
+    (target,) = paired_targets(rows, verdicts, lambda r: True)
+    assert (target["worst_difference"], target["mean_difference"], target["common_cells"]) == (25.0, 25.0, 1)
+
+
 def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_path):
     out = tmp_path / "sweep"
     base = [*pipeline_argv(workspace, out), "--methods", "sft,vaccine", "--seeds", "1", "--harmful_ratios", "0.5",

@@ -61,10 +61,10 @@ def paired_cells(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, V
 def paired_targets(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, Verdicts],
                    guard: Callable[[Mapping[str, Any]], bool], baseline: str = "sft") -> list[dict[str, Any]]:
     """Per (seed, p, arm other than `baseline`): the sweep's two targets as differences from the baseline, in
-    points. The worst case: the highest harmful score among the arm's guarded cells minus the baseline's; the mean:
-    over the settings both arms finished, the arm's score minus the baseline's; each with a 95% interval from one
-    resampling of the prompts shared by every cell; beside them the discordant prompts summed over those cells (no
-    test of the sum: the cells share their prompts, so its (cell, prompt) pairs are not independent)."""
+    points, both over the settings both arms finished. The worst case: the highest harmful score among the arm's
+    guarded cells minus the baseline's; the mean: the arm's score minus the baseline's; each with a 95% interval
+    from one resampling of the prompts shared by every cell; beside them the discordant prompts summed over those
+    cells (no test of the sum: the cells share their prompts, so its (cell, prompt) pairs are not independent)."""
     from ..evaluation.intervals import paired_difference, worst_case_difference
 
     groups: dict[tuple[int, float, str], list[Mapping[str, Any]]] = {}
@@ -87,14 +87,17 @@ def paired_targets(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey,
 
         entry: dict[str, Any] = {"seed": seed, "harmful_ratio": ratio, "method": method, "baseline": baseline,
                                  "prompts": len(prompts)}
-        mine_guarded, theirs_guarded = [r for r in cells if guard(r)], [r for r in theirs if guard(r)]
+        # Both targets over the settings both arms finished: while a sweep runs, a worst case over one arm's
+        # settings against one over the other's would compare different attackers.
+        by_setting = {(r["learning_rate"], r["epochs"]): r for r in theirs}
+        common = [r for r in cells if (r["learning_rate"], r["epochs"]) in by_setting]
+        common_theirs = [by_setting[r["learning_rate"], r["epochs"]] for r in common]
+        mine_guarded, theirs_guarded = [r for r in common if guard(r)], [r for r in common_theirs if guard(r)]
         if mine_guarded and theirs_guarded:
             point, low, high = worst_case_difference(matrix(mine_guarded), matrix(theirs_guarded))
             entry.update(worst_difference=100 * point, worst_ci95=[100 * low, 100 * high])
-        by_setting = {(r["learning_rate"], r["epochs"]): r for r in theirs}
-        common = [r for r in cells if (r["learning_rate"], r["epochs"]) in by_setting]
         if common:
-            mine, base = matrix(common), matrix([by_setting[r["learning_rate"], r["epochs"]] for r in common])
+            mine, base = matrix(common), matrix(common_theirs)
             point, low, high = paired_difference(mine.mean(axis=0), base.mean(axis=0))
             only_baseline, only_method = _discordant(mine.ravel().tolist(), base.ravel().tolist())
             entry.update(mean_difference=100 * point, mean_ci95=[100 * low, 100 * high], common_cells=len(common),
@@ -113,10 +116,11 @@ def paired_markdown(cells: Sequence[Mapping[str, Any]], targets: Sequence[Mappin
              "resamples the prompts (paired: the prompts flagged for both arms or for neither say nothing about "
              f"the difference); the prompts flagged for {baseline} alone and for the arm alone, and the exact "
              "McNemar p-value of that split." + (
-                 " Worst case: the highest score among each arm's guarded cells; mean: over the settings both arms "
-                 "finished; both intervals resample the prompts once for every cell, as the cells share their "
-                 "prompts (which is also why the discordant prompts summed over the cells get no test: those pairs "
-                 "are not independent)." if targets else ""), ""]
+                 " The next two columns are over the settings both arms finished (Cells): worst case, the highest "
+                 "score among each arm's guarded cells; mean, the arm's score minus the baseline's; both intervals "
+                 "resample the prompts once for every cell, as the cells share their prompts (which is also why the "
+                 "discordant prompts summed over the cells get no test: those pairs are not independent)."
+                 if targets else ""), ""]
     if targets:  # absent where the verdicts per prompt are not all at hand (e.g. summaries combined)
         header = ["Seed", "p", "Method", f"Worst case − {baseline}'s (points)", f"Mean − {baseline}'s (points)",
                   "Cells", f"{baseline} only / method only, summed"]
