@@ -48,7 +48,8 @@ def test_the_readme_quickstart_runs_as_written(tmp_path, shared_data, monkeypatc
     model_dir = save_tiny_causal_lm(tmp_path / "model", [r["instruction"] + " " + r["output"] for r in rows])
     for old, new in (('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(model_dir))),
                      ('"../shared/data/alignment_refusals.jsonl"', repr(str(shared_data / "alignment_refusals.jsonl"))),
-                     ('split="train[:200]"', 'split="train[:10]"'), ('output_dir="aligned"', 'output_dir="aligned", use_cpu=True, report_to="none", save_strategy="no", logging_steps=1')):
+                     ('split="train[:200]"', 'split="train[:10]"'), ('output_dir="aligned"',
+                      'output_dir="aligned", use_cpu=True, report_to="none", save_strategy="no", logging_steps=1')):
         assert old in snippet, old
         snippet = snippet.replace(old, new)
     monkeypatch.chdir(tmp_path)

@@ -114,7 +114,8 @@ def test_bf16_autocast_over_fp32_weights_keeps_eps_whole_and_bf16_weights_round_
         layer.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
         train(trainer)
         assert set(outputs) == {next(model.parameters()).dtype}  # the residual stream keeps the weights' dtype
-        return next(e for e in trainer.state.log_history if "vaccine/perturbation_kept" in e)["vaccine/perturbation_kept"]
+        key = "vaccine/perturbation_kept"
+        return next(e for e in trainer.state.log_history if key in e)[key]
 
     assert kept(tiny_lora_model(), "fp32-weights") >= 0.99
     assert kept(tiny_lora_model().to(torch.bfloat16), "bf16-weights") < 0.5

@@ -135,7 +135,8 @@ def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_pa
     assert load_script("experiments/sweep_from_verdicts.py").main(
         [str(tmp_path / "again"), str(out / "sweep_summary" / "verdicts")]) == 0
     recomputed = json.loads((tmp_path / "again" / "sweep.json").read_text())
-    assert recomputed["worst_cases"] == summary["worst_cases"] and recomputed["paired_targets"] == summary["paired_targets"]
+    assert recomputed["worst_cases"] == summary["worst_cases"]
+    assert recomputed["paired_targets"] == summary["paired_targets"]
 
 
 def test_a_sweep_without_an_aligned_arm_is_refused(workspace, tmp_path, capsys):

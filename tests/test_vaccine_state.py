@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
-from testing_utils import PassOneGradientFault, make_trainer, relative_error, tiny_lora_model, token_rows, trainable_state
+from testing_utils import (
+    PassOneGradientFault, make_trainer, relative_error, tiny_lora_model, token_rows, trainable_state,
+)
 from transformers.data.data_collator import default_data_collator
 
 

@@ -349,7 +349,8 @@ def build_perturbation(
     loss does not depend on it) stays unperturbed.
     """
     if norm == "relative" and (hidden_norms is None or len(hidden_norms) != len(gradients)):
-        raise ValueError("vaccine_norm='relative' needs the norms of the hidden states (`hidden_norms`), one per layer.")
+        raise ValueError(
+            "vaccine_norm='relative' needs the norms of the hidden states (`hidden_norms`), one per layer.")
     present = [g for g in gradients if g is not None]
     if not present:
         return PerturbationResult([None] * len(gradients), 0.0, skip_reason(0.0, False))

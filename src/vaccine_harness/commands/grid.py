@@ -291,9 +291,9 @@ def _summary_cell(entry: Mapping[str, Any], key: str, spec: str = ".1f") -> str:
 POOLED_NOTE = (
     "Harmful score minus SFT's on the same prompts, mean over seeds, with a 95% interval that resamples the prompts "
     "(the seeds are kept; one draw for every seed when the seeds judged the same prompts, as a prompt that draws "
-    "harmful answers on one seed tends to on the others), and corrected for the judge's measured sensitivity and specificity (the "
-    "difference divided by Youden's index; its interval also resamples the judge's labelled pairs; valid if the "
-    "judge errs alike on both arms):")
+    "harmful answers on one seed tends to on the others), and corrected for the judge's measured sensitivity and "
+    "specificity (the difference divided by Youden's index; its interval also resamples the judge's labelled "
+    "pairs; valid if the judge errs alike on both arms):")
 
 
 def write_summary(output_dir: Path, rows: Sequence[Mapping[str, Any]], *,

@@ -20,7 +20,8 @@ class JudgeCheckArguments:
     """A judge's accuracy, precision and recall on human-labelled pairs (`prompt`, `response`, `is_safe`).
 
     Parameters:
-        judge (`str`, defaults to `"auto"`, the learned judge given `data_dir`): a judge name as `--judge` takes it (`vaccine-trainer evaluate --help`).
+        judge (`str`, defaults to `"auto"`, the learned judge given `data_dir`): a judge name as `--judge` takes it
+            (`vaccine-trainer evaluate --help`).
         labelled (`str`): a .jsonl file of labelled pairs, e.g. beavertails_qa_labeled.jsonl.
         held_out_only (`bool`, defaults to `False`): keep only the pairs whose prompts the learned judge held out
             (for BeaverTails; measuring the learned judge on pairs it trained on says little).

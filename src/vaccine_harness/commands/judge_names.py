@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-JUDGE_NAMES = ("auto", "refusal", "learned", "learned-pair", "beaverdam:<path-or-hub-id>", "llamaguard:<path-or-hub-id>",
-               "qwen3guard:<path-or-hub-id>", "qwen3guard-loose:<path-or-hub-id>", "classifier:<path-or-hub-id>")
+JUDGE_NAMES = ("auto", "refusal", "learned", "learned-pair", "beaverdam:<path-or-hub-id>",
+               "llamaguard:<path-or-hub-id>", "qwen3guard:<path-or-hub-id>", "qwen3guard-loose:<path-or-hub-id>",
+               "classifier:<path-or-hub-id>")
 MODEL_JUDGES = ("beaverdam", "llamaguard", "qwen3guard", "qwen3guard-loose", "classifier")
 DEFAULT_JUDGE = "auto"  # every command's default: the most accurate judge that runs with what the user gave
 JUDGE_HELP = ("auto (learned with --judge_data_dir, else refusal), refusal, learned, learned-pair, "
@@ -56,9 +57,9 @@ LEARNED_NEEDS_DATA = ("The learned judges train on labelled (prompt, answer) pai
 
 def make_judge(spec: str, *, data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                device: Any = None) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
-    """A judge from its name: ``auto`` (``learned`` given ``data_dir``, else ``refusal``), ``refusal``, ``learned`` (TF-IDF of the answer), ``learned-pair`` (the offline model
-    trained as a pair classifier; minutes to train), ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict;
-    ``qwen3guard-loose:``) or ``classifier:<path>``.
+    """A judge from its name: ``auto`` (``learned`` given ``data_dir``, else ``refusal``), ``refusal``, ``learned``
+    (TF-IDF of the answer), ``learned-pair`` (the offline model trained as a pair classifier; minutes to train),
+    ``beaverdam:``, ``llamaguard:``, ``qwen3guard:`` (strict; ``qwen3guard-loose:``) or ``classifier:<path>``.
 
     ``data_dir`` is the folder of labelled pairs the learned judges train on (required for them); ``cache_dir``
     where they keep the trained classifier.

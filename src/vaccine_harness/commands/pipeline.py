@@ -526,6 +526,7 @@ def run_pipeline(args: PipelineArguments) -> dict[str, Path]:
 def main(argv: list[str]) -> int:
     from trl import TrlParser
 
-    (args,) = TrlParser((PipelineArguments,), prog=f"{PROG} pipeline", description=command_description(__doc__)).parse_args_and_config(argv)
+    parser = TrlParser((PipelineArguments,), prog=f"{PROG} pipeline", description=command_description(__doc__))
+    (args,) = parser.parse_args_and_config(argv)
     run_pipeline(args)
     return 0

@@ -85,7 +85,8 @@ class SweepArguments(GridArguments):
                          if item.strip()]
             except ValueError:
                 pairs = []
-            if not pairs or any(len(p) != 2 or not all(v > 0 for v in p) for p in pairs) or len(set(pairs)) != len(pairs):
+            malformed = any(len(p) != 2 or not all(v > 0 for v in p) for p in pairs)
+            if not pairs or malformed or len(set(pairs)) != len(pairs):
                 raise ValueError(f"--attacks must be distinct 'lr x epochs' pairs, e.g. --attacks 1e-3x2,4e-3x4; "
                                  f"got {self.attacks!r}.")
             return pairs

@@ -122,8 +122,8 @@ def trainer_command_parser(dataclass_types, command: str, method_first: bool = T
 
     method = "[--rho RHO] [--vaccine_norm NORM] " if method_first else ""
     parser = TrlParser(dataclass_types, prog=f"{PROG} {command}", description=description,
-                       usage=f"{PROG} {command} [--config FILE.yaml] {method}[--model_name_or_path M] "
-                             "[--output_dir DIR] [--accelerate_config NAME] [--num_processes N] [...] (every flag below)")
+                       usage=f"{PROG} {command} [--config FILE.yaml] {method}[--model_name_or_path M] [--output_dir "
+                             "DIR] [--accelerate_config NAME] [--num_processes N] [...] (every flag below)")
     groups = []
     if method_first:
         vaccine = parser.add_argument_group(
