@@ -362,3 +362,19 @@ def test_python_dash_m_vaccine_trainer_lists_every_command():
     unknown = subprocess.run([sys.executable, "-m", "vaccine_trainer", "nope"], capture_output=True, text=True,
                              timeout=120)
     assert unknown.returncode == 2 and "unknown command 'nope'" in unknown.stderr
+
+
+def test_without_the_harness_entry_point_an_unknown_command_says_to_reinstall(monkeypatch, capsys):
+    """A clone installed before the harness moved to its own package has no entry point for its commands."""
+    from vaccine_trainer import cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    cli.commands.cache_clear()
+    try:
+        assert main(["pipeline"]) == 2
+        assert "run `pip install -e .` again" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        cli.commands.cache_clear()
+    assert main(["nope"]) == 2
+    assert "pip install -e ." not in capsys.readouterr().err  # the harness is registered: no such hint

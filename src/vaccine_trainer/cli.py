@@ -103,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in commands():
-        print(f"{PROG}: unknown command {name!r}; choose one of {sorted(commands())}.\n\n{usage()}", file=sys.stderr)
+        hint = "" if len(commands()) > len(LIBRARY_COMMANDS) else (
+            f"\nNo package adds commands (entry-point group {COMMANDS_ENTRY_POINT_GROUP}): the experiment harness's "
+            "(evaluate, judge-check, pipeline, grid, sweep) come with the package's metadata; in a clone installed "
+            "before they moved, run `pip install -e .` again.")
+        print(f"{PROG}: unknown command {name!r}; choose one of {sorted(commands())}.{hint}\n\n{usage()}",
+              file=sys.stderr)
         return 2
     try:
         flags, own = split_launch_flags(rest) if name in LAUNCHED else ({}, rest)
