@@ -142,13 +142,14 @@ def training_args(output_dir, **overrides):
     return installed_spelling(settings)
 
 
-def make_trainer(tmp_path, model=None, rows=None, **overrides) -> VaccineTrainer:
-    """A VaccineTrainer on a tiny LoRA Llama and 4 token rows; `rho` and `vaccine_*` overrides go to Vaccine's
-    arguments, the rest to `training_args`."""
+def make_trainer(tmp_path, model=None, rows=None, trainer_class=VaccineTrainer, **overrides):
+    """A trainer (VaccineTrainer by default) on a tiny LoRA Llama and 4 token rows unless given; `rho` and
+    `vaccine_*` overrides go to Vaccine's arguments, the rest to `training_args`."""
     vaccine = {k: overrides.pop(k) for k in list(overrides) if k == "rho" or k.startswith("vaccine_")}
-    args = VaccineTrainingArguments(**training_args(tmp_path, **overrides), **vaccine)
-    return VaccineTrainer(model=model if model is not None else tiny_lora_model(), args=args,
-                          train_dataset=token_rows(4) if rows is None else rows)
+    args_class = VaccineTrainingArguments if trainer_class is VaccineTrainer else TrainingArguments
+    return trainer_class(model=model if model is not None else tiny_lora_model(),
+                         args=args_class(**training_args(tmp_path, **overrides), **vaccine),
+                         train_dataset=token_rows(4) if rows is None else rows)
 
 
 class PassOneGradientFault:
@@ -309,10 +310,7 @@ def reference_gradients(model, modules, batch, rho: float, norm: str, num_items=
 
 def run(model, tmp_path, rows, trainer_class=VaccineTrainer, **overrides):
     before = trainable_state(model)
-    vaccine = {k: overrides.pop(k) for k in list(overrides) if k == "rho" or k.startswith("vaccine_")}
-    args_class = VaccineTrainingArguments if trainer_class is VaccineTrainer else TrainingArguments
-    trainer = trainer_class(model=model, args=args_class(**training_args(tmp_path, **overrides), **vaccine),
-                            train_dataset=rows)
+    trainer = make_trainer(tmp_path, model, rows, trainer_class, **overrides)
     trainer.train()
     after = trainable_state(model)
     return torch.cat([(after[n] - before[n]).flatten() for n in after]), trainer

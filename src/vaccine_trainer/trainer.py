@@ -217,14 +217,14 @@ class VaccineMixin(ModelCardSections):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if eps is not None:
                 hooks.check_called(None if callable(eps) else [e is not None for e in eps])
-            if eps is not None and measure:
-                applied = hooks.applied_norm()
-                if applied is not None:  # a tensor: read back only when logging, not every step
-                    self._vaccine_metrics.add("perturbation_norm", applied)
-                kept = (hooks.kept_fraction_median(perturbation.eps_norms) if perturbation.eps_norms is not None
-                        else None)
-                if kept is not None:
-                    self._vaccine_metrics.add("perturbation_kept", kept)
+                if measure:
+                    applied = hooks.applied_norm()
+                    if applied is not None:  # a tensor: read back only when logging, not every step
+                        self._vaccine_metrics.add("perturbation_norm", applied)
+                    kept = (hooks.kept_fraction_median(perturbation.eps_norms) if perturbation.eps_norms is not None
+                            else None)
+                    if kept is not None:
+                        self._vaccine_metrics.add("perturbation_kept", kept)
         return loss
 
     # ------------------------------------------------------------------------- pass 1's gradients

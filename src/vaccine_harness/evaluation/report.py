@@ -18,6 +18,7 @@ from .metrics import METRICS, ArmRecord, figure_dict, metrics_in
 
 logger = logging.get_logger(__name__)
 
+
 def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = None) -> list[tuple[int, float]]:
     """(step, drift) pairs of a Trainer ``log_history``; ``key`` defaults to any "drift" / "*/drift" entry."""
     points = []
@@ -28,8 +29,6 @@ def drift_series(log_history: Sequence[Mapping[str, Any]], key: str | None = Non
                 points.append((int(entry.get("step", len(points))), float(entry[name])))
                 break
     return points
-
-
 
 
 def logged_by_step(log_history: Sequence[Mapping[str, Any]], suffix: str) -> dict[int, float]:
@@ -64,7 +63,7 @@ def judge_errors_of(check: Any) -> JudgeErrors | None:
 
 
 def paired_prompt_differences(results: Mapping[str, Mapping[str, Any]], reference: str | None = None
-                       ) -> dict[str, dict[str, Any]]:
+                              ) -> dict[str, dict[str, Any]]:
     """Each method's harmful score minus the reference's (SFT by default) on the prompts both answered, with a
     paired bootstrap interval, and corrected for the judge's errors where they were measured (same judge)."""
     reference = reference or next((m for m in results if m.lower() == "sft"), None)
@@ -117,7 +116,7 @@ def write_report(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]
     if drift:
         paths["drift_plot"] = output / "drift.png"
         _plot_drift_curves({method: [(p["step"], p["drift"]) for p in points] for method, points in drift.items()},
-                    paths["drift_plot"])
+                           paths["drift_plot"])
     for method, figures in results.items():
         for kind, value in figures.items():
             if getattr(value, "samples", None):
