@@ -65,7 +65,7 @@ def measure(setup: str, norm: str, rho: float, train_rows: list[dict], steps: in
         lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True, logging_steps=1,
         disable_tqdm=True, bf16=setup == "bf16 autocast", rho=rho, vaccine_norm=norm, seed=0)
     trainer = VaccineTrainer(model=model, args=args, train_dataset=train_rows)
-    hooks = trainer._vaccine_hooks
+    hooks = trainer.vaccine_hooks
     intended, applied, rms, size = [], [], [], []
 
     original_build = trainer_module.build_perturbation

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -58,7 +57,7 @@ def build(kind: str, output_dir: str, seq_len: int):
 
         import vaccine_trainer.trainer as trainer_module
         trainer_module.build_perturbation = with_copy
-    hooks = getattr(trainer, "_vaccine_hooks", None)
+    hooks = getattr(trainer, "vaccine_hooks", None)
     if hooks is not None:
         hooks.install()  # before compiling, and for the whole run, as `VaccineTrainer.train` does
     stepper = step_cost.Stepper(trainer)

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     variant = step_cost.Variant("vaccine", "vaccine", args.target, args.layers)
     vaccine = step_cost.build_trainer(model, variant, "/tmp/vaccine-bench")  # own optimizer: wrapped per trainer
     num_items = plain._get_num_items_in_batch([batch], plain.args.device)
-    steppers = {"plain": step_cost.Stepper(plain), "vaccine": step_cost.Stepper(vaccine, vaccine._vaccine_hooks)}
+    steppers = {"plain": step_cost.Stepper(plain), "vaccine": step_cost.Stepper(vaccine, vaccine.vaccine_hooks)}
     for stepper in steppers.values():  # warm-up, not measured
         stepper(batch, num_items)
 

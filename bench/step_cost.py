@@ -223,13 +223,13 @@ def time_group(group: Group, rounds: int, warmup: int, weights: str, output_dir:
     for variant in group.variants:
         if variant.kind == "vaccine":
             trainer = build_trainer(model, variant, output_dir, share_optimizer_of=plain)
-            steppers[variant.name] = Stepper(trainer, trainer._vaccine_hooks)
+            steppers[variant.name] = Stepper(trainer, trainer.vaccine_hooks)
         elif variant.kind == "tvaccine":  # its own copy of the model: it freezes layers, and its own AdamW
             trainer = build_trainer(build_model(group.finetune, weights), variant, output_dir, seq_len=group.seq_len)
-            steppers[variant.name] = Stepper(trainer, trainer._vaccine_hooks)
+            steppers[variant.name] = Stepper(trainer, trainer.vaccine_hooks)
         else:  # the plain step with Vaccine's hooks installed and switched off
             vaccine_for_noop = vaccine_for_noop or build_trainer(model, Variant("v", "vaccine"), output_dir, plain)
-            steppers[variant.name] = Stepper(plain, vaccine_for_noop._vaccine_hooks)
+            steppers[variant.name] = Stepper(plain, vaccine_for_noop.vaccine_hooks)
     names = list(steppers)
     for _ in range(warmup):  # plain and the first Vaccine variant: allocator, optimizer state, autograd
         for name in names[:2] + [n for n in names[2:] if steppers[n].sampling]:  # T-Vaccine: its probe at step 0
@@ -266,7 +266,7 @@ def time_group(group: Group, rounds: int, warmup: int, weights: str, output_dir:
                 for clock, times in (("cpu", cpu), ("wall", wall))}
         if variant.kind == "noop-hooks":  # the same overhead, timed directly: per call x calls per step
             per_call = hook_call_cost_us()
-            modules = len(vaccine_for_noop._vaccine_hooks.modules)
+            modules = len(vaccine_for_noop.vaccine_hooks.modules)
             row.update({"hook_call_us": per_call, "hooked_calls_per_step": modules,
                         "direct_overhead_fraction": per_call * 1e-6 * modules / row["cpu_plain_step_s_median"]})
             log(f"  no-op hook: {per_call:.2f} us per call x {modules} calls per step = "
@@ -320,7 +320,7 @@ def memory_worker(finetune: str, seq_len: int, kind: str, steps: int, weights: s
     trainer = build_trainer(model, variant, output_dir, seq_len=seq_len)
     batch = make_batch(seq_len)
     num_items = trainer._get_num_items_in_batch([batch], trainer.args.device)
-    stepper = Stepper(trainer, getattr(trainer, "_vaccine_hooks", None))
+    stepper = Stepper(trainer, getattr(trainer, "vaccine_hooks", None))
     base = _proc_status_kib("VmRSS")
     for _ in range(steps):
         stepper(batch, num_items)

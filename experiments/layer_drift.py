@@ -54,7 +54,7 @@ def stage_two_trainer(finetune: Path, rows: int) -> AlignedSFTTrainer:
 def batches(trainer: AlignedSFTTrainer):
     callback = trainer.drift_callback
     for start in range(0, len(callback.rows), MICRO_BATCH):
-        batch = callback._collate(callback.rows[start:start + MICRO_BATCH], trainer.model)
+        batch = callback.collate(callback.rows[start:start + MICRO_BATCH], trainer.model)
         mask = batch["attention_mask"].bool()
         kept = mask & (mask.cumsum(dim=1) > 1)  # valid tokens but each row's first
         yield batch, kept

@@ -34,7 +34,7 @@ trainer = VaccineTrainer(model=model, args=args, train_dataset=token_rows(4))
 seen, scales = set(), []
 for layer in model.base_model.model.model.layers:
     layer.self_attn.register_forward_hook(
-        lambda module, inputs, output: seen.add((trainer._vaccine_hooks.mode, str(output[0].dtype))))
+        lambda module, inputs, output: seen.add((trainer.vaccine_hooks.mode, str(output[0].dtype))))
 read_scale = backend.loss_scale
 backend.loss_scale = lambda trainer: scales.append(read_scale(trainer)) or scales[-1]
 trainer.train()

@@ -57,6 +57,26 @@ def private_library_imports(path: Path, root: Path = SOURCES) -> list[str]:
                   and any(part.startswith("_") and not part.endswith("__") for part in name.split(".")))
 
 
+def private_members(files: list[Path]) -> set[str]:
+    """The library's private methods and the private attributes its classes set (`self._name = ...`)."""
+    names = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                  and isinstance(node.value, ast.Name) and node.value.id == "self"):
+                names.add(node.attr)
+    return {name for name in names if name.startswith("_") and not name.endswith("__")}
+
+
+def private_member_uses(path: Path, private: set[str]) -> list[str]:
+    """`something._name` in a file, for a private member name of the library (a file's own `self._x` aside)."""
+    return sorted(f"{node.lineno}: .{node.attr}" for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.Attribute) and node.attr in private
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")))
+
+
 def test_the_library_imports_nothing_of_the_harness():
     files = sorted(LIBRARY.rglob("*.py"))
     offending = {module_name(path): found for path in files if (found := harness_imports(path))}
@@ -72,6 +92,9 @@ def test_the_harness_experiments_and_benchmarks_use_only_public_library_names():
                  if (found := private_library_imports(path, path.parent if name.endswith(".py") else SOURCES))}
     assert not offending, f"private library names imported from outside the library: {offending}"
     assert len(files) > 40
+    private = private_members(sorted(LIBRARY.rglob("*.py")))
+    offending = {name: found for name, path in files.items() if (found := private_member_uses(path, private))}
+    assert not offending, f"private members of library objects used from outside the library: {offending}"
 
 
 def test_the_checks_see_a_harness_import_and_a_private_name(tmp_path, monkeypatch):
@@ -90,6 +113,11 @@ def test_the_checks_see_a_harness_import_and_a_private_name(tmp_path, monkeypatc
     script.write_text("from vaccine_trainer.callbacks import _median\nimport vaccine_trainer.__main__\n"
                       "from vaccine_trainer.launch import launch\n")
     assert private_library_imports(script, tmp_path) == ["vaccine_trainer.callbacks._median"]
+    private = private_members([LIBRARY / "trainer.py", LIBRARY / "callbacks.py"])
+    assert {"_vaccine_hooks", "_vaccine_pass_one", "_passes"} <= private and "vaccine_hooks" not in private
+    script.write_text("def f(trainer, callback):\n    self = trainer\n    return trainer._vaccine_hooks, "
+                      "callback._passes, self._vaccine_state, trainer._get_num_items_in_batch\n")
+    assert private_member_uses(script, private) == ["3: ._passes", "3: ._vaccine_hooks"]
 
 
 # As if they were not installed: `import scipy` raises ModuleNotFoundError, importlib.util.find_spec says None.

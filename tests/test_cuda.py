@@ -49,7 +49,7 @@ def hooked_output_dtypes(trainer) -> set[tuple[str, torch.dtype]]:
     seen = set()
     for layer in trainer.model.base_model.model.model.layers:
         layer.self_attn.register_forward_hook(
-            lambda module, args, output: seen.add((trainer._vaccine_hooks.mode, output[0].dtype)))
+            lambda module, args, output: seen.add((trainer.vaccine_hooks.mode, output[0].dtype)))
     return seen
 
 

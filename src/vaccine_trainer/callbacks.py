@@ -198,7 +198,8 @@ class AlignmentDriftCallback(TrainerCallback):
             for _ in self._passes(model, self.rows[:1]):
                 pass
 
-    def _collate(self, rows: list[dict[str, Any]], model: nn.Module) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict[str, Any]], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Drift rows batched as the measurement batches them (the trainer's collator, or TRL's)."""
         if self.data_collator is None:
             from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -240,7 +241,7 @@ class AlignmentDriftCallback(TrainerCallback):
         model.eval()
         try:
             for start in range(0, len(rows), self.batch_size):
-                batch = self._collate(rows[start : start + self.batch_size], model)
+                batch = self.collate(rows[start : start + self.batch_size], model)
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)

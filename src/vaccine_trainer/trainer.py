@@ -95,6 +95,11 @@ class VaccineMixin(ModelCardSections):
             logger.warning("probe_dataset is used by T-Vaccine only (vaccine_layer_sampling=True); it is ignored.")
 
     @property
+    def vaccine_hooks(self) -> HiddenStateHooks | None:
+        """The hooks on the perturbed modules (`modules`, and `mode`: the pass running); None at rho 0."""
+        return self._vaccine_hooks
+
+    @property
     def vaccine_skipped_steps(self) -> int:
         """Micro-batches trained without perturbation because pass 1's gradient was non-finite or zero."""
         return self._vaccine_state.skipped_steps
