@@ -75,7 +75,7 @@ else:
                                 processing_class=tokenizer)
 loader = iter(trainer.get_train_dataloader())
 batches = [next(loader) for _ in range(2)]  # sequential sampling: the step's two micro-batches
-num_items = sum(int((batch["labels"][..., 1:] != -100).sum()) for batch in batches)
+num_items = trainer._get_num_items_in_batch(batches, torch.device("cpu"))  # what the trainer divides by
 
 before = trainable_state(trainer.model)
 trainer.train()
@@ -89,7 +89,9 @@ if not plain:
     device = next(copy.parameters()).device
     total = None
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        # Every tensor the trainer hands the model: on a GPU Unsloth may switch padding-free batches on, whose
+        # position_ids mark where each row starts.
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
             vaccine, _ = reference_gradients(copy, perturbed_modules(copy, "llama", "attention"), batch, rho,
                                              "global", num_items)
@@ -104,5 +106,6 @@ print(json.dumps({
     "reentrant_found": bool(getattr(trainer, "_vaccine_reentrant_found", False)),
     "skipped_steps": getattr(trainer, "vaccine_skipped_steps", None),
     "logs": [{k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in trainer.state.log_history],
+    "batch_keys": sorted(batches[0]), "num_items": int(num_items),
     "device": "cuda" if on_cuda else "cpu", "unsloth": unsloth.__version__,
 }))
