@@ -196,3 +196,57 @@ def test_the_readme_scale_out_recipes_run_at_tiny_size(workspace, tmp_path, reci
     assert json.loads((finetuned / "vaccine_stage2.json").read_text())
     evaluation = json.loads(Path(args[args.index("--output_file") + 1]).read_text())
     assert "harmful_score" in json.dumps(evaluation)
+
+
+ONE_PROCESS_CONFIG = "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nuse_cpu: true\n"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_launched_command_that_fails_ends_with_one_line_naming_it(workspace, tmp_path, processes):
+    """A launched `align` whose processes fail (a dataset that is not there) prints each process's error, then ends
+    with exit code 1 and one line that says so, not the launcher's traceback: torchrun's ChildFailedError with the
+    shipped multi_gpu config on 2 processes, a CalledProcessError with a one-process config (no torchrun)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from testing_utils import REPO_ROOT
+
+    if processes == "1":
+        config = tmp_path / "one_process.yaml"
+        config.write_text(ONE_PROCESS_CONFIG)
+        launch = ["--accelerate_config", str(config)]
+    else:
+        launch = ["--accelerate_config", "multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
+    missing = tmp_path / "missing.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "vaccine_trainer.cli", "align", *launch, "--mixed_precision", "no",
+         "--model_name_or_path", workspace["model"], "--dataset", str(missing), "--output_dir", str(tmp_path / "out"),
+         *TINY_SIZES["align"]],
+        cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True,
+        text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    assert str(missing) in done.stderr  # a process said what is wrong (with 2, torchrun may stop the other first)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("vaccine-trainer align: error: `align` under accelerate launch failed: "), last
+    expected = (r"its process exited with code 1; its error is printed above\.$" if processes == "1" else
+                r"[12] of its processes exited with an error, rank [01] first \(exit code 1\)")
+    assert re.search(expected, last), last
+
+
+def test_a_launched_pipeline_phase_that_fails_is_named(monkeypatch, tmp_path):
+    import vaccine_trainer.launch
+    from vaccine_harness.commands import pipeline
+
+    def failing(command, flags, argv):
+        raise vaccine_trainer.launch.LaunchFailedError(f"`{command}` under accelerate launch failed: rank 1.")
+
+    monkeypatch.setattr(vaccine_trainer.launch, "launch", failing)
+    with pytest.raises(vaccine_trainer.launch.LaunchFailedError, match=r"^sft/align: `align` under accelerate "
+                                                                        r"launch failed: rank 1\. Fix it"):
+        pipeline.run_phase(tmp_path / "sft", "sft/align", "align", {"output_dir": str(tmp_path / "sft")},
+                           launch={"--num_processes": "2"})
+    assert not (tmp_path / "sft" / pipeline.PHASE_MARKER).exists()  # not marked done

@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from typing import NoReturn
 
 from .commands.common import PROG, logger
-from .launch import exit_launched_rank, launch, split_launch_flags
+from .launch import LaunchFailedError, exit_launched_rank, launch, split_launch_flags
 
 LAUNCHED = ("align", "finetune", "sft")  # commands that take --accelerate_config / --num_processes
 # Other packages add subcommands through this entry-point group: each entry names a sequence of `Command`s. The
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if flags:
             return launch(name, flags, own)  # the same command again, under `accelerate launch`
         return commands()[name].run(rest)
-    except (ValueError, FileNotFoundError, MissingExtraError) as error:  # bad input: a message, not a traceback
+    except (ValueError, FileNotFoundError, MissingExtraError, LaunchFailedError) as error:  # a message, no traceback
         logger().debug("Failed with", exc_info=True)
         print(f"{PROG} {name}: error: {error}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -47,9 +48,17 @@ def split_launch_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return flags, rest
 
 
+class LaunchFailedError(RuntimeError):
+    """A process of a command run under `accelerate launch` failed; the process printed its own error."""
+
+
 def launch(command: str, flags: dict[str, str], argv: list[str]) -> int:
-    """Run `vaccine-trainer COMMAND argv` under `accelerate launch` with the given config and process count."""
+    """Run `vaccine-trainer COMMAND argv` under `accelerate launch` with the given config and process count.
+
+    A failed process raises `LaunchFailedError` naming the first rank that failed, instead of the launcher's own
+    traceback under the process's error."""
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     launch_args = []
     if "--accelerate_config" in flags:
@@ -57,7 +66,21 @@ def launch(command: str, flags: dict[str, str], argv: list[str]) -> int:
     for name in LAUNCH_FLAGS[1:]:
         if name in flags:
             launch_args += [name, flags[name]]
-    launch_command(launch_command_parser().parse_args([*launch_args, "-m", "vaccine_trainer.cli", command, *argv]))
+    failed = f"`{command}` under accelerate launch failed"
+    try:
+        launch_command(launch_command_parser().parse_args([*launch_args, "-m", "vaccine_trainer.cli", command,
+                                                            *argv]))
+    except ChildFailedError as error:  # several processes (torchrun)
+        rank, failure = error.get_first_failure()
+        raise LaunchFailedError(f"{failed}: {len(error.failures)} of its processes exited with an error, rank "
+                                f"{rank} first (exit code {failure.exitcode}); that process's error is printed "
+                                "above.") from None
+    except subprocess.CalledProcessError as error:  # one process
+        raise LaunchFailedError(f"{failed}: its process exited with code {error.returncode}; its error is printed "
+                                "above.") from None
+    except SystemExit as error:  # accelerate's own exits (--quiet, a signal)
+        if error.code:
+            raise LaunchFailedError(f"{failed} (exit code {error.code}); its error is printed above.") from None
     return 0
 
 

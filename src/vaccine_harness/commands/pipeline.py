@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import subprocess
 import time
 import typing
 from collections.abc import Callable, Mapping
@@ -346,12 +345,14 @@ def run_phase(folder: Path, name: str, command: str, settings: Mapping[str, Any]
     logger().warning(f"{name}: running ({command_line(command, run_settings)})")
     started = time.time()
     if launch and command in ("align", "finetune"):
+        from vaccine_trainer.launch import LaunchFailedError
         from vaccine_trainer.launch import launch as launch_command
 
         try:
             launch_command(command, dict(launch), command_words(command, run_settings)[1:])
-        except (subprocess.CalledProcessError, SystemExit) as error:
-            raise RuntimeError(f"{name}: the launched `{command}` failed; its output is above.") from error
+        except LaunchFailedError as error:
+            raise LaunchFailedError(f"{name}: {error} Fix it and run the pipeline again: finished phases are "
+                                    "kept.") from None
     else:
         runner(*arguments)
     done = {"phase": name, "settings": settings, "command": command_line(command, settings),
