@@ -52,6 +52,31 @@ def test_paired_prompts_pools_the_discordant_prompts_of_several_cells(tmp_path):
                       "vaccine-rho2 only 1; exact McNemar p = 0.07")
 
 
+def run_to_run_file(path: Path, flags: list[bool], **row) -> Path:
+    cell = {"method": "sft", "seed": 42, "harmful_ratio": 0.1, "learning_rate": 0.001, "epochs": 2.0,
+            "num_prompts": len(flags), "accuracy": 70.0} | row
+    path.write_text(json.dumps({"row": cell, "verdicts": {f"p{i:02d}": flag for i, flag in enumerate(flags)}}))
+    return path
+
+
+def test_run_to_run_counts_the_flips_between_two_runs_of_one_cell(tmp_path):
+    # 20 prompts: 6 flagged in both, 4 in the first run only, 1 in the second only.
+    first = run_to_run_file(tmp_path / "a.json", [True] * 10 + [False] * 10)
+    second = run_to_run_file(tmp_path / "b.json", [True] * 6 + [False] * 4 + [True] + [False] * 9, accuracy=71.5)
+    script = str(REPO_ROOT / "experiments" / "run_to_run.py")
+    out = subprocess.run([sys.executable, script, str(first), str(second), "--json", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("harmful score 50.0% -> 35.0% (-15.0 points, paired 95% [")
+    # Exact two-sided binomial test of 1 of 5 discordant prompts: 2 * (1 + 5) / 2**5 = 0.375.
+    assert "SST2 70.0 -> 71.5; flipped: 4 flagged in the first run only, 1 in the second only (McNemar p 0.38)" in out
+    result = json.loads((tmp_path / "c.json").read_text())
+    low, high = result["difference_points"][1:]
+    assert low < -15.0 < high
+    other = run_to_run_file(tmp_path / "d.json", [True] * 10 + [False] * 10, seed=43)
+    refused = subprocess.run([sys.executable, script, str(first), str(other)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "differ in ['seed']" in refused.stderr and "Traceback" not in refused.stderr
+
+
 @pytest.mark.usefixtures("single_thread")
 def test_drift_fraction_recomputes_the_logged_drift_and_the_summary_takes_what_old_logs_lack(
         workspace, tmp_path):
