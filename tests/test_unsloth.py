@@ -29,10 +29,10 @@ ON_CUDA = torch.cuda.is_available()
 TOLERANCE = 0.1 if ON_CUDA else 1e-5
 
 
-def unsloth_run(tmp_path, checkpointing: str, rho: str) -> dict:
+def unsloth_run(tmp_path, checkpointing: str, rho: str, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(HERE / "unsloth_worker.py"), str(tmp_path), checkpointing, rho],
-                            capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run([sys.executable, str(HERE / "unsloth_worker.py"), str(tmp_path), checkpointing, rho,
+                             *extra], capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -64,3 +64,15 @@ def test_rho_zero_through_unsloth_trains_what_unsloths_sfttrainer_trains(tmp_pat
         assert torch.equal(update, plain_update)
     perturbed = unsloth_run(tmp_path, "false", "2.0")
     assert relative_error(torch.tensor(perturbed["update"]), plain_update) > 0.1  # rho 2 does change the update
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_CUDA, reason="Unsloth's 4-bit loading needs a GPU")
+def test_vaccine_through_unsloth_qlora_equals_the_reference(tmp_path):
+    """Unsloth's QLoRA (`load_in_4bit=True`: a bitsandbytes nf4 base) with its checkpointing: the reference runs on an
+    identical 4-bit copy, so only the step is compared, not the quantisation."""
+    run = unsloth_run(tmp_path, "unsloth", "2.0", "4bit")
+    assert run["quantized_modules"] > 0
+    assert relative_error(torch.tensor(run["update"]), torch.tensor(run["reference"])) < TOLERANCE
+    steps = [entry for entry in run["logs"] if "vaccine/perturbation_norm" in entry]
+    assert steps and steps[0]["vaccine/perturbation_norm"] == pytest.approx(2.0, rel=0.05)

@@ -1,13 +1,14 @@
 """One Vaccine run through Unsloth, in a process of its own: Unsloth must be imported before transformers and TRL
 (it replaces `trl.SFTTrainer` on import), which the test process has already imported.
 
-    python tests/unsloth_worker.py OUTPUT_DIR CHECKPOINTING RHO
+    python tests/unsloth_worker.py OUTPUT_DIR CHECKPOINTING RHO [4bit]
 
-Loads a tiny saved Llama with `FastLanguageModel`, adds LoRA adapters with `FastLanguageModel.get_peft_model(...,
-use_gradient_checkpointing=CHECKPOINTING)` ("unsloth", "true" or "false"), trains two micro-batches of gradient
-accumulation (one SGD step) with `VaccineSFTTrainer` (or trl's SFTTrainer, Unsloth's after the import, where RHO is
-"plain"), and prints one JSON line: the update, the paper's formula on an identical second copy of the model over
-the batches the trainer saw (`testing_utils.reference_gradients`), the classes involved and the logged metrics.
+Loads a tiny saved Llama with `FastLanguageModel` (with `4bit`, Unsloth's QLoRA: a bitsandbytes 4-bit base), adds
+LoRA adapters with `FastLanguageModel.get_peft_model(..., use_gradient_checkpointing=CHECKPOINTING)` ("unsloth",
+"true" or "false"), trains two micro-batches of gradient accumulation (one SGD step) with `VaccineSFTTrainer` (or
+trl's SFTTrainer, Unsloth's after the import, where RHO is "plain"), and prints one JSON line: the update, the
+paper's formula on an identical second copy of the model over the batches the trainer saw
+(`testing_utils.reference_gradients`), the classes involved and the logged metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from testing_utils import (  # noqa: E402
 from vaccine_trainer import VaccineSFTConfig, VaccineSFTTrainer  # noqa: E402
 
 output_dir, checkpointing, rho_setting = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+load_in_4bit = sys.argv[4:] == ["4bit"]
 plain = rho_setting == "plain"
 rho = 0.0 if plain else float(rho_setting)
 on_cuda = torch.cuda.is_available()
@@ -49,7 +51,7 @@ def unsloth_lora_model(checkpointing: str):
     """The same model every call: Unsloth's LoRA starts with B = 0, so B is drawn from a fixed generator to give
     every adapter weight a gradient."""
     model, tokenizer = FastLanguageModel.from_pretrained(str(base), max_seq_length=64, dtype=dtype,
-                                                         load_in_4bit=False)
+                                                         load_in_4bit=load_in_4bit)
     use = {"unsloth": "unsloth", "true": True, "false": False}[checkpointing]
     model = FastLanguageModel.get_peft_model(
         model, r=4, lora_alpha=8, lora_dropout=0.0, bias="none", random_state=0, use_gradient_checkpointing=use,
@@ -64,9 +66,9 @@ def unsloth_lora_model(checkpointing: str):
 
 model, tokenizer = unsloth_lora_model(checkpointing)
 rows = Dataset.from_list([{"input_ids": row["input_ids"]} for row in token_rows(8)])
-settings = training_args(output_dir / f"run-{checkpointing}-{rho_setting}", use_cpu=not on_cuda,
-                         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
-                         bf16=on_cuda, gradient_checkpointing=checkpointing != "false")
+run_dir = output_dir / f"run-{checkpointing}-{rho_setting}{'-4bit' if load_in_4bit else ''}"
+settings = training_args(run_dir, use_cpu=not on_cuda, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         max_steps=1, bf16=on_cuda, gradient_checkpointing=checkpointing != "false")
 if plain:
     trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**settings), train_dataset=rows,
                              processing_class=tokenizer)
@@ -106,6 +108,7 @@ print(json.dumps({
     "reentrant_found": bool(getattr(trainer, "_vaccine_reentrant_found", False)),
     "skipped_steps": getattr(trainer, "vaccine_skipped_steps", None),
     "logs": [{k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in trainer.state.log_history],
-    "batch_keys": sorted(batches[0]), "num_items": int(num_items),
+    "batch_keys": sorted(batches[0]), "num_items": int(num_items), "load_in_4bit": load_in_4bit,
+    "quantized_modules": sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules()),
     "device": "cuda" if on_cuda else "cpu", "unsloth": unsloth.__version__,
 }))
