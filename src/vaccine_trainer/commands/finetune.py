@@ -76,7 +76,7 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
                  model_args: ModelLoadingArguments | None = None) -> None:
     """Merge the alignment adapter, train a fresh LoRA on the mix (tracking drift), save it with its card."""
     from ..data import build_alignment_dataset, build_finetune_mix
-    from ..sft import AlignedSFTTrainer, merge_alignment_adapter
+    from ..sft import AlignedSFTTrainer
     from ..stage2_output import write_stage2_record
 
     require(script.model_name_or_path, "model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -97,25 +97,7 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
         drift = build_alignment_dataset(script.drift_dataset, script.drift_samples, seed=script.dataset_seed,
                                         template=script.template, tokenizer=tokenizer, held_out=True)
         require_rows(drift, "drift", "drift_dataset")
-    load_kwargs = model_load_kwargs(model_args or ModelLoadingArguments(), args.trust_remote_code,
-                                    args.model_init_kwargs)
-    if script.load_in_4bit:  # the alignment adapter stays beside the new one (a 4-bit base takes no merge)
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        from ..sft import load_causal_lm
-
-        dtype = load_kwargs.get("dtype") or "float32"  # the 4-bit layers compute in it
-        compute = getattr(torch, dtype) if dtype != "auto" else (
-            torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-        load_kwargs.setdefault("device_map", {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
-        model, alignment = load_causal_lm(script.model_name_or_path, **load_kwargs), script.alignment_adapter
-    else:
-        model, alignment = merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter,
-                                                   **load_kwargs), None
-
+    model, alignment = load_stage2_model(script, args, model_args or ModelLoadingArguments())
     trainer = AlignedSFTTrainer(model, args, mix.select_columns(["prompt", "completion"]),
                                 alignment_adapter=alignment, alignment_dataset=drift, processing_class=tokenizer)
     dropped = len(mix) - len(trainer.train_dataset)
@@ -131,6 +113,26 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
     save_run(trainer, args.output_dir, script.benign_dataset, section,
              write_extras=lambda output: write_stage2_record(output, script.model_name_or_path,
                                                               script.alignment_adapter))
+
+
+def load_stage2_model(script: FinetuneScriptArguments, args: AlignedSFTConfig, model_args: ModelLoadingArguments):
+    """The model stage 2 trains, and the alignment adapter to keep beside the new one (None once merged): the base
+    with the alignment adapter merged in, or with `--load_in_4bit` the 4-bit base, which takes no merge."""
+    from ..sft import load_causal_lm, merge_alignment_adapter
+
+    load_kwargs = model_load_kwargs(model_args, args.trust_remote_code, args.model_init_kwargs)
+    if not script.load_in_4bit:
+        return merge_alignment_adapter(script.model_name_or_path, script.alignment_adapter, **load_kwargs), None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = load_kwargs.get("dtype") or "float32"  # the 4-bit layers compute in it
+    compute = getattr(torch, dtype) if dtype != "auto" else (
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    load_kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    load_kwargs.setdefault("device_map", {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+    return load_causal_lm(script.model_name_or_path, **load_kwargs), script.alignment_adapter
 
 
 def stage2_card_section(script: FinetuneScriptArguments, args: AlignedSFTConfig, mix, dropped: int, drift,
