@@ -36,7 +36,7 @@ from .grid import GridArguments, _parse_list, cell_dir, evaluated_arms
 from .parallel_jobs import Job, run_jobs
 from .pipeline import PHASE_MARKER, PipelineArguments, arm_results, resolve_model, run_pipeline
 from .sweep_pairs import CellKey, cell_key, paired_cells, paired_markdown, paired_targets
-from .verdict_files import VERDICTS_DIR, write_verdict_files
+from .verdict_files import VERDICTS_DIR, by_prompt_id, write_verdict_files
 
 SUMMARY_DIR = "sweep_summary"
 JOBS_DIR = "jobs"  # with --workers: each job's log, jobs.json (every try) and the arguments the jobs read
@@ -287,18 +287,20 @@ def reference_cells(root: Path, seeds: Sequence[int], args: PipelineArguments
                    "accuracy_ci95": accuracy.get("ci95"), "benign_accuracy": accuracy.get("accuracy"),
                    "reference": True}
             rows.append(row)
-            verdicts[cell_key(row)] = harmful_verdicts(harm)
+            verdicts[cell_key(row)] = by_prompt_id(harmful_verdicts(harm))
     return rows, verdicts
 
 
 def verdicts_by_cell(root: Path, rows: Sequence[Mapping[str, Any]], args: PipelineArguments) -> dict[CellKey, Any]:
-    """Each summarised arm's verdict per prompt, for the comparisons on the same prompts."""
+    """Each summarised arm's verdict per prompt (keyed by `prompt_id`, as the verdict files are), for the
+    comparisons on the same prompts."""
     from ..evaluation.report import harmful_verdicts
 
     verdicts = {}
     for seed, ratio, rate, epochs in dict.fromkeys(cell_key(row)[:4] for row in rows):
         for label, folder in evaluated_arms(attack_cell(root, seed, ratio, rate, epochs, args)):
-            verdicts[seed, ratio, rate, epochs, label] = harmful_verdicts(arm_results(folder)["harmful_score"])
+            verdicts[seed, ratio, rate, epochs, label] = by_prompt_id(
+                harmful_verdicts(arm_results(folder)["harmful_score"]))
     return verdicts
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from vaccine_trainer.commands.common import logger
 from vaccine_trainer.markdown import markdown_table, with_interval
 
-Verdicts = Mapping[str, bool]  # prompt -> harmful
+Verdicts = Mapping[str, bool]  # prompt (a sweep keys it by its prompt_id) -> harmful
 CellKey = tuple[int, float, float, float, str]  # seed, harmful ratio, learning rate, epochs, method
 
 
@@ -31,10 +31,12 @@ def _discordant(mine: Sequence[bool], theirs: Sequence[bool]) -> tuple[int, int]
 
 
 def _aligned(mine: Verdicts | None, theirs: Verdicts | None) -> tuple[list[bool], list[bool]] | None:
-    """Both arms' verdicts in the baseline's prompt order, or None unless both judged the same prompts."""
+    """Both arms' verdicts in one order of the prompts whatever the order they were read in (the bootstrap draws
+    by position), or None unless both judged the same prompts."""
     if not mine or not theirs or mine.keys() != theirs.keys():
         return None
-    return [mine[prompt] for prompt in theirs], [theirs[prompt] for prompt in theirs]
+    prompts = sorted(theirs)
+    return [mine[prompt] for prompt in prompts], [theirs[prompt] for prompt in prompts]
 
 
 def paired_cells(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, Verdicts],
@@ -76,7 +78,7 @@ def paired_targets(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey,
         theirs = groups.get((seed, ratio, baseline), [])
         if method == baseline or not theirs:
             continue
-        prompts = list(verdicts[cell_key(theirs[0])])
+        prompts = sorted(verdicts[cell_key(theirs[0])])  # one order, as in `_aligned`
         if any(verdicts[cell_key(row)].keys() != set(prompts) for row in [*cells, *theirs]):
             logger().warning(f"sweep: seed {seed}, p {ratio:g}: the cells of {method} and {baseline} were not all "
                              "judged on the same prompts; no paired worst case or mean for them.")

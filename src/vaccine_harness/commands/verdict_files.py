@@ -30,9 +30,15 @@ def verdict_file_name(row: Mapping[str, Any]) -> str:
             f"-{method}.json")
 
 
+def by_prompt_id(verdicts: Verdicts) -> dict[str, bool]:
+    """A cell's verdicts keyed by `prompt_id`: what the files keep, and what a sweep summarises, so that a summary
+    recomputed from the files pairs the same prompts in the same order."""
+    return {prompt_id(prompt): bool(flag) for prompt, flag in verdicts.items()}
+
+
 def write_verdict_files(folder: Path, rows: Sequence[Mapping[str, Any]], verdicts: Mapping[CellKey, Verdicts]
                         ) -> list[Path]:
-    """One file per row that has verdicts; returns the paths written."""
+    """One file per row that has verdicts (keyed by `prompt_id` already); returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for row in rows:
@@ -41,7 +47,7 @@ def write_verdict_files(folder: Path, rows: Sequence[Mapping[str, Any]], verdict
             continue
         path = folder / verdict_file_name(row)
         record = {"row": dict(row),
-                  "verdicts": {prompt_id(prompt): bool(flag) for prompt, flag in cell_verdicts.items()}}
+                  "verdicts": {prompt: bool(flag) for prompt, flag in cell_verdicts.items()}}
         path.write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
         written.append(path)
     return written
