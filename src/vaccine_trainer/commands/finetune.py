@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..markdown import markdown_table
 from ..sft import AlignedSFTConfig
@@ -18,6 +19,9 @@ from .common import (
     require_rows, save_run, trainer_command_parser,
 )
 from .spellings import argv_for_installed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -115,7 +119,8 @@ def run_finetune(script: FinetuneScriptArguments, args: AlignedSFTConfig,
                                                               script.alignment_adapter))
 
 
-def load_stage2_model(script: FinetuneScriptArguments, args: AlignedSFTConfig, model_args: ModelLoadingArguments):
+def load_stage2_model(script: FinetuneScriptArguments, args: AlignedSFTConfig, model_args: ModelLoadingArguments
+                      ) -> tuple[PreTrainedModel, str | None]:
     """The model stage 2 trains, and the alignment adapter to keep beside the new one (None once merged): the base
     with the alignment adapter merged in, or with `--load_in_4bit` the 4-bit base, which takes no merge."""
     from ..sft import load_causal_lm, merge_alignment_adapter
