@@ -4,7 +4,8 @@ files alone, as committed under `docs/.../verdicts/`: no evaluation folder, mode
     python experiments/sweep_from_verdicts.py OUTPUT_DIR VERDICTS [VERDICTS ...] [--guard 5] [--planned N]
 
 VERDICTS are folders of `*.json` verdict files (or single files); cells of several folders combine into one
-summary, a cell given twice is refused. The p = 0 references' files (marked `reference`) are read but not summarised.
+summary, a cell given twice is refused. The p = 0 references' files (marked `reference`) are not summarised; a cell
+whose file has no benign-only accuracy (redone where its reference's run was lost) takes its reference file's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vaccine_harness.commands.sweep import summarise_cells, write_sweep_summary
-from vaccine_harness.commands.verdict_files import read_verdict_files
+from vaccine_harness.commands.verdict_files import read_verdict_files, with_reference_accuracy
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--planned", type=int, default=None, help="cells planned (default: the cells given)")
     args = parser.parse_args(argv)
     rows, verdicts = read_verdict_files(args.verdicts)
-    rows = [row for row in rows if not row.get("reference")]  # the p = 0 references are kept, never swept
+    # the p = 0 references give the guard's accuracy where a cell lacks it, and are never swept
+    rows = [row for row in with_reference_accuracy(rows) if not row.get("reference")]
     if not rows:
         parser.error("no verdict file found in the paths given")
     summary = {"settings": {"recomputed_from": [str(p) for p in args.verdicts]},

@@ -98,6 +98,32 @@ def test_the_paired_intervals_do_not_depend_on_the_order_the_prompts_were_read_i
     assert paired_targets(rows, shuffled, lambda r: True) == paired_targets(rows, verdicts, lambda r: True)
 
 
+def test_a_cell_redone_without_its_reference_takes_the_reference_files_accuracy(tmp_path):
+    """A cell redone on a machine that lost its p = 0 reference's run has no benign-only accuracy of its own: the
+    summary from the verdict files takes the reference file's, rather than dropping the cell from the guard."""
+    from testing_utils import load_script
+
+    from vaccine_harness.commands.sweep_pairs import cell_key
+    from vaccine_harness.commands.verdict_files import write_verdict_files
+
+    def cell(*args, **kwargs):  # a row as the sweep writes it
+        return {**row(*args, **kwargs), "accuracy_ci95": [70.0, 85.0], "num_prompts": 10}
+
+    reference = {**cell("sft", 1e-3, 2, 20.0, 80.0), "harmful_ratio": 0.0, "reference": True}
+    kept, redone = cell("sft", 1e-3, 2, 30.0, 79.0), cell("sft", 4e-3, 6, 60.0, 78.0, benign=None)
+    rows = [reference, kept, redone]
+    verdicts = {cell_key(r): flags(*(i < r["harmful_score"] / 10 for i in range(10))) for r in rows}
+    write_verdict_files(tmp_path / "verdicts", rows, verdicts)
+    script = load_script("experiments/sweep_from_verdicts.py")
+    assert script.main([str(tmp_path / "out"), str(tmp_path / "verdicts")]) == 0
+    (sft,) = json.loads((tmp_path / "out" / "sweep.json").read_text())["worst_cases"]
+    assert (sft["worst_harmful_score"], sft["guarded_cells"]) == (60.0, 2)  # 30.0 and 1 with the cell dropped
+
+    write_verdict_files(tmp_path / "other", [reference, {**redone, "benign_accuracy": 70.0}], verdicts)
+    with pytest.raises(ValueError, match="another stage 1"):  # a cell of another stage 1 is not mixed in
+        script.main([str(tmp_path / "out"), str(tmp_path / "other")])
+
+
 def test_the_sweep_runs_its_cells_reuses_the_grids_and_resumes(workspace, tmp_path):
     out = tmp_path / "sweep"
     base = [*pipeline_argv(workspace, out), "--methods", "sft,vaccine", "--seeds", "1", "--harmful_ratios", "0.5",

@@ -65,3 +65,23 @@ def read_verdict_files(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dic
         rows.append(row)
         verdicts[cell_key(row)] = record["verdicts"]
     return rows, verdicts
+
+
+def with_reference_accuracy(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, each attack cell's missing `benign_accuracy` (the guard's reference) taken from its seed's and arm's
+    p = 0 reference file among them: a cell redone on a machine that lost the reference's run has none of its own.
+    A cell whose own reference differs from the file's was run against another stage 1, and is refused."""
+    references = {(row["seed"], row["method"]): row.get("accuracy") for row in rows if row.get("reference")}
+    filled = []
+    for row in rows:
+        row = dict(row)
+        reference = references.get((row["seed"], row["method"]))
+        if not row.get("reference") and reference is not None:
+            if row.get("benign_accuracy") is None:
+                row["benign_accuracy"] = reference
+            elif row["benign_accuracy"] != reference:
+                raise ValueError(
+                    f"Cell {cell_key(row)}: its benign-only accuracy {row['benign_accuracy']} is not its reference "
+                    f"file's {reference}; it was run against another stage 1. Summarise it apart.")
+        filled.append(row)
+    return filled
