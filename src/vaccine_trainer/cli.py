@@ -64,7 +64,8 @@ LIBRARY_COMMANDS: tuple[Command, ...] = (
             "vaccine_trainer.commands.align:main"),
     Command("sft", "`trl sft` with Vaccine: a TRL SFT YAML plus `rho: 2` (rho 0: exactly what `trl sft` trains).",
             "vaccine_trainer.commands.sft:main"),
-    Command("finetune", "Stage 2: merge an alignment adapter, fine-tune a fresh LoRA on a harmful/benign mix.",
+    Command("finetune", "Stage 2: fine-tune a fresh LoRA over the aligned model on a harmful/benign mix "
+            "(QLoRA: --load_in_4bit).",
             "vaccine_trainer.commands.finetune:main"),
     Command("env", "Versions, accelerator and accelerate config, for a bug report.",
             "vaccine_trainer.commands.env:main"),
