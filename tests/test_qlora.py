@@ -127,3 +127,59 @@ def test_finetune_load_in_4bit_runs_two_steps_and_its_output_loads(workspace, tm
     assert drift[0] == 0.0 and drift[-1] > 0  # measured from the aligned model, which the new adapter moves
     model = load_finetuned_model(out)
     assert not any("lora" in name for name, _ in model.named_parameters())  # plain weights, both adapters merged
+
+
+def _linear_4bit():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 64, bias=False)  # big enough for bitsandbytes' CPU inference layout
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")
+
+
+def _input_gradient(layer):
+    layer.train()
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    layer(x).square().sum().backward()
+    return x.grad
+
+
+def _eval_forward(layer):
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.ones(2, 128))
+
+
+def test_an_eval_forward_in_training_leaves_4bit_layers_trainable():
+    """The drift measurement's eval forward mid-training: the 4-bit layer still passes its input's gradient on,
+    unchanged. Without the guard, on a CPU with AVX512-BF16, bitsandbytes repacks the weight for inference and the
+    gradient is lost (negative control, run where the CPU repacks)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    from vaccine_trainer.quantized_layout import trainable_4bit_layout
+
+    layer = _linear_4bit()
+    reference = _input_gradient(layer)
+    with trainable_4bit_layout(layer):
+        _eval_forward(layer)
+        assert torch.equal(_input_gradient(layer), reference)
+    assert layer.support_avx512bf16_for_cpu == has_avx512bf16()  # left as found
+    if has_avx512bf16():
+        _eval_forward(layer)
+        assert _input_gradient(layer) is None
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights on AVX512-BF16 "
+                    "CPUs only")
+def test_a_4bit_weight_repacked_before_training_is_restored(caplog):
+    """Inference before `train` already repacked the weight: training restores the layout that trains (the scales
+    rounded to bf16 by the repacking, so close to, not equal to, the original gradient) and says so."""
+    from vaccine_trainer.quantized_layout import trainable_4bit_layout
+
+    layer = _linear_4bit()
+    reference = _input_gradient(layer)
+    _eval_forward(layer)
+    with caplog.at_level("WARNING"), trainable_4bit_layout(layer):
+        restored = _input_gradient(layer)
+    assert restored is not None and ((restored - reference).norm() / reference.norm()).item() < 1e-2
+    assert "restored to the layout that trains" in caplog.text

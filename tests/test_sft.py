@@ -297,6 +297,7 @@ def test_a_trl_sft_yaml_trains_the_same_adapter_under_vaccine_trainer_sft_at_rho
     """`vaccine-trainer sft --config <a trl sft YAML> --rho 0` is `trl sft --config` of the same YAML, bit for bit;
     `rho: 2` in the same YAML trains with Vaccine and logs its figures."""
     import json
+    import os
     import subprocess
     import sys
 
@@ -316,8 +317,12 @@ def test_a_trl_sft_yaml_trains_the_same_adapter_under_vaccine_trainer_sft_at_rho
         "per_device_train_batch_size: 2\nlearning_rate: 0.01\nreport_to: none\nuse_cpu: true\nbf16: false\n"
         "save_strategy: 'no'\nlogging_steps: 1\nseed: 3\n")
 
+    # `trl sft` runs its script under `accelerate launch`, which sets OMP_NUM_THREADS=1 when it is unset; a CPU's
+    # sums depend on the thread count (2 threads against 1: adapters 6e-7 apart), so both run with one thread.
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+
     def run(*command):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=one_thread)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
 

@@ -25,6 +25,7 @@ from . import checkpointing
 from .callbacks import AlignmentDriftCallback
 from .config import VaccineArguments
 from .model_card import ModelCardSections
+from .quantized_layout import trainable_4bit_layout
 from .trainer import VaccineMixin
 from .trl_internals import (
     check_trl_internals,
@@ -336,6 +337,12 @@ class AlignedSFTTrainer(ModelCardSections, SFTTrainer):
         if alignment_dataset is not None:
             self.drift_callback = self._drift_callback(alignment_dataset)
             self.drift_callback.attach(self)
+
+    def train(self, *args, **kwargs):
+        """SFTTrainer's `train`, with 4-bit layers kept in the layout that trains: the drift measurement's eval
+        forwards would otherwise repack them for inference on some CPUs (`quantized_layout`)."""
+        with trainable_4bit_layout(self.model):
+            return super().train(*args, **kwargs)
 
     def _drift_callback(self, alignment_dataset: Dataset) -> AlignmentDriftCallback:
         if len(alignment_dataset) == 0:

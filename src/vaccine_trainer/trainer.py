@@ -41,6 +41,7 @@ from .perturbation import (
     token_norms,
     uses_reentrant_checkpointing,
 )
+from .quantized_layout import trainable_4bit_layout
 from .step_metrics import StepMetrics
 from .targeted import LayerSampler
 from .vaccine_state import VaccineStateCallback, write_vaccine_config
@@ -129,12 +130,15 @@ class VaccineMixin(ModelCardSections):
         reused without the hooks. So a compiled run starts from an empty compile cache, and during `train` the
         hooks are guarded on: code compiled with them is not reused once they are removed, nor the reverse.
 
-        T-Vaccine's frozen layers are trainable again when `train` returns or fails.
+        T-Vaccine's frozen layers are trainable again when `train` returns or fails. 4-bit layers keep the layout
+        that trains (`quantized_layout`).
         """
         if self._vaccine_hooks is None:
-            return super().train(*args, **kwargs)
+            with trainable_4bit_layout(self.model):
+                return super().train(*args, **kwargs)
         try:
-            with self._vaccine_hooks.installed_for(), compiled_with_hooks(self.args.torch_compile, self.model):
+            with (trainable_4bit_layout(self.model), self._vaccine_hooks.installed_for(),
+                  compiled_with_hooks(self.args.torch_compile, self.model)):
                 return super().train(*args, **kwargs)
         finally:
             if self.vaccine_sampler is not None:
