@@ -133,13 +133,13 @@ class VaccineMixin(ModelCardSections):
         T-Vaccine's frozen layers are trainable again when `train` returns or fails. 4-bit layers keep the layout
         that trains (`quantized_layout`).
         """
-        if self._vaccine_hooks is None:
-            with trainable_4bit_layout(self.model):
-                return super().train(*args, **kwargs)
+        hooks = self._vaccine_hooks
         try:
-            with (trainable_4bit_layout(self.model), self._vaccine_hooks.installed_for(),
-                  compiled_with_hooks(self.args.torch_compile, self.model)):
-                return super().train(*args, **kwargs)
+            with trainable_4bit_layout(self.model):
+                if hooks is None:
+                    return super().train(*args, **kwargs)
+                with hooks.installed_for(), compiled_with_hooks(self.args.torch_compile, self.model):
+                    return super().train(*args, **kwargs)
         finally:
             if self.vaccine_sampler is not None:
                 self.vaccine_sampler.release()
